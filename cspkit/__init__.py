@@ -1,0 +1,6 @@
+"""cspkit: train weight-sparse transformers, find their circuits, explore them, bridge to dense models."""
+from .checkpoint import load
+from .tokenizer import get_encoding
+
+__all__ = ["load", "get_encoding"]
+__version__ = "0.1.0"

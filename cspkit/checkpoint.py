@@ -1,0 +1,133 @@
+"""Checkpoint directories (DESIGN.md): config.json, model.safetensors, log.jsonl.
+
+Sparse parameters are stored as flat int32 indices plus values when that is smaller.
+Every file is written to a temporary name and renamed, so a crash leaves no half file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, from_dict, to_dict
+from .model import GPT
+from .tokenizer import DEFAULT_PATH as TOKENIZER_PATH, get_encoding, tokenizer_id
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def pack_state(model: GPT) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with sparse tensors as ``name::idx`` + ``name::val`` when that saves space."""
+    tensors, sparse = {}, {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        nz = int((t != 0).sum())
+        if t.dim() >= 1 and nz * 2 < t.numel():  # int32 index + fp32 value per nonzero
+            idx = t.flatten().nonzero().flatten()
+            tensors[f"{name}::idx"] = idx.to(torch.int32)
+            tensors[f"{name}::val"] = t.flatten()[idx].contiguous()
+            sparse[name] = list(t.shape)
+        else:
+            tensors[name] = t
+    return tensors, {"sparse": json.dumps(sparse), "format": "cspkit-1"}
+
+
+def unpack_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    sparse = json.loads((metadata or {}).get("sparse", "{}"))
+    out = {k: v for k, v in tensors.items() if "::" not in k}
+    for name, shape in sparse.items():
+        idx, val = tensors[f"{name}::idx"].long(), tensors[f"{name}::val"]
+        flat = torch.zeros(int(torch.tensor(shape).prod()), dtype=val.dtype)
+        flat[idx] = val
+        out[name] = flat.view(shape)
+    return out
+
+
+def save_weights(model: GPT, path: Path) -> None:
+    tensors, meta = pack_state(model)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    return unpack_state(load_file(str(path)), meta)
+
+
+def save(model: GPT, out: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into the directory ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "model.safetensors")
+    cfg = {"model": to_dict(model.config), "tokenizer": tokenizer_id(), "git_commit": git_commit(), **(extra or {})}
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=1) + "\n")
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass a directory written by "
+                                "`cspkit train` (e.g. data/models/small-sparse)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; is it a cspkit checkpoint directory?")
+    return json.loads((path / "config.json").read_text())
+
+
+def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"weights in {source} do not match the model config: missing {missing}, "
+                         f"unexpected {unexpected}, shape mismatches {wrong}")
+    model.load_state_dict(state)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None) -> GPT:
+    """A GPT from a checkpoint directory, with ``.config`` and ``.encoding`` set, in eval mode."""
+    path = Path(path)
+    cfg = read_config(path)
+    tok_path = tokenizer or str(TOKENIZER_PATH)
+    want = cfg.get("tokenizer")
+    have = tokenizer_id(tok_path)
+    if want is not None and want != have:
+        raise ValueError(f"checkpoint {path} was trained with tokenizer {want}, but {tok_path} is {have}; "
+                         "pass the matching tokenizer file (tokenizer=...)")
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors")
+    model = GPT(from_dict(ModelConfig, cfg["model"], "model config"))
+    load_state_into(model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"))
+    model.encoding = get_encoding(tok_path)
+    model.checkpoint = {k: v for k, v in cfg.items() if k != "model"}
+    return model.to(device).eval()
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    f = Path(path) / "log.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]

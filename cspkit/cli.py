@@ -1,0 +1,102 @@
+"""The ``cspkit`` command line. Every command prints a human summary, or one JSON object with --json."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _emit(args, obj: dict, human: str) -> None:
+    print(json.dumps(obj) if getattr(args, "json", False) else human)
+
+
+def cmd_train(args) -> None:
+    from .train import config_for, train
+    mcfg, tcfg = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
+                            overrides=args.overrides)
+    model = train(mcfg, tcfg, args.out, progress=not args.json)
+    from .checkpoint import read_config
+    cfg = read_config(args.out)
+    _emit(args, {"out": str(args.out), "step": cfg.get("step"), "val_loss": cfg.get("val_loss")},
+          f"trained {args.profile}{' (dense)' if tcfg.dense else ''} to step {cfg.get('step')}: "
+          f"val loss {cfg.get('val_loss')} -> {args.out}")
+    del model
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import load
+    from .sparsity import density_report
+    model = load(args.dir)
+    rep = density_report(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = model.checkpoint
+    obj = {"config": model.config.__dict__, "params": n_params, "step": meta.get("step"),
+           "val_loss": meta.get("val_loss"), "dense": meta.get("dense"), "tokenizer": meta.get("tokenizer"),
+           "density": rep}
+    lines = [f"{args.dir}: {n_params:,} parameters, step {meta.get('step')}, val loss {meta.get('val_loss')}, "
+             f"{'dense' if meta.get('dense') else 'weight-sparse'}",
+             "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
+             f"{'parameter':32s} {'nonzeros':>10s} {'size':>10s} {'fraction':>9s}"]
+    lines += [f"{k:32s} {r['nonzeros']:>10,d} {r['size']:>10,d} {r['fraction']:>9.4f}" for k, r in rep.items()]
+    _emit(args, obj, "\n".join(lines))
+
+
+def cmd_sample(args) -> None:
+    from .checkpoint import load
+    model = load(args.dir)
+    enc = model.encoding
+    idx = torch.tensor([enc.encode_ordinary(args.prompt) or [enc.eot_token]])
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+    text = enc.decode(out[0, idx.shape[1]:].tolist())
+    _emit(args, {"prompt": args.prompt, "completion": text}, args.prompt + text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PROFILES
+    p = argparse.ArgumentParser(prog="cspkit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a weight-sparse (or --dense) model; resumes from --out")
+    t.add_argument("--profile", choices=list(PROFILES), default="small")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--dense", action="store_true", help="same architecture, no weight sparsity")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--json", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. d_model=128 lr=0.003 (model.X / train.X to disambiguate)")
+    t.set_defaults(fn=cmd_train)
+
+    i = sub.add_parser("info", help="config, parameters, nonzeros per matrix, val loss")
+    i.add_argument("dir", type=Path)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("sample", help="continue a prompt (greedy unless --temperature > 0)")
+    s.add_argument("dir", type=Path)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"cspkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

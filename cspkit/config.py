@@ -1,0 +1,159 @@
+"""Plain dataclass configs, JSON on disk, named profiles; unknown keys are rejected by name."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, asdict
+from typing import Any
+
+# The node locations of one layer, in forward order (METHOD.md section 1).
+LOCATION_TYPES = ("attn.in", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.neuron", "mlp.out")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    block_size: int = 256
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 16
+    d_head: int = 16
+    d_mlp: int = 1024
+    pos_emb: str = "learned"          # "learned" or "none" (causal attention alone)
+    sink: bool = True                 # per-head learnable logit on an extra zero-valued slot
+    bigram_table: bool = False        # dense vocab x vocab logits table, never sparsified
+    afrac: float | None = 0.25        # AbsTopK fraction kept; None disables activation sparsity
+    afrac_locations: tuple[str, ...] = LOCATION_TYPES
+    norm: str = "rms"                 # "rms" (RMSNorm) or "layer" (LayerNorm, for compat)
+    norm_bias: bool = False           # LayerNorm bias (compat only)
+    activation: str = "gelu"          # "gelu" or "relu"
+    bias: bool = True
+    tied_unembed: bool = False
+    final_logits_bias: bool = False   # compat: openai models may carry a logits bias
+    attn_scale: float | None = None   # None: 1 / sqrt(d_head)
+
+    def __post_init__(self):
+        self.afrac_locations = tuple(self.afrac_locations)
+        bad = [l for l in self.afrac_locations if l not in LOCATION_TYPES]
+        if bad:
+            raise ValueError(f"afrac_locations has unknown location types {bad}; known: {list(LOCATION_TYPES)}")
+        for name, val, ok in (("pos_emb", self.pos_emb, ("learned", "none")), ("norm", self.norm, ("rms", "layer")),
+                              ("activation", self.activation, ("gelu", "relu"))):
+            if val not in ok:
+                raise ValueError(f"{name}={val!r} is not supported; choose one of {list(ok)}")
+        if self.afrac is not None and not 0 < self.afrac <= 1:
+            raise ValueError(f"afrac={self.afrac} must be in (0, 1] or None")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2400
+    batch_size: int = 16              # sequences per step per process
+    lr: float = 6e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 0.1                  # large Adam epsilon (paper)
+    weight_decay: float = 0.1         # applied by hand after each step, matrices only
+    warmup_frac: float = 0.01
+    dense: bool = False               # same architecture, no weight sparsity
+    l0_frac: float = 1 / 16           # final fraction of nonzeros in weight matrices
+    l0_frac_embed: float = 1 / 4      # final fraction for embeddings, unembedding and biases
+    min_per_neuron: int = 0           # j: nonzeros forced per neuron / channel (0 = off)
+    anneal_start: float = 0.01        # fraction of training where L0 annealing starts
+    anneal_end: float = 0.5           # ... and where it reaches its final value
+    sharkfin: bool = True
+    eval_interval: int = 250
+    eval_batches: int = 8
+    log_interval: int = 10
+    ckpt_interval: int = 250
+    stop_at_val_loss: float | None = None  # end early at the first eval at or below this
+    seed: int = 0
+    corpus: list[str] | None = None   # directories / files / globs; None = the stdlib
+    val_percent: float = 5.0
+    device: str = "auto"
+    threads: int | None = None        # torch CPU threads (None: torch's default)
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
+            raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
+        if not 0 <= self.anneal_start <= self.anneal_end <= 1:
+            raise ValueError("need 0 <= anneal_start <= anneal_end <= 1")
+
+
+def _check_keys(cls, d: dict[str, Any], what: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+        hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
+        raise ValueError(f"unknown {what} key(s): {hint}. Known keys: {', '.join(names)}")
+
+
+def from_dict(cls, d: dict[str, Any], what: str | None = None):
+    _check_keys(cls, d, what or cls.__name__)
+    return cls(**d)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    d = asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _paper(e: int) -> tuple[ModelConfig, TrainConfig]:
+    # Paper shapes: base d_model 256 / d_mlp 1024 / 16 heads of 16, scaled by E; matrices keep
+    # L0frac / E^2 and embeddings L0frac / E (METHOD.md section 2), with L0frac = 1/8 here.
+    m = ModelConfig(n_layer=8, d_model=256 * e, d_mlp=1024 * e, n_head=16 * e, d_head=16, pos_emb="none")
+    t = TrainConfig(max_steps=20000, batch_size=64, lr=0.01 / e ** 0.5, l0_frac=1 / 8 / e ** 2,
+                    l0_frac_embed=1 / 8 / e, anneal_end=0.5 if e < 4 else 0.8, eval_interval=500,
+                    ckpt_interval=500, eval_batches=20)
+    return m, t
+
+
+PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    # unit tests, CI and the live notebook: a couple of minutes on 2 CPU cores
+    "tiny": (ModelConfig(n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, block_size=64),
+             TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
+                         ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
+    # the shipped models: about an hour on 2 CPU cores
+    # the shipped models: about an hour on 2 CPU cores. No attention sink (it costs a third of
+    # the step time on CPU); matrices keep 1/16 of their entries, embeddings and biases 1/4.
+    "small": (ModelConfig(sink=False),
+              TrainConfig(max_steps=2400, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200)),
+    **{f"paper-e{e}": _paper(e) for e in (1, 2, 4, 8)},
+}
+
+
+def profile(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    m, t = PROFILES[name]
+    return dataclasses.replace(m), dataclasses.replace(t)
+
+
+def apply_overrides(mcfg: ModelConfig, tcfg: TrainConfig, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """``key=value`` pairs (value parsed as JSON when it can be); ``model.key`` / ``train.key``
+    pick a config explicitly, a bare key must name a field of exactly one of them."""
+    m, t = to_dict(mcfg), to_dict(tcfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            val = raw
+        scope, _, name = key.rpartition(".")
+        targets = {"model": m, "train": t}
+        if scope:
+            if scope not in targets:
+                raise ValueError(f"override {key!r}: prefix must be 'model.' or 'train.'")
+            d = targets[scope]
+        else:
+            d = m if name in m else t if name in t else None
+            if d is None:
+                _check_keys(TrainConfig, {name: 0}, "model or train")
+        if name not in d:
+            _check_keys(ModelConfig if d is m else TrainConfig, {name: 0}, scope or "config")
+        d[name] = val
+    return from_dict(ModelConfig, m), from_dict(TrainConfig, t)

@@ -1,0 +1,166 @@
+"""The corpus: local Python files -> deduplicated, split by file -> cached uint16 token shards.
+
+By default the corpus is the standard library of the running interpreter (site-packages
+excluded, so two machines with the same Python build the same corpus).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenizer import get_encoding, tokenizer_id, DEFAULT_PATH as TOKENIZER_PATH
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CSPKIT_CACHE", Path.home() / ".cache" / "cspkit"))
+
+
+def default_roots() -> list[str]:
+    return [sysconfig.get_paths()["stdlib"]]
+
+
+@dataclass
+class CorpusFile:
+    path: str       # absolute path
+    rel: str        # path relative to its root: the stable name used for the split
+    text: str
+
+
+@dataclass
+class Corpus:
+    train: list[CorpusFile]
+    val: list[CorpusFile]
+    skipped_non_utf8: int
+    duplicates: int
+
+
+def _expand(spec: str) -> list[Path]:
+    if any(ch in spec for ch in "*?["):
+        hits = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+        if not hits:
+            raise FileNotFoundError(f"corpus glob {spec!r} matches nothing; check the pattern")
+        return hits
+    p = Path(spec)
+    if not p.exists():
+        raise FileNotFoundError(f"corpus path {spec!r} does not exist; pass a directory, a .py file or a glob")
+    return [p]
+
+
+def list_files(paths: list[str] | None = None) -> list[tuple[Path, str]]:
+    """(absolute path, stable relative name) for every .py file under the given paths."""
+    out = []
+    for spec in paths or default_roots():
+        for p in _expand(spec):
+            if p.is_file():
+                out.append((p.resolve(), p.name))
+                continue
+            for f in sorted(p.rglob("*.py")):
+                rel = f.relative_to(p).as_posix()
+                if "site-packages" in f.relative_to(p).parts or not f.is_file():
+                    continue
+                out.append((f.resolve(), rel))
+    if not out:
+        raise ValueError(f"no .py files found under {paths or default_roots()}; "
+                         "name directories or globs that contain Python source")
+    return out
+
+
+def is_val(rel: str, val_percent: float) -> bool:
+    h = int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16)
+    return (h % 10_000) < val_percent * 100
+
+
+def load_corpus(paths: list[str] | None = None, val_percent: float = 5.0) -> Corpus:
+    """Read, deduplicate by content and split by file name hash; deterministic order."""
+    seen: set[str] = set()
+    train, val = [], []
+    skipped = dups = 0
+    for path, rel in sorted(list_files(paths), key=lambda x: (x[1], str(x[0]))):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            skipped += 1
+            continue
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest in seen or not text.strip():
+            dups += digest in seen
+            continue
+        seen.add(digest)
+        (val if is_val(rel, val_percent) else train).append(CorpusFile(str(path), rel, text))
+    if not train:
+        raise ValueError(f"corpus under {paths or default_roots()} has no readable UTF-8 Python "
+                         f"for training ({skipped} non-UTF-8 files skipped)")
+    return Corpus(train, val, skipped, dups)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
+                 tokenizer: str | None = None) -> dict:
+    """Tokenize the corpus once into ``train.bin``/``val.bin`` (uint16) in the cache; return info.
+
+    The cache key covers the tokenizer and every file's name and content, so a changed
+    file or tokenizer rebuilds the shards.
+    """
+    tok_path = tokenizer or str(TOKENIZER_PATH)
+    enc = get_encoding(tok_path)
+    corpus = load_corpus(paths, val_percent)
+    h = hashlib.sha256(tokenizer_id(tok_path).encode())
+    for f in corpus.train + corpus.val:
+        h.update(f"{f.rel}\0{len(f.text)}\0".encode())
+        h.update(hashlib.sha256(f.text.encode()).digest())
+    h.update(f"val={val_percent}".encode())
+    out = cache_dir() / "shards" / h.hexdigest()[:16]
+    info_path = out / "info.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    eot = enc.eot_token
+    info = {"dir": str(out), "tokenizer": tokenizer_id(tok_path), "skipped_non_utf8": corpus.skipped_non_utf8,
+            "duplicates": corpus.duplicates}
+    for split, files in (("train", corpus.train), ("val", corpus.val)):
+        ids = enc.encode_ordinary_batch([f.text for f in files], num_threads=os.cpu_count() or 1)
+        arr = np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.uint16,
+                          count=sum(len(d) + 1 for d in ids))
+        _atomic_write(out / f"{split}.bin", arr.tobytes())
+        info[f"{split}_files"] = len(files)
+        info[f"{split}_tokens"] = int(arr.size)
+    _atomic_write(info_path, json.dumps(info, indent=1).encode())
+    return info
+
+
+class TokenData:
+    """Random windows from a shard, chosen by a generator seeded per (seed, step, rank).
+
+    Seeding per step makes a resumed run read exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, info: dict, split: str):
+        path = Path(info["dir"]) / f"{split}.bin"
+        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        if self.tokens.size < 2:
+            raise ValueError(f"{split} shard {path} is empty; the corpus needs more files for a {split} split")
+
+    def batch(self, batch_size: int, block_size: int, seed: int, step: int, rank: int = 0):
+        n = self.tokens.size - block_size - 1
+        if n <= 0:
+            raise ValueError(f"shard has {self.tokens.size} tokens, fewer than block_size {block_size} + 1")
+        g = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF)
+        starts = torch.randint(0, n, (batch_size,), generator=g).tolist()
+        # (batch, block_size + 1) -> inputs and next-token targets
+        rows = np.stack([self.tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
+        x = torch.from_numpy(rows[:, :-1])
+        y = torch.from_numpy(rows[:, 1:])
+        return x, y

@@ -1,0 +1,214 @@
+"""A GPT-2 style decoder in which every node location is a named hook point (METHOD.md section 1).
+
+Per layer L the hook points are ``L.attn.in``, ``L.attn.q``, ``L.attn.k``, ``L.attn.v``,
+``L.attn.out``, ``L.mlp.in``, ``L.mlp.neuron``, ``L.mlp.out``; plus ``embed`` (the residual
+after the embeddings) and ``unembed`` (the normalized final residual the unembedding reads).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, LOCATION_TYPES
+from .hooks import HookPoint, HookedMixin
+
+
+def location_names(n_layer: int, extra: bool = False) -> list[str]:
+    """Every node location name in forward order; ``extra`` adds ``embed`` and ``unembed``."""
+    names = [f"{l}.{t}" for l in range(n_layer) for t in LOCATION_TYPES]
+    return ["embed", *names, "unembed"] if extra else names
+
+
+def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k entries of largest magnitude along the last dim, zero the rest."""
+    if k >= x.shape[-1]:
+        return x
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+def maybe_topk(cfg: ModelConfig, x: torch.Tensor, loc: str) -> torch.Tensor:
+    """AbsTopK with the config's afrac if ``loc`` is one of its activation-sparse locations."""
+    if cfg.afrac and loc in cfg.afrac_locations:
+        return abs_topk(x, int(cfg.afrac * x.shape[-1]))
+    return x
+
+
+def sink_attention(q, k, v, sink_logit, scale: float) -> torch.Tensor:
+    """Causal attention with one extra key/value slot per head whose logit is ``sink_logit[h]``
+    for every query and whose value is zero.
+
+    The slot is put first and made a real key by appending a constant 1 to every query and
+    sink_logit / scale to the slot's key, so that one fused SDPA call computes it.
+    q, k, v: (B, H, T, D) -> (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    q1 = F.pad(q, (0, 1), value=1.0)                                           # (B, H, T, D+1)
+    k_sink = torch.cat([q.new_zeros(H, D), (sink_logit / scale).to(q.dtype).unsqueeze(-1)], -1)
+    k1 = torch.cat([k_sink.view(1, H, 1, D + 1).expand(B, H, 1, D + 1), F.pad(k, (0, 1))], dim=2)
+    v1 = F.pad(v, (0, 0, 1, 0))                                                # (B, H, T+1, D)
+    mask = torch.ones(T, T + 1, dtype=torch.bool, device=q.device).tril(diagonal=1)
+    return F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask, scale=scale)
+
+
+class Norm(nn.Module):
+    """RMSNorm (gain only, so zero stays zero) or, for openai compat, LayerNorm."""
+
+    def __init__(self, d: int, kind: str = "rms", bias: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x):
+        if self.kind == "layer":
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        inner = cfg.n_head * cfg.d_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
+        self.c_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.sink_logit = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.sink else None
+        self.hook_q, self.hook_k, self.hook_v = (HookPoint(f"{layer}.attn.{n}") for n in "qkv")
+
+    def forward(self, x):
+        c = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(c.n_head * c.d_head, dim=-1)
+        # top-k over all heads together, channel = head * d_head + i
+        q = self.hook_q(maybe_topk(self.cfg, q, "attn.q"))
+        k = self.hook_k(maybe_topk(self.cfg, k, "attn.k"))
+        v = self.hook_v(maybe_topk(self.cfg, v, "attn.v"))
+        # (B, T, H*D) -> (B, H, T, D)
+        q, k, v = (t.view(B, T, c.n_head, c.d_head).transpose(1, 2) for t in (q, k, v))
+        scale = c.attn_scale if c.attn_scale is not None else 1 / math.sqrt(c.d_head)
+        if self.sink_logit is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            y = sink_attention(q, k, v, self.sink_logit, scale)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.d_head)     # (B, H, T, D) -> (B, T, H*D)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.hook_neuron = HookPoint(f"{layer}.mlp.neuron")
+
+    def forward(self, x):
+        c = self.cfg
+        h = self.c_fc(x)
+        h = F.gelu(h) if c.activation == "gelu" else F.relu(h)
+        return self.c_proj(self.hook_neuron(maybe_topk(c, h, "mlp.neuron")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.ln_1 = Norm(cfg.d_model, cfg.norm, cfg.norm_bias)
+        self.attn = Attention(cfg, layer)
+        self.ln_2 = Norm(cfg.d_model, cfg.norm, cfg.norm_bias)
+        self.mlp = MLP(cfg, layer)
+        names = ("attn.in", "attn.out", "mlp.in", "mlp.out")
+        self.hook_attn_in, self.hook_attn_out, self.hook_mlp_in, self.hook_mlp_out = (
+            HookPoint(f"{layer}.{n}") for n in names)
+
+    def forward(self, x):
+        a = self.hook_attn_in(maybe_topk(self.cfg, self.ln_1(x), "attn.in"))
+        x = x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a), "attn.out"))
+        m = self.hook_mlp_in(maybe_topk(self.cfg, self.ln_2(x), "mlp.in"))
+        x = x + self.hook_mlp_out(maybe_topk(self.cfg, self.mlp(m), "mlp.out"))
+        return x
+
+
+class GPT(HookedMixin, nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoding = None  # set by cspkit.load / the trainer
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.h = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.norm_bias)
+        self.lm_head = None if cfg.tied_unembed else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.bigram = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.vocab_size)) if cfg.bigram_table else None
+        self.final_logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.final_logits_bias else None
+        self.hook_embed, self.hook_unembed = HookPoint("embed"), HookPoint("unembed")
+        self._init_weights()
+
+    def _init_weights(self):
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() == 2 and name != "bigram":
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith(".bias") and "ln_" not in name:
+                nn.init.zeros_(p)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean CE loss."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.hook_embed(x)
+        for block in self.h:
+            x = block(x)
+        x = self.hook_unembed(self.ln_f(x))
+        logits = x @ self.wte.weight.T if self.lm_head is None else self.lm_head(x)
+        if self.bigram is not None:
+            logits = logits + self.bigram[idx]
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def sparse_parameters(self, dense_too: bool = False) -> dict[str, tuple[nn.Parameter, str]]:
+        """Parameters the weight projection applies to: name -> (param, "matrix" | "embed").
+
+        Embeddings, unembedding and biases form the "embed" group (a larger kept fraction);
+        norm gains, the sink logits, the bigram table and the logits bias are never sparsified.
+        """
+        out = {}
+        for name, p in self.named_parameters():
+            if "ln_" in name or name.startswith(("bigram", "final_logits_bias")) or "sink_logit" in name:
+                continue
+            group = "embed" if name.startswith(("wte", "wpe", "lm_head")) or name.endswith(".bias") else "matrix"
+            out[name] = (p, group)
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation of idx (B, T)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :]
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = logits.topk(min(top_k, logits.shape[-1]))
+                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

@@ -1,0 +1,77 @@
+"""Weight sparsity: the top-k magnitude projection, the per-neuron minimum, L0 annealing, density."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def l0_fraction(step: int, max_steps: int, final: float, start: float = 0.01, end: float = 0.5) -> float:
+    """Fraction of entries kept at ``step``: dense until ``start``, the count of nonzeros falling
+    linearly to ``final`` at ``end`` (fractions of training), then held."""
+    s0, s1 = start * max_steps, end * max_steps
+    if step <= s0:
+        return 1.0
+    if step >= s1 or s1 <= s0:
+        return final
+    return 1.0 - (1.0 - final) * (step - s0) / (s1 - s0)
+
+
+def neuron_axis(name: str) -> int | None:
+    """The dim along which one neuron / attention channel owns a vector of a weight matrix.
+
+    Inputs of a neuron (c_fc) and of a q/k/v channel (c_attn) are rows (reduce over dim 1);
+    outputs of a neuron or a v channel (c_proj) are columns (reduce over dim 0).
+    """
+    if name.endswith(("mlp.c_fc.weight", "attn.c_attn.weight")):
+        return 1
+    if name.endswith("c_proj.weight"):
+        return 0
+    return None
+
+
+def n_keep(numel: int, frac: float) -> int:
+    return max(1, min(numel, round(frac * numel)))
+
+
+@torch.no_grad()
+def project_(p: torch.Tensor, k: int, min_per_neuron: int = 0, axis: int | None = None) -> None:
+    """Keep exactly the k entries of largest magnitude of ``p`` in place (ties broken by index
+    order of torch.topk, deterministically), after forcing ``min_per_neuron`` per neuron."""
+    n = p.numel()
+    if k >= n:
+        return
+    score = p.abs()
+    if min_per_neuron and axis is not None and p.dim() == 2:
+        j = min(min_per_neuron, p.shape[axis])
+        forced = torch.zeros_like(p, dtype=torch.bool)
+        forced.scatter_(axis, score.topk(j, dim=axis).indices, True)
+        score = score.masked_fill(forced, math.inf)
+        k = max(k, int(forced.sum()))
+    idx = score.flatten().topk(k, sorted=False).indices
+    keep = torch.zeros(n, dtype=torch.bool, device=p.device)
+    keep[idx] = True
+    p.mul_(keep.view_as(p))
+
+
+def project_model_(model: nn.Module, frac_matrix: float, frac_embed: float, min_per_neuron: int = 0) -> None:
+    """Project every sparse parameter of a GPT to its group's kept fraction."""
+    for name, (p, group) in model.sparse_parameters().items():
+        frac = frac_matrix if group == "matrix" else frac_embed
+        project_(p.data, n_keep(p.numel(), frac), min_per_neuron, neuron_axis(name))
+
+
+@torch.no_grad()
+def density_report(model: nn.Module) -> dict[str, dict]:
+    """Per sparse parameter: nonzeros, size, fraction and group; plus the totals per group."""
+    rows, totals = {}, {}
+    for name, (p, group) in model.sparse_parameters().items():
+        nz, size = int((p != 0).sum()), p.numel()
+        rows[name] = {"group": group, "nonzeros": nz, "size": size, "fraction": nz / size}
+        t = totals.setdefault(group, {"nonzeros": 0, "size": 0})
+        t["nonzeros"] += nz
+        t["size"] += size
+    for group, t in totals.items():
+        rows[f"total:{group}"] = {"group": group, **t, "fraction": t["nonzeros"] / max(1, t["size"])}
+    return rows

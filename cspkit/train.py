@@ -1,0 +1,216 @@
+"""The trainer: the weight-sparse recipe of METHOD.md section 2, checkpoints, resume and DDP.
+
+Each step: forward, backward, (all-reduce), rescale the whole gradient to RMS 1, Adam
+(eps 0.1), weight decay by hand on matrices, then project every sparse matrix to its top-k.
+Batches are drawn from a generator seeded by (seed, step, rank), and ``resume.pt`` holds
+the weights, the Adam state and the step in one atomic file, so a killed-and-resumed run
+ends with the weights an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import TokenData, build_shards
+from .model import GPT
+from .sparsity import l0_fraction, project_model_
+from .tokenizer import get_encoding
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def schedule(step: int, t: TrainConfig) -> dict[str, float]:
+    """LR and kept fractions at ``step``: warm-up, linear decay to zero, times the sharkfin
+    factor sqrt(L0_final / L0_now) while the matrices anneal."""
+    warm = max(1, round(t.warmup_frac * t.max_steps))
+    if step < warm:
+        lr = t.lr * (step + 1) / warm
+    else:
+        lr = t.lr * max(0.0, t.max_steps - step) / max(1, t.max_steps - warm)
+    if t.dense:
+        return {"lr": lr, "frac_matrix": 1.0, "frac_embed": 1.0}
+    fm = l0_fraction(step, t.max_steps, t.l0_frac, t.anneal_start, t.anneal_end)
+    fe = l0_fraction(step, t.max_steps, t.l0_frac_embed, t.anneal_start, t.anneal_end)
+    if t.sharkfin:
+        lr *= math.sqrt(t.l0_frac / fm)
+    return {"lr": lr, "frac_matrix": fm, "frac_embed": fe}
+
+
+def decayed(model: GPT) -> list[torch.nn.Parameter]:
+    """Parameters that get weight decay: the matrices (embeddings included), not the bigram table."""
+    return [p for n, p in model.named_parameters() if p.dim() == 2 and n != "bigram"]
+
+
+@torch.no_grad()
+def rescale_grad_(params: list[torch.nn.Parameter]) -> float:
+    """Divide the whole gradient by its global RMS; returns that RMS."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.stack([g.pow(2).sum() for g in grads]).sum()
+    n = sum(g.numel() for g in grads)
+    rms = float((sq / n).sqrt())
+    if rms > 0:
+        for g in grads:
+            g.div_(rms)
+    return rms
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, data: TokenData, t: TrainConfig, block_size: int) -> float:
+    model.eval()
+    losses = []
+    for i in range(t.eval_batches):
+        x, y = data.batch(t.batch_size, block_size, seed=-1, step=i)
+        losses.append(float(model(x.to(model.device), y.to(model.device))[1]))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    old = ckpt.read_config(out)
+    mine = {"model": to_dict(mcfg), "train": to_dict(tcfg)}
+    diffs = [f"{sec}.{k}: checkpoint {old.get(sec, {}).get(k)!r} vs now {v!r}"
+             for sec in mine for k, v in mine[sec].items()
+             if old.get(sec, {}).get(k) != v and k not in ("device", "threads")]
+    if diffs:
+        raise ValueError(f"{out} holds a run with another config ({'; '.join(diffs)}); "
+                         "resume with the same settings or choose a new --out")
+
+
+def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress: bool = True) -> GPT:
+    """Train (or resume) a model into the checkpoint directory ``out``; returns the model."""
+    out = Path(out)
+    rank, world = _dist_info()
+    device = pick_device(tcfg.device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+
+    if rank == 0:
+        info = build_shards(tcfg.corpus, tcfg.val_percent)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        info = build_shards(tcfg.corpus, tcfg.val_percent)
+    train_data, val_data = TokenData(info, "train"), TokenData(info, "val")
+
+    torch.manual_seed(tcfg.seed)
+    model = GPT(mcfg).to(device)
+    model.encoding = get_encoding()
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps, weight_decay=0.0)
+    start = 0
+    resume = out / "resume.pt"
+    if resume.is_file():
+        _check_resumable(out, mcfg, tcfg)
+        state = torch.load(resume, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    elif not tcfg.dense:
+        s = schedule(0, tcfg)
+        project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
+
+    extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, "corpus": {
+        k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path = out / "log.jsonl"
+        # drop log lines past the checkpoint a resumed run restarts from
+        kept = [l for l in ckpt.read_log(out) if l["step"] <= start] if start else []
+        ckpt.atomic_write_text(log_path, "".join(json.dumps(l) + "\n" for l in kept))
+        if not start:
+            ckpt.save(model, out, {**extra, "step": 0})
+
+    def save_all(step: int, val_loss: float | None):
+        if rank != 0:
+            return
+        tmp = resume.with_name(f"resume.pt.tmp{os.getpid()}")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+        os.replace(tmp, resume)
+        ckpt.save(model, out, {**extra, "step": step, "val_loss": val_loss})
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = decayed(model)
+    tokens_per_step = tcfg.batch_size * mcfg.block_size * world
+    bar = tqdm(total=tcfg.max_steps, initial=start, disable=not progress or rank != 0, desc="train",
+               dynamic_ncols=True)
+    model.train()
+    val_loss = None
+    t0 = time.time()
+    step = start
+    for step in range(start, tcfg.max_steps):
+        s = schedule(step, tcfg)
+        x, y = train_data.batch(tcfg.batch_size, mcfg.block_size, tcfg.seed, step, rank)
+        _, loss = model(x.to(device), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        rescale_grad_(params)
+        for g in opt.param_groups:
+            g["lr"] = s["lr"]
+        opt.step()
+        with torch.no_grad():
+            for p in decay:
+                p.mul_(1 - s["lr"] * tcfg.weight_decay)
+        if not tcfg.dense:
+            project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
+
+        done = step + 1
+        is_eval = done % tcfg.eval_interval == 0 or done == tcfg.max_steps
+        if done % tcfg.log_interval == 0 or is_eval:
+            row = {"step": done, "tokens": done * tokens_per_step, "lr": s["lr"], "train_loss": loss.item(),
+                   "seconds": round(time.time() - t0, 2)}
+            if is_eval:
+                val_loss = evaluate_loss(model, val_data, tcfg, mcfg.block_size)
+                row["val_loss"] = val_loss
+                row["l0"] = s["frac_matrix"]
+            if rank == 0:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                            l0=f"{s['frac_matrix']:.3f}")
+        bar.update(1)
+        stop = is_eval and tcfg.stop_at_val_loss is not None and val_loss <= tcfg.stop_at_val_loss
+        if done % tcfg.ckpt_interval == 0 or done == tcfg.max_steps or stop:
+            save_all(done, val_loss)
+        if stop:
+            break
+    bar.close()
+    return model.eval()
+
+
+def config_for(profile_name: str, dense: bool = False, seed: int | None = None, max_steps: int | None = None,
+               overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    from .config import apply_overrides, profile
+    m, t = profile(profile_name)
+    m, t = apply_overrides(m, t, overrides or [])
+    t = replace(t, dense=dense or t.dense)
+    if seed is not None:
+        t = replace(t, seed=seed)
+    if max_steps is not None:
+        t = replace(t, max_steps=max_steps)
+    return from_dict(ModelConfig, to_dict(m)), from_dict(TrainConfig, to_dict(t))
