@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def cmd_train(args) -> None:
                             overrides=args.overrides)
     model = train(mcfg, tcfg, args.out, progress=not args.json)
     from .checkpoint import read_config
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary (one JSON object), from rank 0
+        return
     cfg = read_config(args.out)
     _emit(args, {"out": str(args.out), "step": cfg.get("step"), "val_loss": cfg.get("val_loss")},
           f"trained {args.profile}{' (dense)' if tcfg.dense else ''} to step {cfg.get('step')}: "
@@ -55,6 +58,39 @@ def cmd_sample(args) -> None:
     _emit(args, {"prompt": args.prompt, "completion": text}, args.prompt + text)
 
 
+def cmd_tasks(args) -> None:
+    from . import tasks
+    rows = []
+    for name in tasks.names():
+        t = tasks.get(name)
+        p = t.pairs("train", n=1, seed=args.seed)[0]
+        rows.append({"task": name, "description": t.description, "candidates": [p.cand_a, p.cand_b],
+                     "example": {"prompt_a": p.prompt_a, "prompt_b": p.prompt_b}})
+    human = []
+    for r in rows:
+        tail_a = r["example"]["prompt_a"].rsplit("\n", 1)[-1]
+        tail_b = r["example"]["prompt_b"].rsplit("\n", 1)[-1]
+        human.append(f"{r['task']:28s} {r['description']}\n{'':28s} A: ...{tail_a!r} -> {r['candidates'][0]!r}\n"
+                     f"{'':28s} B: ...{tail_b!r} -> {r['candidates'][1]!r}")
+    _emit(args, {"tasks": rows}, "\n".join(human))
+
+
+def cmd_eval(args) -> None:
+    from . import tasks
+    from .checkpoint import load
+    model = load(args.model)
+    names = tasks.names() if args.task == "all" else [args.task]
+    for n in names:
+        tasks.get(n)
+    results = [tasks.evaluate(model, n, args.split, n=args.n) for n in names]
+    solved = sum(r["accuracy"] >= 0.9 for r in results)
+    lines = [f"{'task':28s} {'loss':>7s} {'acc':>6s} {'pair acc':>8s}   (chance: loss 0.693, acc 0.5)"]
+    lines += [f"{r['task']:28s} {r['loss']:7.3f} {r['accuracy']:6.3f} {r['pair_accuracy']:8.3f}" for r in results]
+    lines.append(f"{solved}/{len(results)} tasks at accuracy >= 0.9")
+    _emit(args, {"model": str(args.model), "split": args.split, "results": results, "chance_loss": 0.6931,
+                 "chance_accuracy": 0.5, "solved": solved}, "\n".join(lines))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PROFILES
     p = argparse.ArgumentParser(prog="cspkit", description=__doc__)
@@ -85,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_sample)
+
+    k = sub.add_parser("tasks", help="the task names, one example pair each, and their candidates")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(fn=cmd_tasks)
+
+    e = sub.add_parser("eval", help="task loss and accuracy of a model")
+    e.add_argument("--model", type=Path, required=True)
+    e.add_argument("--task", default="all", help="a task name or 'all'")
+    e.add_argument("--split", choices=["train", "test"], default="test")
+    e.add_argument("--n", type=int, help="pairs per task (default: the task's split size)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -75,14 +75,16 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if isinstance(self.corpus, str):  # one path, not a sequence of characters
+            self.corpus = [self.corpus]
         if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
         if not 0 <= self.anneal_start <= self.anneal_end <= 1:
             raise ValueError("need 0 <= anneal_start <= anneal_end <= 1")
 
 
-def _check_keys(cls, d: dict[str, Any], what: str) -> None:
-    names = [f.name for f in dataclasses.fields(cls)]
+def _check_keys(cls, d: dict[str, Any], what: str, names: list[str] | None = None) -> None:
+    names = names or [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
     if unknown:
         hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
@@ -115,7 +117,6 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "tiny": (ModelConfig(n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, block_size=64),
              TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
                          ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
-    # the shipped models: about an hour on 2 CPU cores
     # the shipped models: about an hour on 2 CPU cores. No attention sink (it costs a third of
     # the step time on CPU); matrices keep 1/16 of their entries, embeddings and biases 1/4.
     "small": (ModelConfig(sink=False),
@@ -152,7 +153,7 @@ def apply_overrides(mcfg: ModelConfig, tcfg: TrainConfig, overrides: list[str]) 
         else:
             d = m if name in m else t if name in t else None
             if d is None:
-                _check_keys(TrainConfig, {name: 0}, "model or train")
+                _check_keys(None, {name: 0}, "model or train", names=[*m, *t])
         if name not in d:
             _check_keys(ModelConfig if d is m else TrainConfig, {name: 0}, scope or "config")
         d[name] = val

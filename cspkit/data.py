@@ -55,21 +55,27 @@ def _expand(spec: str) -> list[Path]:
 
 
 def list_files(paths: list[str] | None = None) -> list[tuple[Path, str]]:
-    """(absolute path, stable relative name) for every .py file under the given paths."""
+    """(absolute path, stable name) for every .py file under the given paths.
+
+    The stable name decides the train/validation split. Under one directory it is the path
+    relative to it; with several paths it is prefixed by the path as given, so that
+    ``json/__init__.py`` and ``http/__init__.py`` stay distinct.
+    """
+    specs = paths or default_roots()
     out = []
-    for spec in paths or default_roots():
+    for spec in specs:
         for p in _expand(spec):
+            prefix = "" if len(specs) == 1 and p == Path(spec) else f"{p.as_posix()}/"
             if p.is_file():
-                out.append((p.resolve(), p.name))
+                out.append((p.resolve(), p.as_posix() if prefix or len(specs) > 1 else p.name))
                 continue
             for f in sorted(p.rglob("*.py")):
-                rel = f.relative_to(p).as_posix()
-                if "site-packages" in f.relative_to(p).parts or not f.is_file():
+                rel = f.relative_to(p)
+                if "site-packages" in rel.parts or not f.is_file():
                     continue
-                out.append((f.resolve(), rel))
+                out.append((f.resolve(), prefix + rel.as_posix()))
     if not out:
-        raise ValueError(f"no .py files found under {paths or default_roots()}; "
-                         "name directories or globs that contain Python source")
+        raise ValueError(f"no .py files found under {specs}; name directories or globs that contain Python source")
     return out
 
 
@@ -95,6 +101,9 @@ def load_corpus(paths: list[str] | None = None, val_percent: float = 5.0) -> Cor
             continue
         seen.add(digest)
         (val if is_val(rel, val_percent) else train).append(CorpusFile(str(path), rel, text))
+    if not val and len(train) > 1:
+        # a small corpus can get no validation file by chance: hold out the last one
+        val.append(train.pop())
     if not train:
         raise ValueError(f"corpus under {paths or default_roots()} has no readable UTF-8 Python "
                          f"for training ({skipped} non-UTF-8 files skipped)")

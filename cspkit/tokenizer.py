@@ -122,7 +122,7 @@ def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
             continue
         try:
             tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: expected 'base64token rank', got {line!r}") from e
     return ranks

@@ -79,6 +79,29 @@ def evaluate_loss(model: GPT, data: TokenData, t: TrainConfig, block_size: int) 
     return sum(losses) / len(losses)
 
 
+def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, s: dict[str, float],
+               tcfg: TrainConfig, params: list[torch.nn.Parameter], decay: list[torch.nn.Parameter],
+               world: int = 1) -> torch.Tensor:
+    """One optimizer step of the recipe; ``s`` is ``schedule(step, tcfg)``. Returns the loss."""
+    _, loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+    rescale_grad_(params)
+    for g in opt.param_groups:
+        g["lr"] = s["lr"]
+    opt.step()
+    with torch.no_grad():
+        for p in decay:
+            p.mul_(1 - s["lr"] * tcfg.weight_decay)
+    if not tcfg.dense:
+        project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
+    return loss.detach()
+
+
 def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -162,22 +185,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
     for step in range(start, tcfg.max_steps):
         s = schedule(step, tcfg)
         x, y = train_data.batch(tcfg.batch_size, mcfg.block_size, tcfg.seed, step, rank)
-        _, loss = model(x.to(device), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for p in params:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-        rescale_grad_(params)
-        for g in opt.param_groups:
-            g["lr"] = s["lr"]
-        opt.step()
-        with torch.no_grad():
-            for p in decay:
-                p.mul_(1 - s["lr"] * tcfg.weight_decay)
-        if not tcfg.dense:
-            project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
+        loss = train_step(model, opt, x.to(device), y.to(device), s, tcfg, params, decay, world)
 
         done = step + 1
         is_eval = done % tcfg.eval_interval == 0 or done == tcfg.max_steps
@@ -200,6 +208,15 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
         if stop:
             break
     bar.close()
+    if world > 1:  # every rank applied the same updates, so the weights must agree exactly
+        with torch.no_grad():
+            sums = torch.stack([sum(p.double().abs().sum() for p in params),
+                                sum(p.double().sum() for p in params)])
+        gathered = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        if not all(torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"ranks diverged: parameter checksums (sum |p|, sum p) per rank "
+                               f"{[g.tolist() for g in gathered]}")
     return model.eval()
 
 

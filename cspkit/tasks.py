@@ -1,0 +1,535 @@
+"""Binary next-token tasks on Python (METHOD.md section 3): registry, generators, pair loss, eval.
+
+A datapoint is a Pair of prompts that differ in one place; the right next token is
+``cand_a`` for ``prompt_a`` and ``cand_b`` for ``prompt_b``. Candidates are the tokens the
+tinypython tokenizer really produces at that point: a string closing at the end of a line
+is ``")\\n``, not ``")`` followed by a newline, so ``")\\n`` vs ``')\\n`` is the quote task.
+Every prompt is checked to end on a token boundary: tokenizing prompt + candidate gives
+the prompt's tokens followed by the candidate's single token.
+
+Train and test splits use disjoint templates, names and surrounding code.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .tokenizer import get_encoding
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt_a: str
+    prompt_b: str
+    cand_a: str
+    cand_b: str
+
+
+# --------------------------------------------------------------------------- vocabulary pools
+# Each pool is split by index parity into train and test halves, so the splits share nothing.
+
+_NAMES = ["items", "elems", "values", "scores", "data", "payload", "result", "output", "names", "labels",
+          "count", "index", "total", "amount", "line", "chunk", "text", "title", "path", "fname", "key",
+          "field", "value", "element", "node", "cell", "row", "block", "word", "letter", "parts", "pieces",
+          "entry", "option", "record", "sample", "token", "symbol", "buf", "item", "size", "width", "name",
+          "base", "state", "flag", "user", "host", "port", "mode", "level", "rank", "limit", "offset",
+          "start", "end", "delta", "step", "prefix", "suffix", "source", "target", "queue", "stack"]
+# Names that are one token both alone and after a space, for tasks whose answer is a name.
+_NAME_CANDIDATES = ("args data value name key path line text result obj item lines file start end size msg "
+                    "prefix default state config module mode new root other out res attr base col url output "
+                    "count index node items values keys names func parts buf fields target source level tree "
+                    "parent left right first last tmp val elem entry token label stack queue attrs cls limit "
+                    "offset width height num word words row rows host port query body head tail info flag").split()
+
+
+def _token_names() -> list[str]:
+    enc = get_encoding()
+    return [n for n in _NAME_CANDIDATES
+            if len(enc.encode_ordinary(n)) == 1 and len(enc.encode_ordinary(" " + n)) == 1]
+
+
+_FUNCS = ["process", "handle", "build", "parse", "load", "compute", "update", "render", "collect",
+          "convert", "check", "format_row", "run", "apply", "merge", "scan", "resolve", "emit", "prepare",
+          "encode", "visit", "flush", "fetch", "split_line", "clean", "sort_items", "walk", "make", "read_all",
+          "reset"]
+_WORDS = ["hello", "world", "error", "done", "value", "missing", "name", "ready", "failed", "result",
+          "start", "stop", "user", "admin", "default", "unknown", "empty", "invalid", "success", "warning",
+          "config", "debug", "info", "total", "header", "footer", "saved", "loaded", "skipped", "closed"]
+_CALLS = ["print", "log", "print", "warn", "str", "repr", "len", "append", "format", "write", "join",
+          "info", "send", "emit", "show", "echo"]
+_PREAMBLES = [
+    "import os\nimport sys\n\n\n",
+    "from collections import defaultdict\n\n\n",
+    "import json\n\n\nDEBUG = False\n\n\n",
+    "import re\nimport math\n\n\n",
+    "class Node:\n    pass\n\n\n",
+    "from pathlib import Path\n\n\n",
+    "def helper(x):\n    return x + 1\n\n\n",
+    "import logging\n\nlog = logging.getLogger(__name__)\n\n\n",
+    "CONSTANT = 10\nLIMIT = 3\n\n\n",
+    "import itertools\n\n\n",
+    "def identity(value):\n    return value\n\n\n",
+    "from typing import Any\n\n\n",
+    "",
+    "import time\n\n\n",
+]
+_FILLERS = [
+    "    {a} = {b}\n", "    {a} = len({b})\n", "    {a} = {b} + 1\n", "    {a} = []\n", "    {a} = None\n",
+    "    {a} = {b}.copy()\n", "    {a} = {b} * 2\n", "    {a} = str({b})\n", "    {a} = list({b})\n",
+    "    {a} = {b} - 1\n", "    {a} = {{}}\n", "    {a} = int({b})\n",
+]
+
+
+def _half(pool: Sequence, split: str) -> list:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return list(pool[0::2] if split == "train" else pool[1::2])
+
+
+class Ctx:
+    """Random choices for one pair, drawn from the split's half of every pool."""
+
+    def __init__(self, rng: random.Random, split: str):
+        self.rng, self.split = rng, split
+
+    def pick(self, pool: Sequence, k: int | None = None):
+        half = _half(pool, self.split)
+        return self.rng.choice(half) if k is None else self.rng.sample(half, k)
+
+    def names(self, k: int) -> list[str]:
+        return self.pick(_NAMES, k)
+
+    def token_names(self, k: int) -> list[str]:
+        return self.pick(_token_names(), k)
+
+    def preamble(self) -> str:
+        return self.pick(_PREAMBLES)
+
+    def fillers(self, n: int | None = None) -> str:
+        n = self.rng.randint(0, 2) if n is None else n
+        out = []
+        for _ in range(n):
+            a, b = self.names(2)
+            out.append(self.pick(_FILLERS).format(a=a, b=b))
+        return "".join(out)
+
+    def header(self) -> str:
+        fn, arg = self.pick(_FUNCS), self.names(1)[0]
+        return f"{self.preamble()}def {fn}({arg}):\n"
+
+    def words(self, lo: int = 1, hi: int = 3) -> str:
+        return " ".join(self.pick(_WORDS, self.rng.randint(lo, hi)))
+
+    def template(self, templates: Sequence[str]) -> str:
+        return self.pick(templates)
+
+
+# --------------------------------------------------------------------------- Task
+@dataclass
+class Task:
+    name: str
+    description: str
+    generator: Callable[[random.Random, str], Pair]
+    candidates: tuple[str, str] | None = None  # fixed candidates, or None when they vary per pair
+    n_pairs: dict[str, int] = field(default_factory=lambda: {"train": 256, "test": 128})
+    fixed_pairs: dict[str, list[Pair]] | None = None
+
+    def pairs(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Pair]:
+        """Deterministic list of pairs for a split; every pair checked for token boundaries."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if self.fixed_pairs is not None:
+            pairs = self.fixed_pairs[split]
+            return pairs[:n] if n else list(pairs)
+        n = n or self.n_pairs[split]
+        rng = random.Random(f"{self.name}/{split}/{seed}")
+        out, seen, tries = [], set(), 0
+        while len(out) < n:
+            tries += 1
+            if tries > 50 * n:
+                raise RuntimeError(f"task {self.name}: could only generate {len(out)} distinct pairs of {n}")
+            p = self.generator(rng, split)
+            if (p.prompt_a, p.prompt_b) in seen:
+                continue
+            seen.add((p.prompt_a, p.prompt_b))
+            check_pair(p, self.name)
+            out.append(p)
+        return out
+
+    @classmethod
+    def from_pairs(cls, name: str, pairs: Iterable[tuple[str, str, str, str]] | dict[str, list],
+                   candidates: tuple[str, str] | None = None, description: str = "user task") -> "Task":
+        """A user task from (prompt_a, cand_a, prompt_b, cand_b) tuples, or from
+        (prompt_a, prompt_b) tuples with fixed ``candidates``; a dict {split: list} gives
+        both splits, a plain list is used for both."""
+
+        def convert(items) -> list[Pair]:
+            out = []
+            for it in items:
+                if isinstance(it, Pair):
+                    out.append(it)
+                elif len(it) == 4:
+                    out.append(Pair(it[0], it[2], it[1], it[3]))
+                elif len(it) == 2 and candidates:
+                    out.append(Pair(it[0], it[1], *candidates))
+                else:
+                    raise ValueError(f"task {name}: a pair is (prompt_a, cand_a, prompt_b, cand_b), or "
+                                     f"(prompt_a, prompt_b) with candidates=(A, B); got {it!r}")
+            for p in out:
+                check_pair(p, name)
+            return out
+
+        by_split = {s: convert(pairs[s]) for s in SPLITS} if isinstance(pairs, dict) else \
+            dict.fromkeys(SPLITS, convert(pairs))
+        if not all(by_split.values()):
+            raise ValueError(f"task {name}: no pairs given")
+        return cls(name, description, generator=_no_generator, candidates=candidates, fixed_pairs=by_split)
+
+    @classmethod
+    def from_generator(cls, name: str, generator: Callable[[random.Random, str], tuple],
+                       candidates: tuple[str, str] | None = None, description: str = "user task",
+                       n_pairs: dict[str, int] | None = None) -> "Task":
+        """A user task from ``generator(rng, split)`` returning (prompt_a, prompt_b) (with fixed
+        ``candidates``) or (prompt_a, cand_a, prompt_b, cand_b)."""
+
+        def gen(rng, split):
+            it = generator(rng, split)
+            if len(it) == 4:
+                return Pair(it[0], it[2], it[1], it[3])
+            if candidates is None:
+                raise ValueError(f"task {name}: generator returned 2 prompts but no candidates were given")
+            return Pair(it[0], it[1], *candidates)
+
+        return cls(name, description, gen, candidates, n_pairs or {"train": 256, "test": 128})
+
+
+def _no_generator(rng, split):
+    raise RuntimeError("fixed-pair task has no generator")
+
+
+def token_id(tok: str, task: str = "?") -> int:
+    ids = get_encoding().encode_ordinary(tok)
+    if len(ids) != 1:
+        pieces = [get_encoding().decode([i]) for i in ids]
+        raise ValueError(f"task {task}: candidate {tok!r} is not a single token (it encodes as {pieces}); "
+                         "choose a candidate the tokenizer keeps whole")
+    return ids[0]
+
+
+def check_pair(p: Pair, task: str = "?") -> None:
+    """Both candidates are single tokens, distinct, and follow each prompt on a token boundary."""
+    enc = get_encoding()
+    ia, ib = token_id(p.cand_a, task), token_id(p.cand_b, task)
+    if ia == ib:
+        raise ValueError(f"task {task}: both candidates are {p.cand_a!r}")
+    for prompt, cand, cid in ((p.prompt_a, p.cand_a, ia), (p.prompt_b, p.cand_b, ib)):
+        if not prompt:
+            raise ValueError(f"task {task}: empty prompt")
+        base = enc.encode_ordinary(prompt)
+        if enc.encode_ordinary(prompt + cand)[: len(base) + 1] != base + [cid]:
+            raise ValueError(f"task {task}: prompt {prompt[-40:]!r} followed by {cand!r} does not tokenize as "
+                             "the prompt's tokens then the candidate; end the prompt where a token ends")
+
+
+# --------------------------------------------------------------------------- the 20 tasks
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.candidates:
+        for c in task.candidates:
+            token_id(c, task.name)
+    _REGISTRY[task.name] = task
+    return task
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str | Task) -> Task:
+    if isinstance(name, Task):
+        return name
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def task(name: str, candidates: tuple[str, str] | None, description: str):
+    def wrap(fn):
+        register(Task(name, description, fn, candidates))
+        return fn
+    return wrap
+
+
+@task("single_double_quote", ('")\n', "')\n"), "string opened with \" or '; close it")
+def _quote(rng, split):
+    c = Ctx(rng, split)
+    var, call = c.names(1)[0], c.pick(_CALLS)
+    words = c.words()
+    t = c.template(["    {var} = {call}({q}{w}", "    {call}({q}{w}", "    return {call}({q}{w}",
+                    "    {var}.{call}({q}{w}", "    {var} = {call}({var}, {q}{w}", "        {call}({q}{w}"])
+    body = c.header() + c.fillers()
+    if t.startswith("        "):
+        body += f"    if {var}:\n"
+    mk = lambda q: body + t.format(var=var, call=call, q=q, w=words)
+    return Pair(mk('"'), mk("'"), '")\n', "')\n")
+
+
+@task("bracket_counting", ("]\n", "]]"), "flat or nested list literal; close it")
+def _brackets(rng, split):
+    c = Ctx(rng, split)
+    var = c.names(1)[0]
+    nums = [str(rng.randint(0, 99)) for _ in range(rng.choice([4, 6]))]
+    half = len(nums) // 2
+    flat = "[" + ", ".join(nums)
+    nested = "[[" + ", ".join(nums[:half]) + "], [" + ", ".join(nums[half:])
+    t = c.template(["    {var} = {lit}", "    return {lit}", "    {var} = {lit}", "    {var}.extend({lit}"])
+    if "extend" in t:
+        t = "    {var} = {lit}"
+    body = c.header() + c.fillers()
+    return Pair(body + t.format(var=var, lit=flat), body + t.format(var=var, lit=nested), "]\n", "]]")
+
+
+def _set_or_string(rng, split, fixed: str | None):
+    c = Ctx(rng, split)
+    var = fixed or c.names(1)[0]
+    x, src = [n for n in c.names(3) if n != var][:2]
+    mid = c.fillers(rng.randint(1, 2))
+    t = c.template(["    for {x} in {src}:\n        {var}", "    for {x} in {src}:\n        if {x}:\n            {var}",
+                    "    while {src}:\n        {x} = {src}.pop()\n        {var}",
+                    "    for {x} in sorted({src}):\n        {var}"])
+    tail = t.format(x=x, src=src, var=var)
+    head = c.header()
+    return Pair(f"{head}    {var} = set()\n{mid}{tail}", f'{head}    {var} = ""\n{mid}{tail}', ".add", " +=")
+
+
+@task("set_or_string", (".add", " +="), "variable initialized as set() or \"\", used later")
+def _sos(rng, split):
+    return _set_or_string(rng, split, None)
+
+
+@task("set_or_string_fixedvarname", (".add", " +="), "same, variable always named current")
+def _sosf(rng, split):
+    return _set_or_string(rng, split, "current")
+
+
+@task("final_kwarg", ("=None", "):\n"), "earlier parameters had defaults or not")
+def _final_kwarg(rng, split):
+    c = Ctx(rng, split)
+    fn = c.pick(_FUNCS)
+    args = c.names(rng.randint(2, 4))
+    pre = c.preamble()
+    a = ", ".join(f"{n}=None" for n in args[:-1]) + ", " + args[-1]
+    b = ", ".join(args)
+    self_ = "self, " if rng.random() < 0.3 else ""
+    return Pair(f"{pre}def {fn}({self_}{a}", f"{pre}def {fn}({self_}{b}", "=None", "):\n")
+
+
+@task("class_init", None, "which attribute is being assigned in __init__; predict the matching name")
+def _class_init(rng, split):
+    c = Ctx(rng, split)
+    cls = c.pick(["Config", "Node", "Record", "Parser", "Client", "Buffer", "Widget", "Tracker", "Item",
+                  "Report"])
+    a, b, d = c.token_names(3)
+    head = f"{c.preamble()}class {cls}:\n    def __init__(self, {a}, {b}, {d}):\n"
+    order = [a, b, d]
+    rng.shuffle(order)
+    done = "".join(f"        self.{n} = {n}\n" for n in order[:1])
+    x, y = order[1:]
+    return Pair(f"{head}{done}        self.{x} =", f"{head}{done}        self.{y} =", f" {x}", f" {y}")
+
+
+@task("with_as", (")", ")\n"), "with open(...) (then ' as') or f = open(...) (then a newline)")
+def _with_as(rng, split):
+    c = Ctx(rng, split)
+    path = c.names(1)[0]
+    body = c.header() + c.fillers()
+    fv = c.pick(["f", "fh", "fp", "handle", "stream", "fd"])
+    return Pair(f"{body}    with open({path}", f"{body}    {fv} = open({path}", ")", ")\n")
+
+
+@task("bracket_brace", (":", ","), "inside a dict literal or a list literal")
+def _bracket_brace(rng, split):
+    c = Ctx(rng, split)
+    var = c.names(1)[0]
+    keys = rng.sample(range(1, 60), rng.randint(2, 4))
+    vals = c.names(len(keys))
+    d = "{" + ", ".join(f"{k}: {v}" for k, v in zip(keys[:-1], vals)) + ", " + str(keys[-1])
+    lst = "[" + ", ".join(str(k) for k in keys)
+    body = c.header() + c.fillers()
+    return Pair(f"{body}    {var} = {d}", f"{body}    {var} = {lst}", ":", ",")
+
+
+@task("with_open", ("r", "w"), "file name / intent suggests reading or writing")
+def _with_open(rng, split):
+    c = Ctx(rng, split)
+    thing = c.names(1)[0]
+    rd, wr = c.pick([("read", "write"), ("load", "save"), ("parse", "dump"), ("get", "store"),
+                     ("import", "export"), ("open", "create")])
+    q = c.pick(["'", '"'])
+    pre = c.preamble()
+    mk = lambda verb: f"{pre}def {verb}_{thing}(path):\n    with open(path, {q}"
+    return Pair(mk(rd), mk(wr), "r", "w")
+
+
+@task("for_while", (" in", ":\n"), "a for header or a while header")
+def _for_while(rng, split):
+    c = Ctx(rng, split)
+    x = c.names(1)[0]
+    body = c.header() + c.fillers()
+    return Pair(f"{body}    for {x}", f"{body}    while {x}", " in", ":\n")
+
+
+@task("else_elif", None, "else or elif after an if block: ':' or the condition")
+def _else_elif(rng, split):
+    c = Ctx(rng, split)
+    x, y = c.token_names(2)
+    body = c.header() + c.fillers() + f"    if {x}:\n        {y} = {x}\n"
+    return Pair(f"{body}    else", f"{body}    elif not", ":\n", f" {x}")
+
+
+@task("fstring_brace", None, "f-string or plain string at '{': a variable name or a format index")
+def _fstring(rng, split):
+    c = Ctx(rng, split)
+    x = c.token_names(1)[0]
+    w = c.words(1, 2)
+    body = c.header() + c.fillers() + f"    {x} = {c.names(1)[0]}\n"
+    call = c.pick(["print", "log", "msg =", "text =", "return"])
+    sep = "(" if call in ("print", "log") else " "
+    return Pair(f'{body}    {call}{sep}f"{w}: {{', f'{body}    {call}{sep}"{w}: {{', x, "0")
+
+
+@task("if_ternary", (":\n", " else"), "an if statement or a ternary expression")
+def _if_ternary(rng, split):
+    c = Ctx(rng, split)
+    x, y, z = c.names(3)
+    n = rng.randint(0, 9)
+    op = c.pick([">", "<", "==", "!=", ">=", "<="])
+    body = c.header() + c.fillers()
+    return Pair(f"{body}    if {x} {op} {n}", f"{body}    {y} = {z} if {x} {op} {n}", ":\n", " else")
+
+
+@task("var_swap", None, "tuple swap x, y = y, ...: the other name")
+def _var_swap(rng, split):
+    c = Ctx(rng, split)
+    x, y = c.token_names(2)
+    body = c.header() + c.fillers()
+    return Pair(f"{body}    {x}, {y} = {y},", f"{body}    {y}, {x} = {x},", f" {x}", f" {y}")
+
+
+@task("indent_for", ("       ", "   "), "indentation after a for header or after a plain statement")
+def _indent_for(rng, split):
+    c = Ctx(rng, split)
+    x, y = c.names(2)
+    body = c.header() + c.fillers()
+    return Pair(f"{body}    for {x} in {y}:\n", f"{body}    {x} = list({y})\n", "       ", "   ")
+
+
+@task("lambda_func", (":", "):\n"), "lambda or def with the same parameter")
+def _lambda(rng, split):
+    c = Ctx(rng, split)
+    f, x = c.pick(_FUNCS), c.names(1)[0]
+    body = c.preamble()
+    return Pair(f"{body}{f} = lambda {x}", f"{body}def {f}({x}", ":", "):\n")
+
+
+@task("if_equals", (" ==", " ="), "a condition or an assignment")
+def _if_equals(rng, split):
+    c = Ctx(rng, split)
+    x = c.names(1)[0]
+    body = c.header() + c.fillers()
+    kw = c.pick(["if", "elif", "while", "assert"])
+    if kw == "elif":
+        body += f"    if not {x}:\n        pass\n"
+    return Pair(f"{body}    {kw} {x}", f"{body}    {x}", " ==", " =")
+
+
+@task("enumerate_range", (" enumerate", " range"), "loop over one or two variables")
+def _enum_range(rng, split):
+    c = Ctx(rng, split)
+    i = c.pick(["i", "j", "k", "n", "idx", "pos", "num", "ix"])
+    x = c.names(1)[0]
+    body = c.header() + c.fillers()
+    return Pair(f"{body}    for {i}, {x} in", f"{body}    for {i} in", " enumerate", " range")
+
+
+@task("var_if", (":\n", "\n"), "if x == True or x = True")
+def _var_if(rng, split):
+    c = Ctx(rng, split)
+    x = c.names(1)[0]
+    v = c.pick(["True", "False", "None", "True", "False", "0"])
+    body = c.header() + c.fillers()
+    return Pair(f"{body}    if {x} == {v}", f"{body}    {x} = {v}", ":\n", "\n")
+
+
+@task("while_return_true", (":\n", "\n"), "while True or return True")
+def _while_return(rng, split):
+    c = Ctx(rng, split)
+    body = c.header() + c.fillers(rng.randint(1, 3))
+    return Pair(f"{body}    while True", f"{body}    return True", ":\n", "\n")
+
+
+# --------------------------------------------------------------------------- evaluation
+def _encode_batch(prompts: list[str], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids (N, T) and the index of each prompt's last token (N,)."""
+    enc = get_encoding()
+    ids = [enc.encode_ordinary(p)[-block_size:] for p in prompts]
+    T = max(len(i) for i in ids)
+    out = torch.full((len(ids), T), enc.eot_token, dtype=torch.long)
+    for r, i in enumerate(ids):
+        out[r, : len(i)] = torch.tensor(i)
+    return out, torch.tensor([len(i) - 1 for i in ids])
+
+
+def encode_pairs(pairs: list[Pair], block_size: int = 256) -> dict[str, torch.Tensor]:
+    """Tokens of all 2N prompts (the a-prompts, then the b-prompts), their last positions, the
+    candidate ids (2N, 2) as (cand_a, cand_b), and the label (0: cand_a is right)."""
+    prompts = [p.prompt_a for p in pairs] + [p.prompt_b for p in pairs]
+    tokens, last = _encode_batch(prompts, block_size)
+    cands = torch.tensor([[token_id(p.cand_a), token_id(p.cand_b)] for p in pairs] * 2)
+    label = torch.cat([torch.zeros(len(pairs), dtype=torch.long), torch.ones(len(pairs), dtype=torch.long)])
+    return {"tokens": tokens, "last": last, "cands": cands, "label": label}
+
+
+def pair_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N, T, vocab) logits -> (N, 2) logits of the two candidates at each prompt's last token."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    last = logits[rows, batch["last"].to(logits.device)]                 # (N, vocab)
+    return last.gather(1, batch["cands"].to(logits.device))
+
+
+def task_loss(two: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the right candidate under a softmax over the two, mean over prompts
+    (equal to the mean over pairs of the mean over both prompts)."""
+    return F.cross_entropy(two, label.to(two.device))
+
+
+@torch.no_grad()
+def evaluate(model, task: str | Task, split: str = "test", n: int | None = None, batch_size: int = 64,
+             seed: int = 0) -> dict:
+    """Task loss, per-prompt accuracy and pair accuracy (both prompts right) of any GPT."""
+    t = get(task)
+    pairs = t.pairs(split, n=n, seed=seed)
+    batch = encode_pairs(pairs, model.config.block_size)
+    N = batch["tokens"].shape[0]
+    two = []
+    model.eval()
+    for s in range(0, N, batch_size):
+        sl = slice(s, s + batch_size)
+        logits = model(batch["tokens"][sl].to(model.device))
+        two.append(pair_logits(logits, {"last": batch["last"][sl], "cands": batch["cands"][sl]}).float().cpu())
+    two = torch.cat(two)
+    label = batch["label"]
+    right = two.argmax(-1) == label
+    half = len(pairs)
+    return {"task": t.name, "split": split, "pairs": half, "loss": float(task_loss(two, label)),
+            "accuracy": float(right.float().mean()),
+            "pair_accuracy": float((right[:half] & right[half:]).float().mean()),
+            "chance_loss": float(torch.log(torch.tensor(2.0)))}
