@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ def cmd_train(args) -> None:
     from .train import config_for, train
     mcfg, tcfg = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                             overrides=args.overrides)
-    model = train(mcfg, tcfg, args.out, progress=not args.json)
+    command = "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    model = train(mcfg, tcfg, args.out, progress=not args.json, command=command)
     from .checkpoint import read_config
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary (one JSON object), from rank 0
         return
@@ -78,17 +80,24 @@ def cmd_tasks(args) -> None:
 def cmd_eval(args) -> None:
     from . import tasks
     from .checkpoint import load
-    model = load(args.model)
     names = tasks.names() if args.task == "all" else [args.task]
     for n in names:
         tasks.get(n)
-    results = [tasks.evaluate(model, n, args.split, n=args.n) for n in names]
-    solved = sum(r["accuracy"] >= 0.9 for r in results)
-    lines = [f"{'task':28s} {'loss':>7s} {'acc':>6s} {'pair acc':>8s}   (chance: loss 0.693, acc 0.5)"]
-    lines += [f"{r['task']:28s} {r['loss']:7.3f} {r['accuracy']:6.3f} {r['pair_accuracy']:8.3f}" for r in results]
-    lines.append(f"{solved}/{len(results)} tasks at accuracy >= 0.9")
-    _emit(args, {"model": str(args.model), "split": args.split, "results": results, "chance_loss": 0.6931,
-                 "chance_accuracy": 0.5, "solved": solved}, "\n".join(lines))
+    out, cols = [], []
+    for path in args.model:
+        model = load(path)
+        out.append({"model": str(path), "results": [tasks.evaluate(model, n, args.split, n=args.n) for n in names]})
+        cols.append(Path(path).name)
+    head = f"{'task':28s}" + "".join(f" {c[:22]:>22s}" for c in cols)
+    lines = [f"{args.split} split; each cell: task loss / accuracy (chance: 0.693 / 0.5)", head]
+    for i, n in enumerate(names):
+        lines.append(f"{n:28s}" + "".join(f" {m['results'][i]['loss']:>14.3f} / {m['results'][i]['accuracy']:.3f}"
+                                          for m in out))
+    for m in out:
+        m["solved"] = sum(r["accuracy"] >= 0.9 for r in m["results"])
+    lines.append(f"{'solved (accuracy >= 0.9)':28s}" + "".join(f" {m['solved']:>22d}" for m in out))
+    _emit(args, {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out},
+          "\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(fn=cmd_tasks)
 
     e = sub.add_parser("eval", help="task loss and accuracy of a model")
-    e.add_argument("--model", type=Path, required=True)
+    e.add_argument("--model", type=Path, required=True, action="append",
+                   help="a checkpoint directory; repeat to compare models side by side")
     e.add_argument("--task", default="all", help="a task name or 'all'")
     e.add_argument("--split", choices=["train", "test"], default="test")
     e.add_argument("--n", type=int, help="pairs per task (default: the task's split size)")

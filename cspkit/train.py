@@ -117,8 +117,10 @@ def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
                          "resume with the same settings or choose a new --out")
 
 
-def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress: bool = True) -> GPT:
-    """Train (or resume) a model into the checkpoint directory ``out``; returns the model."""
+def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress: bool = True,
+          command: str | None = None) -> GPT:
+    """Train (or resume) a model into the checkpoint directory ``out``; returns the model.
+    ``command`` (the command line that started it) is recorded in config.json."""
     out = Path(out)
     rank, world = _dist_info()
     device = pick_device(tcfg.device)
@@ -154,7 +156,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
         s = schedule(0, tcfg)
         project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
 
-    extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, "corpus": {
+    extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, "command": command, "corpus": {
         k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

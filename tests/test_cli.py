@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+from cspkit import checkpoint as ckpt
+from cspkit.cli import main
+from cspkit.sparsity import density_report
+from conftest import tiny_overrides
+
+
+def test_info_json(trained, capsys):
+    assert main(["info", str(trained.dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = ckpt.load(trained.dir)
+    assert out["params"] == sum(p.numel() for p in model.parameters())
+    assert out["step"] == 30
+    assert out["dense"] is False
+    assert out["tokenizer"] == model.encoding.name
+    assert out["config"]["d_model"] == trained.mcfg.d_model
+    assert out["val_loss"] == pytest.approx(ckpt.read_log(trained.dir)[-1]["val_loss"])
+    assert out["density"] == json.loads(json.dumps(density_report(model)))
+    assert out["density"]["total:matrix"]["fraction"] == pytest.approx(trained.tcfg.l0_frac, rel=0.02)
+
+
+def test_info_human(trained, capsys):
+    assert main(["info", str(trained.dir)]) == 0
+    text = capsys.readouterr().out
+    assert "weight-sparse" in text and "step 30" in text
+    assert "h.0.mlp.c_fc.weight" in text
+
+
+def test_sample_json_is_greedy_continuation(trained, capsys):
+    assert main(["sample", str(trained.dir), "--prompt", "def f(", "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] == "def f("
+    model = ckpt.load(trained.dir)
+    enc = model.encoding
+    idx = torch.tensor([enc.encode_ordinary("def f(")])
+    want = model.generate(idx, 5)[0, idx.shape[1]:].tolist()
+    assert len(want) == 5
+    assert out["completion"] == enc.decode(want)
+    # plain output is prompt + completion
+    assert main(["sample", str(trained.dir), "--prompt", "def f(", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == "def f(" + out["completion"] + "\n"
+
+
+def test_sample_with_temperature_is_seeded(trained, capsys):
+    args = ["sample", str(trained.dir), "--prompt", "import", "--max-new-tokens", "8", "--temperature", "1.0",
+            "--top-k", "50", "--json"]
+    outs = []
+    for seed in ("1", "1", "2"):
+        assert main([*args, "--seed", seed]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["completion"])
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+def test_unknown_override_exits_2(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "never"
+    code = main(["train", "--profile", "tiny", "--out", str(out), *tiny_overrides(corpus_dir), "bogus_key=3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bogus_key" in err and err.startswith("cspkit train: error:")
+    assert not out.exists()
+
+
+def test_info_missing_dir_exits_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing-here")]) == 2
+    assert "nothing-here" in capsys.readouterr().err
+
+
+def test_train_json(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--profile", "tiny", "--out", str(out), "--max-steps", "4", "--json", "--seed", "3",
+                 *tiny_overrides(corpus_dir)])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["step"] == 4 and res["out"] == str(out)
+    cfg = ckpt.read_config(out)
+    assert cfg["seed"] == 3 and cfg["train"]["max_steps"] == 4
+    assert res["val_loss"] == pytest.approx(ckpt.read_log(out)[-1]["val_loss"])

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+
+from cspkit.config import (LOCATION_TYPES, PROFILES, ModelConfig, TrainConfig, apply_overrides, from_dict, profile,
+                           to_dict)
+from cspkit.train import config_for
+
+
+def test_from_dict_rejects_unknown_keys_with_suggestions():
+    with pytest.raises(ValueError) as e:
+        from_dict(ModelConfig, {"d_modl": 64, "n_layer": 2, "zzzz": 1})
+    msg = str(e.value)
+    assert "'d_modl'" in msg and "did you mean 'd_model'" in msg
+    assert "'zzzz'" in msg
+    assert "n_layer" in msg  # known keys are listed
+    with pytest.raises(ValueError, match="did you mean 'max_steps'"):
+        from_dict(TrainConfig, {"max_step": 3})
+    with pytest.raises(ValueError, match="model config"):
+        from_dict(ModelConfig, {"bogus": 1}, "model config")
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (ModelConfig, dict(n_layer=3, pos_emb="none", afrac=None, afrac_locations=("attn.q", "mlp.neuron"), sink=False)),
+    (ModelConfig, {}),
+    (TrainConfig, dict(corpus=["/a", "/b"], betas=(0.8, 0.9), stop_at_val_loss=2.5, threads=1)),
+    (TrainConfig, {}),
+])
+def test_json_round_trip(cls, kw):
+    cfg = cls(**kw)
+    d = to_dict(cfg)
+    back = from_dict(cls, json.loads(json.dumps(d)))
+    assert back == cfg
+    assert to_dict(back) == d
+    assert all(not isinstance(v, tuple) for v in d.values())
+
+
+def test_profiles_round_trip_and_are_copies():
+    for name in PROFILES:
+        m, t = profile(name)
+        assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(m)))) == m
+        assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(t)))) == t
+    m, _ = profile("tiny")
+    m.d_model = 999
+    assert profile("tiny")[0].d_model != 999
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        profile("huge")
+
+
+def test_apply_overrides_parses_values():
+    m, t = apply_overrides(ModelConfig(), TrainConfig(), [
+        "d_model=128", "lr=0.003", "pos_emb=none", "sink=false", "afrac=null", "model.bias=false",
+        "train.seed=3", "stop_at_val_loss=2.5", 'afrac_locations=["attn.q"]', "betas=[0.9, 0.99]",
+        'corpus=["/x/y"]', "device=cpu", "eval_interval=7",
+    ])
+    assert m.d_model == 128 and isinstance(m.d_model, int)
+    assert t.lr == 0.003
+    assert m.pos_emb == "none"
+    assert m.sink is False and m.bias is False
+    assert m.afrac is None
+    assert m.afrac_locations == ("attn.q",)
+    assert t.seed == 3 and t.stop_at_val_loss == 2.5 and t.eval_interval == 7
+    assert t.betas == (0.9, 0.99)
+    assert t.corpus == ["/x/y"]
+    assert t.device == "cpu"
+    # untouched fields keep their values
+    assert m.n_layer == ModelConfig().n_layer and t.max_steps == TrainConfig().max_steps
+
+
+def test_override_corpus_as_plain_path():
+    """``corpus=/some/dir`` on the command line is one path, not a list of its characters."""
+    _, t = apply_overrides(ModelConfig(), TrainConfig(), ["corpus=/some/dir"])
+    assert t.corpus == ["/some/dir"]
+    assert TrainConfig(corpus="/a/b").corpus == ["/a/b"]
+
+
+@pytest.mark.parametrize("item,words", [
+    ("bogus_key=1", ["bogus_key"]),
+    ("d_modle=64", ["d_modle", "did you mean 'd_model'"]),
+    ("max_step=5", ["max_step", "did you mean 'max_steps'"]),
+    ("model.lr=1", ["lr"]),
+    ("train.d_model=1", ["d_model"]),
+    ("other.lr=1", ["prefix"]),
+    ("lr", ["key=value"]),
+    ("pos_emb=rotary", ["pos_emb", "rotary"]),
+    ("afrac_locations=[\"attn.z\"]", ["attn.z"]),
+    ("anneal_start=0.9", ["anneal_start"]),
+])
+def test_apply_overrides_rejects(item, words):
+    with pytest.raises(ValueError) as e:
+        apply_overrides(ModelConfig(), TrainConfig(), [item])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="afrac"):
+        ModelConfig(afrac=1.5)
+    with pytest.raises(ValueError, match="activation"):
+        ModelConfig(activation="swish")
+    assert ModelConfig().afrac_locations == LOCATION_TYPES
+    with pytest.raises(ValueError, match="l0_frac"):
+        TrainConfig(l0_frac=0)
+
+
+def test_config_for():
+    m, t = config_for("tiny", dense=True, seed=5, max_steps=12, overrides=["d_model=48", "lr=0.01"])
+    assert (m.d_model, t.dense, t.seed, t.max_steps, t.lr) == (48, True, 5, 12, 0.01)
+    base_m, base_t = profile("tiny")
+    assert m.n_layer == base_m.n_layer and t.batch_size == base_t.batch_size
+    assert config_for("tiny")[1].dense is False

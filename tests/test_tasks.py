@@ -1,0 +1,159 @@
+"""The 20 tasks: pair structure, single-token candidates, disjoint splits, the pair loss, user tasks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cspkit import tasks
+from cspkit.config import ModelConfig
+from cspkit.model import GPT
+from cspkit.natural import mine
+from cspkit.tokenizer import get_encoding
+
+PAPER_TASKS = ["single_double_quote", "bracket_counting", "set_or_string", "set_or_string_fixedvarname",
+               "final_kwarg", "class_init", "with_as", "bracket_brace", "with_open", "for_while", "else_elif",
+               "fstring_brace", "if_ternary", "var_swap", "indent_for", "lambda_func", "if_equals",
+               "enumerate_range", "var_if", "while_return_true"]
+
+
+def _diff_region(a: str, b: str) -> tuple[str, str]:
+    """The parts of a and b left after removing their common prefix and common suffix."""
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    return a[i:len(a) - j], b[i:len(b) - j]
+
+
+def test_registry_has_the_paper_tasks_in_order():
+    assert tasks.names() == PAPER_TASKS
+
+
+@pytest.mark.parametrize("name", PAPER_TASKS)
+def test_pairs_differ_in_one_place_with_single_token_candidates(name):
+    enc = get_encoding()
+    t = tasks.get(name)
+    pairs = t.pairs("train", n=40) + t.pairs("test", n=40)
+    for p in pairs:
+        da, db = _diff_region(p.prompt_a, p.prompt_b)
+        assert (da or db) and len(da) <= 60 and len(db) <= 60, (name, da, db)
+        assert len(enc.encode_ordinary(p.cand_a)) == 1 and len(enc.encode_ordinary(p.cand_b)) == 1
+        assert p.cand_a != p.cand_b
+        if t.candidates:
+            assert (p.cand_a, p.cand_b) == t.candidates
+        # the prompt ends on a token boundary: the candidate is the next token
+        for prompt, cand in ((p.prompt_a, p.cand_a), (p.prompt_b, p.cand_b)):
+            base = enc.encode_ordinary(prompt)
+            assert enc.encode_ordinary(prompt + cand)[: len(base) + 1] == base + enc.encode_ordinary(cand)
+            assert len(base) <= 200, (name, len(base))
+
+
+@pytest.mark.parametrize("name", PAPER_TASKS)
+def test_splits_are_disjoint_and_deterministic(name):
+    t = tasks.get(name)
+    train = t.pairs("train", n=60)
+    test = t.pairs("test", n=60)
+    assert not {(p.prompt_a, p.prompt_b) for p in train} & {(p.prompt_a, p.prompt_b) for p in test}
+    assert t.pairs("test", n=60) == test
+    assert t.pairs("test", n=60, seed=1) != test
+
+
+def test_split_pools_share_no_names():
+    assert not set(tasks._half(tasks._NAMES, "train")) & set(tasks._half(tasks._NAMES, "test"))
+    assert not set(tasks._half(tasks._PREAMBLES, "train")) & set(tasks._half(tasks._PREAMBLES, "test"))
+    with pytest.raises(ValueError, match="split"):
+        tasks.get("for_while").pairs("validation")
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(KeyError, match="single_double_quote"):
+        tasks.get("no_such_task")
+
+
+def test_multi_token_candidate_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="not a single token"):
+        tasks.Task.from_pairs("bad", [("x = 1", "y = 2")], candidates=(" supercalifragilistic", " =="))
+
+
+def test_prompt_not_ending_on_a_token_boundary_is_an_error():
+    # "foo" + "(" would tokenize as one chunk "(x"-style only if letters follow; here the prompt
+    # ends inside the chunk "):\n", so ")" + ":\n" is not the prompt's tokens then ":\n".
+    with pytest.raises(ValueError, match="token boundary|does not tokenize"):
+        tasks.Task.from_pairs("bad", [("def f(x)", "def g(y)")], candidates=(":\n", ","))
+
+
+def test_task_loss_is_binary_cross_entropy_over_two_candidates():
+    two = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, -1.0], [0.5, 0.5]])
+    label = torch.tensor([0, 1, 1, 0])
+    manual = [-math.log(1 / (1 + math.exp(-2))), -math.log(1 / (1 + math.exp(-1))),
+              -math.log(1 / (1 + math.exp(4))), math.log(2)]
+    assert tasks.task_loss(two, label).item() == pytest.approx(sum(manual) / 4, rel=1e-6)
+
+
+class AlwaysA(nn.Module):
+    """Puts a high logit on one fixed token at every position."""
+
+    def __init__(self, token: int, vocab: int = 2048):
+        super().__init__()
+        self.config = ModelConfig(block_size=256)
+        self.token, self.vocab = token, vocab
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.dummy.device
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        logits[..., self.token] = 5.0
+        return logits
+
+
+def test_model_that_always_prefers_a_scores_half():
+    t = tasks.get("for_while")
+    model = AlwaysA(tasks.token_id(t.candidates[0]))
+    r = tasks.evaluate(model, t, "test", n=32)
+    assert r["accuracy"] == 0.5
+    assert r["pair_accuracy"] == 0.0
+    expected = (math.log(1 + math.exp(-5)) + math.log(1 + math.exp(5))) / 2
+    assert r["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_user_task_from_pairs_and_from_generator_work_end_to_end():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, d_model=32, n_head=2, d_head=16, d_mlp=64, block_size=64)).eval()
+    t = tasks.Task.from_pairs("my_task", [("x = [1, 2", "]\n", "x = [[1, 2], [3", "]]"),
+                                          ("y = [4, 5", "]\n", "y = [[4, 5], [6", "]]")])
+    r = tasks.evaluate(model, t, "test")
+    assert r["pairs"] == 2 and 0 <= r["accuracy"] <= 1 and r["loss"] > 0
+
+    def gen(rng, split):
+        n = rng.randint(0, 99)
+        return f"for i in range({n}", f"while i <"
+    g = tasks.Task.from_generator("my_gen", gen, candidates=("):\n", " x"), n_pairs={"train": 8, "test": 8})
+    assert len(g.pairs("train")) == 8
+    r = tasks.evaluate(model, g, "train")
+    assert r["pairs"] == 8
+
+    with pytest.raises(ValueError, match="candidates"):
+        tasks.Task.from_pairs("x", [("a", "b")])
+
+
+def test_natural_quote_examples_are_mined_from_validation_files(tmp_path):
+    src = tmp_path / "code"
+    src.mkdir()
+    body = "".join(f"def f{i}(x):\n    x = {i}\n    print(\"value is here\")\n    log('done now')\n"
+                   for i in range(5))
+    for i in range(30):
+        (src / f"mod{i}.py").write_text(f"# module {i}\n" + body)
+    t = mine("single_double_quote", [str(src)], max_pairs=50)
+    pairs = t.pairs("test")
+    assert pairs and all(p.cand_a == '")\n' and p.cand_b == "')\n" for p in pairs)
+    assert all(p.prompt_a.endswith('"value is here') or p.prompt_a.endswith('"done now') for p in pairs)
+    with pytest.raises(KeyError, match="miner"):
+        mine("var_swap", [str(src)])

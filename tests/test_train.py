@@ -1,0 +1,192 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cspkit import checkpoint as ckpt
+from cspkit.data import TokenData, build_shards
+from cspkit.model import GPT
+from cspkit.sparsity import density_report, n_keep
+from cspkit.train import _check_resumable, evaluate_loss, schedule, train
+from conftest import REPO, make_corpus, tiny_overrides, tiny_train_config
+
+
+class Killed(Exception):
+    """Stands in for the process being killed mid-run."""
+
+
+def final_state(out):
+    return torch.load(out / "resume.pt", weights_only=True)
+
+
+def test_resume_is_bit_identical(trained, tmp_path, monkeypatch):
+    """Kill the run in its 27th step (the last checkpoint is step 20, the log already has step 25), resume:
+    the weights equal an uninterrupted run's and the log has no step twice."""
+    mcfg, tcfg = trained.mcfg, trained.tcfg
+    out = tmp_path / "B"
+    real_batch = TokenData.batch
+
+    def dying_batch(self, batch_size, block_size, seed, step, rank=0):
+        if seed != -1 and step >= 26:  # seed -1 is the evaluation stream
+            raise Killed(step)
+        return real_batch(self, batch_size, block_size, seed, step, rank)
+
+    monkeypatch.setattr(TokenData, "batch", dying_batch)
+    with pytest.raises(Killed):
+        train(mcfg, tcfg, out, progress=False)
+    monkeypatch.setattr(TokenData, "batch", real_batch)
+    assert final_state(out)["step"] == 20
+    assert [r["step"] for r in ckpt.read_log(out)] == [5, 10, 15, 20, 25]
+
+    model = train(mcfg, tcfg, out, progress=False)
+
+    a, b = final_state(trained.dir), final_state(out)
+    assert a["step"] == b["step"] == 30
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, a["model"][k]), k
+    # the optimizer state matches too
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+    # the log has every step once, with the same numbers
+    log_a, log_b = ckpt.read_log(trained.dir), ckpt.read_log(out)
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a] == [5, 10, 15, 20, 25, 30]
+    for ra, rb in zip(log_a, log_b):
+        assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+    # the saved checkpoint is the final model
+    loaded = ckpt.load(out)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, a["model"][k]), k
+    assert loaded.checkpoint["step"] == 30
+
+
+def test_sparse_run_ends_at_requested_fractions(trained):
+    t = trained.tcfg
+    model = ckpt.load(trained.dir)
+    rep = density_report(model)
+    for name, (p, group) in model.sparse_parameters().items():
+        frac = t.l0_frac if group == "matrix" else t.l0_frac_embed
+        if p.dim() == 2:
+            assert rep[name]["nonzeros"] == n_keep(p.numel(), frac), name
+        else:  # biases may hold exact zeros besides the projected-away entries
+            assert rep[name]["nonzeros"] <= n_keep(p.numel(), frac), name
+    assert rep["total:matrix"]["fraction"] == pytest.approx(t.l0_frac, rel=0.02)
+    log = ckpt.read_log(trained.dir)
+    assert log[-1]["l0"] == pytest.approx(t.l0_frac)
+    # norm gains are not sparsified
+    assert bool((model.h[0].ln_1.weight != 0).all())
+    cfg = ckpt.read_config(trained.dir)
+    assert cfg["dense"] is False and cfg["train"] == json.loads(json.dumps(cfg["train"]))
+    assert cfg["corpus"]["train_files"] == 4 and cfg["corpus"]["val_files"] == 1
+
+
+def test_dense_run_stays_dense(tmp_path, corpus_dir):
+    mcfg, tcfg = tiny_train_config(corpus_dir, "max_steps=8", "dense=true")
+    assert tcfg.dense
+    model = train(mcfg, tcfg, tmp_path / "dense", progress=False)
+    for name, (p, _) in model.sparse_parameters().items():
+        if p.dim() == 2:
+            assert bool((p != 0).all()), name
+    rep = density_report(ckpt.load(tmp_path / "dense"))
+    assert rep["total:matrix"]["fraction"] == 1.0
+    assert ckpt.read_config(tmp_path / "dense")["dense"] is True
+    assert ckpt.read_log(tmp_path / "dense")[-1]["l0"] == 1.0
+
+
+def test_loss_decreases(trained):
+    """Final validation loss is well below the loss of the initial model (about ln 2048)."""
+    mcfg, tcfg = trained.mcfg, trained.tcfg
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CSPKIT_CACHE", str(trained.dir.parent / "cache"))
+        info = build_shards(tcfg.corpus, tcfg.val_percent)
+    val = TokenData(info, "val")
+    torch.manual_seed(tcfg.seed)
+    initial = evaluate_loss(GPT(mcfg), val, tcfg, mcfg.block_size)
+    final = evaluate_loss(ckpt.load(trained.dir).train(), val, tcfg, mcfg.block_size)
+    assert initial == pytest.approx(math.log(mcfg.vocab_size), abs=0.3)
+    assert final < initial - 0.8
+    log = ckpt.read_log(trained.dir)
+    assert log[-1]["val_loss"] == pytest.approx(final, rel=1e-5)
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert all(r["tokens"] == r["step"] * tcfg.batch_size * mcfg.block_size for r in log)
+
+
+def test_refuses_resume_with_other_config(trained):
+    mcfg, tcfg = trained.mcfg, trained.tcfg
+    _check_resumable(trained.dir, mcfg, tcfg)  # the same config resumes
+    _check_resumable(trained.dir, mcfg, replace(tcfg, device="cpu", threads=2))  # runtime-only fields
+    with pytest.raises(ValueError, match=r"train\.lr: checkpoint 0\.02 vs now 0\.05") as e:
+        _check_resumable(trained.dir, mcfg, replace(tcfg, lr=0.05))
+    assert "--out" in str(e.value)
+    with pytest.raises(ValueError, match=r"model\.d_model"):
+        _check_resumable(trained.dir, replace(mcfg, d_model=64), tcfg)
+    with pytest.raises(ValueError, match=r"train\.max_steps"):
+        train(mcfg, replace(tcfg, max_steps=40), trained.dir, progress=False)
+    assert final_state(trained.dir)["step"] == 30  # nothing was touched
+
+
+def test_schedule():
+    from cspkit.config import TrainConfig
+    t = TrainConfig(max_steps=1000, lr=0.01, warmup_frac=0.01, l0_frac=1 / 16, anneal_start=0.01, anneal_end=0.5)
+    s0 = schedule(0, t)
+    assert s0["frac_matrix"] == 1.0 and s0["frac_embed"] == 1.0
+    assert s0["lr"] == pytest.approx(0.01 / 10 * math.sqrt(1 / 16))  # warm-up step 1 of 10, sharkfin
+    mid = schedule(250, t)
+    assert mid["lr"] == pytest.approx(0.01 * 750 / 990 * math.sqrt((1 / 16) / mid["frac_matrix"]))
+    assert schedule(600, t)["lr"] == pytest.approx(0.01 * 400 / 990)  # annealed: factor 1
+    assert schedule(999, t)["lr"] == pytest.approx(0.01 * 1 / 990)
+    assert schedule(250, replace(t, sharkfin=False))["lr"] == pytest.approx(0.01 * 750 / 990)
+    d = schedule(600, replace(t, dense=True))
+    assert d["frac_matrix"] == d["frac_embed"] == 1.0
+
+
+RANK_DUMP = """
+import os, sys, torch
+import cspkit.train as T
+from cspkit import cli
+real = T.train
+def train(m, t, out, **kw):
+    model = real(m, t, out, **kw)
+    torch.save(model.state_dict(), os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
+    return model
+T.train = train
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_ddp_two_processes_keep_ranks_identical(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    out, dumps = tmp_path / "ddp", tmp_path / "ranks"
+    dumps.mkdir()
+    script = tmp_path / "run.py"
+    script.write_text(RANK_DUMP)
+    env = {**os.environ, "CSPKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(dumps), "train", "--profile", "tiny", "--out", str(out), "--max-steps", "6", "--json",
+           *tiny_overrides(corpus)]
+    # about 10 s on an idle 2-core machine; the timeout only guards against a hang on a busy one
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, r.stdout  # one JSON summary, from rank 0 only
+    assert json.loads(lines[0])["step"] == 6
+    r0 = torch.load(dumps / "rank0.pt", weights_only=True)
+    r1 = torch.load(dumps / "rank1.pt", weights_only=True)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    loaded = ckpt.load(out)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, r0[k]), k
+    log = ckpt.read_log(out)
+    assert [row["step"] for row in log] == [6]
+    assert log[-1]["tokens"] == 6 * 4 * 32 * 2  # steps x batch_size x block_size x 2 processes
+    assert "val_loss" in log[-1]
