@@ -1,6 +1,7 @@
 """cspkit: train weight-sparse transformers, find their circuits, explore them, bridge to dense models."""
+from . import tasks
 from .checkpoint import load
 from .tokenizer import get_encoding
 
-__all__ = ["load", "get_encoding"]
+__all__ = ["load", "get_encoding", "tasks"]
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 def maybe_topk(cfg: ModelConfig, x: torch.Tensor, loc: str) -> torch.Tensor:
     """AbsTopK with the config's afrac if ``loc`` is one of its activation-sparse locations."""
     if cfg.afrac and loc in cfg.afrac_locations:
-        return abs_topk(x, int(cfg.afrac * x.shape[-1]))
+        return abs_topk(x, max(1, int(cfg.afrac * x.shape[-1])))
     return x
 
 

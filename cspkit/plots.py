@@ -1,4 +1,5 @@
-"""Matplotlib figures for the notebooks: training curves, the LR / L0 schedule, weight density."""
+"""Matplotlib figures for the notebooks: training curves, the LR / L0 schedule, weight density,
+task scores."""
 from __future__ import annotations
 
 from typing import Any
@@ -66,5 +67,27 @@ def plot_density(model: nn.Module) -> Figure:
     ax.legend(handles=[Patch(color=c, label=label) for c, label in groups.values()], fontsize=8,
               loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_task_scores(results: dict[str, list[dict[str, Any]]]) -> Figure:
+    """Per-task accuracy of one or more models (label -> rows of ``cspkit.tasks.evaluate``, in the
+    same task order), with chance (0.5) and the 0.9 line a task counts as solved at."""
+    tasks = [r["task"] for r in next(iter(results.values()), [])]
+    width = 0.8 / max(len(results), 1)
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots()
+    for i, (label, rows) in enumerate(results.items()):
+        if [r["task"] for r in rows] != tasks:
+            raise ValueError(f"{label}: the tasks differ from those of {next(iter(results))}")
+        ax.bar([t + (i - (len(results) - 1) / 2) * width for t in range(len(tasks))],
+               [r["accuracy"] for r in rows], width, label=label)
+    ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
+    ax.axhline(0.9, color="black", ls=":", lw=1, label="solved (0.9)")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="accuracy (per prompt)", ylim=(0, 1.05), title="task accuracy on the test split")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -290,9 +290,7 @@ def _brackets(rng, split):
     half = len(nums) // 2
     flat = "[" + ", ".join(nums)
     nested = "[[" + ", ".join(nums[:half]) + "], [" + ", ".join(nums[half:])
-    t = c.template(["    {var} = {lit}", "    return {lit}", "    {var} = {lit}", "    {var}.extend({lit}"])
-    if "extend" in t:
-        t = "    {var} = {lit}"
+    t = c.template(["    {var} = {lit}", "    return {lit}", "    self.{var} = {lit}", "    yield {lit}"])
     body = c.header() + c.fillers()
     return Pair(body + t.format(var=var, lit=flat), body + t.format(var=var, lit=nested), "]\n", "]]")
 
