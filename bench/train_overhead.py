@@ -1,7 +1,7 @@
 """Time dense and weight-sparse training steps of the same shape in one run; print sparse/dense.
 
 The sparse step is the dense step plus the top-k projection of every matrix at the final
-L0 (the worst case: the projection's cost does not depend on the fraction kept).
+L0. Steps of the two models alternate, and each time is the median over the steps.
 Usage: python bench/train_overhead.py [--profile small] [--steps 12] [--warmup 3]
 """
 from __future__ import annotations
@@ -17,22 +17,26 @@ from cspkit.model import GPT
 from cspkit.train import config_for, decayed, schedule, train_step
 
 
-def time_steps(mcfg, tcfg, steps: int, warmup: int, seed: int = 0) -> float:
-    torch.manual_seed(seed)
-    model = GPT(mcfg)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps)
-    params, decay = list(model.parameters()), decayed(model)
-    s = schedule(tcfg.max_steps - 1, tcfg)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, mcfg.vocab_size, (tcfg.batch_size, mcfg.block_size + 1), generator=g)
-    times = []
-    for i in range(warmup + steps):
+class Runner:
+    """A model, its optimizer and a fixed batch: one training step on call."""
+
+    def __init__(self, mcfg, tcfg, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = GPT(mcfg)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps)
+        self.params, self.decay = list(self.model.parameters()), decayed(self.model)
+        self.tcfg, self.s = tcfg, schedule(tcfg.max_steps - 1, tcfg)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, mcfg.vocab_size, (tcfg.batch_size, mcfg.block_size + 1), generator=g)
+
+    def step(self) -> float:
         t0 = time.perf_counter()
-        train_step(model, opt, x[:, :-1], x[:, 1:], s, tcfg, params, decay)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]  # median: robust to a stray slow step
+        train_step(self.model, self.opt, self.x[:, :-1], self.x[:, 1:], self.s, self.tcfg, self.params, self.decay)
+        return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> None:
@@ -43,8 +47,15 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     mcfg, tcfg = config_for(args.profile)
-    dense = time_steps(mcfg, replace(tcfg, dense=True), args.steps, args.warmup)
-    sparse = time_steps(mcfg, tcfg, args.steps, args.warmup)
+    runners = {"dense": Runner(mcfg, replace(tcfg, dense=True)), "sparse": Runner(mcfg, tcfg)}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    # alternate the two, step by step, so that load from elsewhere falls on both alike
+    for i in range(args.warmup + args.steps):
+        for k, r in runners.items():
+            t = r.step()
+            if i >= args.warmup:
+                times[k].append(t)
+    dense, sparse = median(times["dense"]), median(times["sparse"])
     out = {"profile": args.profile, "threads": torch.get_num_threads(), "tokens_per_step":
            tcfg.batch_size * mcfg.block_size, "dense_s": round(dense, 4), "sparse_s": round(sparse, 4),
            "ratio_sparse_over_dense": round(sparse / dense, 3), "goal": 1.10}
