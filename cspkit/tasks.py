@@ -11,6 +11,7 @@ Train and test splits use disjoint templates, names and surrounding code.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -61,7 +62,7 @@ _FUNCS = ["process", "handle", "build", "parse", "load", "compute", "update", "r
 _WORDS = ["hello", "world", "error", "done", "value", "missing", "name", "ready", "failed", "result",
           "start", "stop", "user", "admin", "default", "unknown", "empty", "invalid", "success", "warning",
           "config", "debug", "info", "total", "header", "footer", "saved", "loaded", "skipped", "closed"]
-_CALLS = ["print", "log", "print", "warn", "str", "repr", "len", "append", "format", "write", "join",
+_CALLS = ["print", "log", "warn", "str", "repr", "len", "append", "format", "write", "join",
           "info", "send", "emit", "show", "echo"]
 _PREAMBLES = [
     "import os\nimport sys\n\n\n",
@@ -86,10 +87,26 @@ _FILLERS = [
 ]
 
 
-def _half(pool: Sequence, split: str) -> list:
+def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _half(pool: Sequence, split: str) -> list:
+    """A task's own templates: alternate entries go to train and test."""
+    _check_split(split)
     return list(pool[0::2] if split == "train" else pool[1::2])
+
+
+def _side(s: str) -> str:
+    return SPLITS[hashlib.sha256(s.encode()).digest()[0] % 2]
+
+
+def _vocab(pool: Sequence[str], split: str) -> list[str]:
+    """Shared vocabulary (names, words, functions, surrounding code): each string belongs to
+    one split by its hash, so a name is never in train in one pool and in test in another."""
+    _check_split(split)
+    return [x for x in pool if _side(x) == split]
 
 
 class Ctx:
@@ -98,18 +115,25 @@ class Ctx:
     def __init__(self, rng: random.Random, split: str):
         self.rng, self.split = rng, split
 
-    def pick(self, pool: Sequence, k: int | None = None):
-        half = _half(pool, self.split)
+    def _choose(self, half: list, k: int | None):
         return self.rng.choice(half) if k is None else self.rng.sample(half, k)
 
+    def pick(self, pool: Sequence, k: int | None = None):
+        """From a task's own list (templates, keyword choices): alternate entries per split."""
+        return self._choose(_half(pool, self.split), k)
+
+    def vocab(self, pool: Sequence[str], k: int | None = None):
+        """From the shared vocabulary: the split's strings by hash."""
+        return self._choose(_vocab(pool, self.split), k)
+
     def names(self, k: int) -> list[str]:
-        return self.pick(_NAMES, k)
+        return self.vocab(_NAMES, k)
 
     def token_names(self, k: int) -> list[str]:
-        return self.pick(_token_names(), k)
+        return self.vocab(_token_names(), k)
 
     def preamble(self) -> str:
-        return self.pick(_PREAMBLES)
+        return self.vocab(_PREAMBLES)
 
     def fillers(self, n: int | None = None) -> str:
         n = self.rng.randint(0, 2) if n is None else n
@@ -120,11 +144,11 @@ class Ctx:
         return "".join(out)
 
     def header(self) -> str:
-        fn, arg = self.pick(_FUNCS), self.names(1)[0]
+        fn, arg = self.vocab(_FUNCS), self.names(1)[0]
         return f"{self.preamble()}def {fn}({arg}):\n"
 
     def words(self, lo: int = 1, hi: int = 3) -> str:
-        return " ".join(self.pick(_WORDS, self.rng.randint(lo, hi)))
+        return " ".join(self.vocab(_WORDS, self.rng.randint(lo, hi)))
 
     def template(self, templates: Sequence[str]) -> str:
         return self.pick(templates)
@@ -142,8 +166,7 @@ class Task:
 
     def pairs(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Pair]:
         """Deterministic list of pairs for a split; every pair checked for token boundaries."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        _check_split(split)
         if self.fixed_pairs is not None:
             pairs = self.fixed_pairs[split]
             return pairs[:n] if n else list(pairs)
@@ -271,7 +294,7 @@ def task(name: str, candidates: tuple[str, str] | None, description: str):
 @task("single_double_quote", ('")\n', "')\n"), "string opened with \" or '; close it")
 def _quote(rng, split):
     c = Ctx(rng, split)
-    var, call = c.names(1)[0], c.pick(_CALLS)
+    var, call = c.names(1)[0], c.vocab(_CALLS)
     words = c.words()
     t = c.template(["    {var} = {call}({q}{w}", "    {call}({q}{w}", "    return {call}({q}{w}",
                     "    {var}.{call}({q}{w}", "    {var} = {call}({var}, {q}{w}", "        {call}({q}{w}"])
@@ -321,7 +344,7 @@ def _sosf(rng, split):
 @task("final_kwarg", ("=None", "):\n"), "earlier parameters had defaults or not")
 def _final_kwarg(rng, split):
     c = Ctx(rng, split)
-    fn = c.pick(_FUNCS)
+    fn = c.vocab(_FUNCS)
     args = c.names(rng.randint(2, 4))
     pre = c.preamble()
     a = ", ".join(f"{n}=None" for n in args[:-1]) + ", " + args[-1]
@@ -433,7 +456,7 @@ def _indent_for(rng, split):
 @task("lambda_func", (":", "):\n"), "lambda or def with the same parameter")
 def _lambda(rng, split):
     c = Ctx(rng, split)
-    f, x = c.pick(_FUNCS), c.names(1)[0]
+    f, x = c.vocab(_FUNCS), c.names(1)[0]
     body = c.preamble()
     return Pair(f"{body}{f} = lambda {x}", f"{body}def {f}({x}", ":", "):\n")
 

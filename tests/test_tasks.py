@@ -64,8 +64,12 @@ def test_splits_are_disjoint_and_deterministic(name):
 
 
 def test_split_pools_share_no_names():
-    assert not set(tasks._half(tasks._NAMES, "train")) & set(tasks._half(tasks._NAMES, "test"))
-    assert not set(tasks._half(tasks._PREAMBLES, "train")) & set(tasks._half(tasks._PREAMBLES, "test"))
+    pools = [tasks._NAMES, tasks._token_names(), tasks._WORDS, tasks._FUNCS, tasks._CALLS, tasks._PREAMBLES]
+    train = set().union(*(tasks._vocab(p, "train") for p in pools))
+    test = set().union(*(tasks._vocab(p, "test") for p in pools))
+    assert train and test and not train & test
+    for p in pools:
+        assert len(tasks._vocab(p, "train")) >= 3 and len(tasks._vocab(p, "test")) >= 3
     with pytest.raises(ValueError, match="split"):
         tasks.get("for_while").pairs("validation")
 
