@@ -11,9 +11,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# JupyterLab refuses to run as root unless told; containers often run as root
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 .PHONY: lab test bench
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) notebooks/
 
 test: $(VENV)/.installed
 	$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
