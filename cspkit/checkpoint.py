@@ -16,14 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
+from .files import atomic_path, atomic_write
 from .model import GPT
 from .tokenizer import DEFAULT_PATH as TOKENIZER_PATH, get_encoding, tokenizer_id
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def git_commit() -> str | None:
@@ -64,9 +59,8 @@ def unpack_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
 
 def save_weights(model: GPT, path: Path) -> None:
     tensors, meta = pack_state(model)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -81,8 +75,19 @@ def save(model: GPT, out: str | os.PathLike, extra: dict[str, Any] | None = None
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / "model.safetensors")
     cfg = {"model": to_dict(model.config), "tokenizer": tokenizer_id(), "git_commit": git_commit(), **(extra or {})}
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=1) + "\n")
+    atomic_write(out / "config.json", json.dumps(cfg, indent=1) + "\n")
     return out
+
+
+def models_dir(start: str | os.PathLike | None = None) -> Path:
+    """The repository's ``data/models``, found from ``start`` (default: the working directory)
+    or any of its parents, so notebooks run from ``notebooks/`` find the shipped models."""
+    here = Path(start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "data" / "models" / "small-sparse").is_dir():
+            return p / "data" / "models"
+    raise FileNotFoundError(f"no data/models/small-sparse in {here} or its parents; "
+                            "run inside the cspkit repository")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

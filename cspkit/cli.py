@@ -20,7 +20,7 @@ def cmd_train(args) -> None:
     mcfg, tcfg = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                             overrides=args.overrides)
     command = "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    model = train(mcfg, tcfg, args.out, progress=not args.json, command=command)
+    train(mcfg, tcfg, args.out, progress=not args.json, command=command)
     from .checkpoint import read_config
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary (one JSON object), from rank 0
         return
@@ -28,7 +28,6 @@ def cmd_train(args) -> None:
     _emit(args, {"out": str(args.out), "step": cfg.get("step"), "val_loss": cfg.get("val_loss")},
           f"trained {args.profile}{' (dense)' if tcfg.dense else ''} to step {cfg.get('step')}: "
           f"val loss {cfg.get('val_loss')} -> {args.out}")
-    del model
 
 
 def cmd_info(args) -> None:

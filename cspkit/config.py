@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from typing import Any
 
 # The node locations of one layer, in forward order (METHOD.md section 1).

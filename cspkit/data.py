@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .tokenizer import get_encoding, tokenizer_id, DEFAULT_PATH as TOKENIZER_PATH
 
 
@@ -110,12 +111,6 @@ def load_corpus(paths: list[str] | None = None, val_percent: float = 5.0) -> Cor
     return Corpus(train, val, skipped, dups)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
                  tokenizer: str | None = None) -> dict:
     """Tokenize the corpus once into ``train.bin``/``val.bin`` (uint16) in the cache; return info.
@@ -143,10 +138,10 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
         ids = enc.encode_ordinary_batch([f.text for f in files], num_threads=os.cpu_count() or 1)
         arr = np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.uint16,
                           count=sum(len(d) + 1 for d in ids))
-        _atomic_write(out / f"{split}.bin", arr.tobytes())
+        atomic_write(out / f"{split}.bin", arr.tobytes())
         info[f"{split}_files"] = len(files)
         info[f"{split}_tokens"] = int(arr.size)
-    _atomic_write(info_path, json.dumps(info, indent=1).encode())
+    atomic_write(info_path, json.dumps(info, indent=1).encode())
     return info
 
 

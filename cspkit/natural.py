@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 
-from .data import load_corpus
+from .data import Corpus, load_corpus
 from .tasks import Pair, Task, check_pair
 from .tokenizer import get_encoding
 
@@ -51,10 +51,12 @@ def _valid(p: Pair) -> bool:
         return False
 
 
-def mine(task: str, paths: list[str] | None = None, max_pairs: int = 200, seed: int = 0) -> Task:
+def mine(task: str, paths: list[str] | None = None, max_pairs: int = 200, seed: int = 0,
+         corpus: Corpus | None = None) -> Task:
     """A fixed-pair Task named ``<task>_natural`` from the validation files under ``paths``
-    (default: the stdlib). Tasks with a miner: single_double_quote and those in MINERS."""
-    corpus = load_corpus(paths)
+    (default: the stdlib), or of an already loaded ``corpus``. Tasks with a miner:
+    single_double_quote and those in MINERS."""
+    corpus = corpus or load_corpus(paths)
     files = [f.text.splitlines(keepends=True) for f in corpus.val]
     pairs: list[Pair] = []
     if task == "single_double_quote":

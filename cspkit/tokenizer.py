@@ -17,6 +17,8 @@ from typing import Iterable
 import regex
 import tiktoken
 
+from .files import atomic_write
+
 PAT_STR = (
     r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -107,9 +109,7 @@ def save_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{base64.b64encode(tok).decode()} {r}" for tok, r in sorted(ranks.items(), key=lambda x: x[1])]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(lines) + "\n")
 
 
 def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:

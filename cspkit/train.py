@@ -20,8 +20,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .config import ModelConfig, TrainConfig, to_dict
 from .data import TokenData, build_shards
+from .files import atomic_path, atomic_write
 from .model import GPT
 from .sparsity import l0_fraction, project_model_
 from .tokenizer import get_encoding
@@ -163,16 +164,15 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
         log_path = out / "log.jsonl"
         # drop log lines past the checkpoint a resumed run restarts from
         kept = [l for l in ckpt.read_log(out) if l["step"] <= start] if start else []
-        ckpt.atomic_write_text(log_path, "".join(json.dumps(l) + "\n" for l in kept))
+        atomic_write(log_path, "".join(json.dumps(l) + "\n" for l in kept))
         if not start:
             ckpt.save(model, out, {**extra, "step": 0})
 
     def save_all(step: int, val_loss: float | None):
         if rank != 0:
             return
-        tmp = resume.with_name(f"resume.pt.tmp{os.getpid()}")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
-        os.replace(tmp, resume)
+        with atomic_path(resume) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
         ckpt.save(model, out, {**extra, "step": step, "val_loss": val_loss})
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,4 +232,4 @@ def config_for(profile_name: str, dense: bool = False, seed: int | None = None, 
         t = replace(t, seed=seed)
     if max_steps is not None:
         t = replace(t, max_steps=max_steps)
-    return from_dict(ModelConfig, to_dict(m)), from_dict(TrainConfig, to_dict(t))
+    return m, t

@@ -138,7 +138,7 @@ def test_user_task_from_pairs_and_from_generator_work_end_to_end():
 
     def gen(rng, split):
         n = rng.randint(0, 99)
-        return f"for i in range({n}", f"while i <"
+        return f"for i in range({n}", "while i <"
     g = tasks.Task.from_generator("my_gen", gen, candidates=("):\n", " x"), n_pairs={"train": 8, "test": 8})
     assert len(g.pairs("train")) == 8
     r = tasks.evaluate(model, g, "train")

@@ -1,0 +1,30 @@
+"""Atomic writes leave the old file or the new one, and no temporary file."""
+import pytest
+
+from cspkit.checkpoint import models_dir
+from cspkit.files import atomic_path, atomic_write
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    f = tmp_path / "x.txt"
+    atomic_write(f, "old")
+    atomic_write(f, b"new")
+    assert f.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    f = tmp_path / "x.txt"
+    atomic_write(f, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(f) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert f.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_models_dir_is_found_from_a_subdirectory_or_refused(tmp_path):
+    assert models_dir(__file__).joinpath("small-sparse").is_dir()
+    with pytest.raises(FileNotFoundError, match="data/models"):
+        models_dir(tmp_path)
