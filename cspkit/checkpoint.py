@@ -1,4 +1,5 @@
-"""Checkpoint directories (DESIGN.md): config.json, model.safetensors, log.jsonl.
+"""Checkpoint directories (DESIGN.md): config.json, model.safetensors, log.jsonl, and optionally
+tokenizer.tiktoken when the model does not use the shipped tokenizer.
 
 Sparse parameters are stored as flat int32 indices plus values when that is smaller.
 Every file is written to a temporary name and renamed, so a crash leaves no half file.
@@ -19,6 +20,9 @@ from .config import ModelConfig, from_dict, to_dict
 from .files import atomic_path, atomic_write
 from .model import GPT
 from .tokenizer import DEFAULT_PATH as TOKENIZER_PATH, get_encoding, tokenizer_id
+
+
+TOKENIZER_FILE = "tokenizer.tiktoken"
 
 
 def git_commit() -> str | None:
@@ -116,7 +120,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer:
     """A GPT from a checkpoint directory, with ``.config`` and ``.encoding`` set, in eval mode."""
     path = Path(path)
     cfg = read_config(path)
-    tok_path = tokenizer or str(TOKENIZER_PATH)
+    own = path / TOKENIZER_FILE  # a checkpoint may carry its own tokenizer (converted openai models do)
+    tok_path = tokenizer or str(own if own.is_file() else TOKENIZER_PATH)
     want = cfg.get("tokenizer")
     have = tokenizer_id(tok_path)
     if want is not None and want != have:

@@ -99,6 +99,22 @@ def cmd_eval(args) -> None:
           "\n".join(lines))
 
 
+def cmd_convert_openai(args) -> None:
+    from .checkpoint import read_config
+    from .compat import convert
+    from .config import to_dict
+    model = convert(args.src, args.dst, args.tokenizer)
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    nz = sum(int((p != 0).sum()) for p in model.parameters())
+    tok = read_config(args.dst)["tokenizer"]
+    _emit(args, {"src": str(args.src), "dst": str(args.dst), "params": n, "nonzero": nz, "tokenizer": tok,
+                 "config": to_dict(c)},
+          f"converted {args.src} -> {args.dst}: {n:,} parameters, {nz / n:.2%} nonzero; {c.n_layer} layers, "
+          f"d_model {c.d_model}, {c.n_head} heads of {c.d_head}, {c.norm} norm, sink {c.sink}, "
+          f"afrac {c.afrac}, tokenizer {tok}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PROFILES
     p = argparse.ArgumentParser(prog="cspkit", description=__doc__)
@@ -143,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, help="pairs per task (default: the task's split size)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    o = sub.add_parser("convert-openai", help="an openai circuit_sparsity model as a cspkit checkpoint")
+    o.add_argument("src", type=Path, help="directory with beeg_config.json and final_model.pt")
+    o.add_argument("dst", type=Path, help="new cspkit checkpoint directory")
+    o.add_argument("--tokenizer", type=Path, help="directory with encoder.json and vocab.bpe (default: SRC)")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(fn=cmd_convert_openai)
     return p
 
 
@@ -150,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"cspkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

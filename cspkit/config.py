@@ -32,6 +32,10 @@ class ModelConfig:
     tied_unembed: bool = False
     final_logits_bias: bool = False   # compat: openai models may carry a logits bias
     attn_scale: float | None = None   # None: 1 / sqrt(d_head)
+    # compat (cspkit.compat). Both default to None so that configs saved before they existed
+    # still compare equal key by key when a run is resumed.
+    norm_eps: float | None = None     # None: 1e-5; openai RMSNorm models use float32's machine epsilon
+    residual_activation: str | None = None  # "relu": ReLU on the residual after each block adds its output
 
     def __post_init__(self):
         self.afrac_locations = tuple(self.afrac_locations)
@@ -39,7 +43,8 @@ class ModelConfig:
         if bad:
             raise ValueError(f"afrac_locations has unknown location types {bad}; known: {list(LOCATION_TYPES)}")
         for name, val, ok in (("pos_emb", self.pos_emb, ("learned", "none")), ("norm", self.norm, ("rms", "layer")),
-                              ("activation", self.activation, ("gelu", "relu"))):
+                              ("activation", self.activation, ("gelu", "relu")),
+                              ("residual_activation", self.residual_activation, (None, "relu"))):
             if val not in ok:
                 raise ValueError(f"{name}={val!r} is not supported; choose one of {list(ok)}")
         if self.afrac is not None and not 0 < self.afrac <= 1:

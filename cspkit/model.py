@@ -57,6 +57,10 @@ def sink_attention(q, k, v, sink_logit, scale: float) -> torch.Tensor:
 class Norm(nn.Module):
     """RMSNorm (gain only, so zero stays zero) or, for openai compat, LayerNorm."""
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "Norm":
+        return cls(cfg.d_model, cfg.norm, cfg.norm_bias, 1e-5 if cfg.norm_eps is None else cfg.norm_eps)
+
     def __init__(self, d: int, kind: str = "rms", bias: bool = False, eps: float = 1e-5):
         super().__init__()
         self.kind, self.eps = kind, eps
@@ -117,9 +121,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.ln_1 = Norm(cfg.d_model, cfg.norm, cfg.norm_bias)
+        self.ln_1 = Norm.from_config(cfg)
         self.attn = Attention(cfg, layer)
-        self.ln_2 = Norm(cfg.d_model, cfg.norm, cfg.norm_bias)
+        self.ln_2 = Norm.from_config(cfg)
         self.mlp = MLP(cfg, layer)
         names = ("attn.in", "attn.out", "mlp.in", "mlp.out")
         self.hook_attn_in, self.hook_attn_out, self.hook_mlp_in, self.hook_mlp_out = (
@@ -127,10 +131,13 @@ class Block(nn.Module):
 
     def forward(self, x):
         a = self.hook_attn_in(maybe_topk(self.cfg, self.ln_1(x), "attn.in"))
-        x = x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a), "attn.out"))
+        x = self.resid_act(x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a), "attn.out")))
         m = self.hook_mlp_in(maybe_topk(self.cfg, self.ln_2(x), "mlp.in"))
-        x = x + self.hook_mlp_out(maybe_topk(self.cfg, self.mlp(m), "mlp.out"))
+        x = self.resid_act(x + self.hook_mlp_out(maybe_topk(self.cfg, self.mlp(m), "mlp.out")))
         return x
+
+    def resid_act(self, x):
+        return F.relu(x) if self.cfg.residual_activation == "relu" else x
 
 
 class GPT(HookedMixin, nn.Module):
@@ -141,7 +148,7 @@ class GPT(HookedMixin, nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.h = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
-        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.norm_bias)
+        self.ln_f = Norm.from_config(cfg)
         self.lm_head = None if cfg.tied_unembed else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.bigram = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.vocab_size)) if cfg.bigram_table else None
         self.final_logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.final_logits_bias else None

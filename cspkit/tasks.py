@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import tiktoken
 import torch
 import torch.nn.functional as F
 
@@ -236,10 +237,11 @@ def _no_generator(rng, split):
     raise RuntimeError("fixed-pair task has no generator")
 
 
-def token_id(tok: str, task: str = "?") -> int:
-    ids = get_encoding().encode_ordinary(tok)
+def token_id(tok: str, task: str = "?", enc: tiktoken.Encoding | None = None) -> int:
+    enc = enc or get_encoding()
+    ids = enc.encode_ordinary(tok)
     if len(ids) != 1:
-        pieces = [get_encoding().decode([i]) for i in ids]
+        pieces = [enc.decode([i]) for i in ids]
         raise ValueError(f"task {task}: candidate {tok!r} is not a single token (it encodes as {pieces}); "
                          "choose a candidate the tokenizer keeps whole")
     return ids[0]
@@ -498,9 +500,8 @@ def _while_return(rng, split):
 
 
 # --------------------------------------------------------------------------- evaluation
-def _encode_batch(prompts: list[str], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_batch(prompts: list[str], block_size: int, enc: tiktoken.Encoding) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids (N, T) and the index of each prompt's last token (N,)."""
-    enc = get_encoding()
     ids = [enc.encode_ordinary(p)[-block_size:] for p in prompts]
     T = max(len(i) for i in ids)
     out = torch.full((len(ids), T), enc.eot_token, dtype=torch.long)
@@ -509,12 +510,15 @@ def _encode_batch(prompts: list[str], block_size: int) -> tuple[torch.Tensor, to
     return out, torch.tensor([len(i) - 1 for i in ids])
 
 
-def encode_pairs(pairs: list[Pair], block_size: int = 256) -> dict[str, torch.Tensor]:
+def encode_pairs(pairs: list[Pair], block_size: int = 256,
+                 enc: tiktoken.Encoding | None = None) -> dict[str, torch.Tensor]:
     """Tokens of all 2N prompts (the a-prompts, then the b-prompts), their last positions, the
-    candidate ids (2N, 2) as (cand_a, cand_b), and the label (0: cand_a is right)."""
+    candidate ids (2N, 2) as (cand_a, cand_b), and the label (0: cand_a is right). ``enc``: the
+    model's tokenizer (``model.encoding``; default the shipped one)."""
+    enc = enc or get_encoding()
     prompts = [p.prompt_a for p in pairs] + [p.prompt_b for p in pairs]
-    tokens, last = _encode_batch(prompts, block_size)
-    cands = torch.tensor([[token_id(p.cand_a), token_id(p.cand_b)] for p in pairs] * 2)
+    tokens, last = _encode_batch(prompts, block_size, enc)
+    cands = torch.tensor([[token_id(p.cand_a, enc=enc), token_id(p.cand_b, enc=enc)] for p in pairs] * 2)
     label = torch.cat([torch.zeros(len(pairs), dtype=torch.long), torch.ones(len(pairs), dtype=torch.long)])
     return {"tokens": tokens, "last": last, "cands": cands, "label": label}
 
@@ -538,7 +542,7 @@ def evaluate(model, task: str | Task, split: str = "test", n: int | None = None,
     """Task loss, per-prompt accuracy and pair accuracy (both prompts right) of any GPT."""
     t = get(task)
     pairs = t.pairs(split, n=n, seed=seed)
-    batch = encode_pairs(pairs, model.config.block_size)
+    batch = encode_pairs(pairs, model.config.block_size, getattr(model, "encoding", None))
     N = batch["tokens"].shape[0]
     two = []
     model.eval()

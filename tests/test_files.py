@@ -2,7 +2,7 @@
 import pytest
 
 from cspkit.checkpoint import models_dir
-from cspkit.files import atomic_path, atomic_write
+from cspkit.files import atomic_dir, atomic_path, atomic_write
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -28,3 +28,18 @@ def test_models_dir_is_found_from_a_subdirectory_or_refused(tmp_path):
     assert models_dir(__file__).joinpath("small-sparse").is_dir()
     with pytest.raises(FileNotFoundError, match="data/models"):
         models_dir(tmp_path)
+
+
+def test_atomic_dir_appears_complete_or_not_at_all(tmp_path):
+    d = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(d) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(d) as tmp:
+        (tmp / "a").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and (d / "a").read_text() == "whole"
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_dir(d):
+            pass
