@@ -133,6 +133,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer:
     load_state_into(model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"))
     model.encoding = get_encoding(tok_path)
     model.checkpoint = {k: v for k, v in cfg.items() if k != "model"}
+    model.path = str(path)  # node means are cached beside the weights
     return model.to(device).eval()
 
 

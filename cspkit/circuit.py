@@ -1,0 +1,268 @@
+"""The Circuit: kept nodes, the edges the model's nonzero weights draw between them, and
+re-evaluating it on the model (METHOD.md section 4).
+
+Counted edges (the circuit size) are nonzero weights whose two end nodes are both kept:
+``L.attn.in -> L.attn.q/k/v`` (c_attn), ``L.attn.v -> L.attn.out`` (the attention output
+projection: v channel h * d_head + i reaches the residual through that column),
+``L.mlp.in -> L.mlp.neuron`` (c_fc) and ``L.mlp.neuron -> L.mlp.out`` (c_proj).
+Drawn but not counted: the residual stream (a write channel feeds the same channel's reads
+in later sublayers) and the pairing of a head's kept q and k channels (they meet in the
+attention score, q_i * k_i, not through a weight).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+
+from . import tasks as tasks_mod
+from .ablation import ablation_values, fingerprint, gate_hooks, keep_gates, node_name, node_widths, parse_node
+from .files import atomic_write
+from .model import GPT
+
+FORMAT = "cspkit.circuit/1"
+Edge = tuple[str, str, float]
+
+
+def _layer(loc: str) -> int:
+    return int(loc.split(".", 1)[0])
+
+
+def _kind(loc: str) -> str:
+    return loc.split(".", 1)[1]
+
+
+def compute_edges(model: GPT, nodes: dict[str, list[int]]) -> list[Edge]:
+    """Every nonzero weight between two kept nodes, as (source, target, weight), in a fixed order."""
+    cfg = model.config
+    inner = cfg.n_head * cfg.d_head
+    edges: list[Edge] = []
+
+    def add(src_loc, dst_loc, W):  # W: (dst width, src width), as nn.Linear stores it
+        src, dst = nodes.get(src_loc, []), nodes.get(dst_loc, [])
+        if not src or not dst:
+            return
+        sub = W.detach()[torch.tensor(dst)][:, torch.tensor(src)].cpu()     # (n_dst, n_src)
+        for d, s in (sub != 0).nonzero().tolist():
+            edges.append((node_name(src_loc, src[s]), node_name(dst_loc, dst[d]), float(sub[d, s])))
+
+    for L, block in enumerate(model.h):
+        W = block.attn.c_attn.weight                                         # (3 * inner, d_model)
+        for j, t in enumerate("qkv"):
+            add(f"{L}.attn.in", f"{L}.attn.{t}", W[j * inner:(j + 1) * inner])
+        add(f"{L}.attn.v", f"{L}.attn.out", block.attn.c_proj.weight)
+        add(f"{L}.mlp.in", f"{L}.mlp.neuron", block.mlp.c_fc.weight)
+        add(f"{L}.mlp.neuron", f"{L}.mlp.out", block.mlp.c_proj.weight)
+    return edges
+
+
+def extra_edges(nodes: dict[str, list[int]]) -> list[tuple[str, str, str]]:
+    """Edges drawn but not counted: (source, target, "residual" | "qk")."""
+    out = []
+    writes = [(loc, i) for loc in nodes if _kind(loc) in ("attn.out", "mlp.out") for i in nodes[loc]]
+    for wloc, c in writes:
+        wl, w_mlp = _layer(wloc), _kind(wloc) == "mlp.out"
+        for rloc in nodes:
+            if _kind(rloc) not in ("attn.in", "mlp.in") or c not in nodes[rloc]:
+                continue
+            rl, r_mlp = _layer(rloc), _kind(rloc) == "mlp.in"
+            # a read sees a write if it comes later in the forward order
+            if rl > wl or (rl == wl and r_mlp and not w_mlp):
+                out.append((node_name(wloc, c), node_name(rloc, c), "residual"))
+    for loc in nodes:
+        if _kind(loc) == "attn.q":
+            kloc = f"{_layer(loc)}.attn.k"
+            ks = set(nodes.get(kloc, []))
+            out += [(node_name(loc, i), node_name(kloc, i), "qk") for i in nodes[loc] if i in ks]
+    return out
+
+
+@dataclass
+class Circuit:
+    """A task's circuit in one model. ``loss`` is the held-out task loss the pruning reached
+    (calibrated); ``calibration`` is the (scale, shift) applied to the candidates' logit
+    difference; ``trace`` the (k, loss) points the bisection evaluated."""
+    task: str
+    nodes: dict[str, list[int]]
+    edges: list[Edge]
+    target: float
+    loss: float
+    ablation: str = "mean"
+    calibration: tuple[float, float] = (1.0, 0.0)
+    model_path: str | None = None
+    model_fingerprint: str | None = None
+    full_loss: float | None = None
+    n_nodes_total: int | None = None
+    seed: int = 0
+    seconds: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    trace: list[tuple[int, float]] = field(default_factory=list)
+    model: GPT | None = field(default=None, repr=False, compare=False)
+    task_obj: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_nodes(self) -> int:
+        return sum(len(v) for v in self.nodes.values())
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edges)
+
+    def node_names(self) -> list[str]:
+        return [node_name(loc, i) for loc, idx in self.nodes.items() for i in idx]
+
+    def __repr__(self) -> str:
+        return (f"Circuit(task={self.task!r}, nodes={self.n_nodes}, edges={self.n_edges}, "
+                f"loss={self.loss:.4f}, target={self.target}, ablation={self.ablation!r})")
+
+    # ------------------------------------------------------------------ graph
+    def to_networkx(self, extra: bool = True) -> nx.DiGraph:
+        """Nodes carry location, layer, kind and index; edges carry weight and kind
+        ("weight": counted; "residual" and "qk": drawn only, with ``extra``)."""
+        g = nx.DiGraph(task=self.task, target=self.target, loss=self.loss, ablation=self.ablation)
+        for loc, idx in self.nodes.items():
+            for i in idx:
+                g.add_node(node_name(loc, i), location=loc, layer=_layer(loc), kind=_kind(loc), index=i)
+        for s, d, w in self.edges:
+            g.add_edge(s, d, weight=w, kind="weight")
+        if extra:
+            for s, d, kind in extra_edges(self.nodes):
+                g.add_edge(s, d, weight=0.0, kind=kind)
+        return g
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("model"), d.pop("task_obj")
+        d["calibration"] = list(self.calibration)
+        d["edges"] = [list(e) for e in self.edges]
+        d["trace"] = [list(t) for t in self.trace]
+        return {"format": FORMAT, "n_nodes": self.n_nodes, "n_edges": self.n_edges, **d}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], model: GPT | None = None, task=None) -> "Circuit":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a cspkit circuit file (format {d.get('format')!r}, expected {FORMAT!r})")
+        d = {k: v for k, v in d.items() if k not in ("format", "n_nodes", "n_edges")}
+        d["calibration"] = tuple(d["calibration"])
+        d["edges"] = [(s, t, w) for s, t, w in d["edges"]]
+        d["trace"] = [(int(k), v) for k, v in d["trace"]]
+        c = cls(**d)
+        if model is not None:
+            c.attach(model)
+        c.task_obj = task
+        return c
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: GPT | None = None, task=None) -> "Circuit":
+        """A circuit file; ``model`` (default: loaded from the file's model_path) must be the
+        model it was found in, checked by a fingerprint of the weights."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"circuit file {path} does not exist; write one with `cspkit prune --out`")
+        c = cls.from_dict(json.loads(path.read_text()), task=task)
+        if model is None and c.model_path:
+            from .checkpoint import load
+            model = load(c.model_path)
+        if model is not None:
+            c.attach(model)
+        return c
+
+    def attach(self, model: GPT) -> "Circuit":
+        fp = fingerprint(model)
+        if self.model_fingerprint and fp != self.model_fingerprint:
+            raise ValueError(f"this circuit was found in model {self.model_fingerprint} "
+                             f"({self.model_path}), not in the model given ({fp}, "
+                             f"{getattr(model, 'path', None)}); load it with its own model")
+        widths = node_widths(model.config)
+        bad = [n for loc, idx in self.nodes.items() for n in idx if loc not in widths or not 0 <= n < widths[loc]]
+        if bad:
+            raise ValueError(f"circuit nodes {bad[:5]} do not exist in this model")
+        self.model = model
+        return self
+
+    # ------------------------------------------------------------------ evaluation
+    def _task(self):
+        return self.task_obj if self.task_obj is not None else tasks_mod.get(self.task)
+
+    def _need_model(self) -> GPT:
+        if self.model is None:
+            raise ValueError("this circuit has no model attached; Circuit.load(path, model) or circuit.attach(model)")
+        return self.model
+
+    def evaluate(self, split: str = "test", n: int | None = None, invert: bool = False,
+                 nodes: dict[str, list[int]] | None = None) -> dict[str, float]:
+        """Task loss (calibrated and raw) and accuracy of the model with only the circuit kept,
+        the rest ablated; ``invert`` ablates only the circuit; ``nodes`` evaluates another node set
+        under the same ablation and calibration."""
+        model = self._need_model()
+        pairs = self._task().pairs(split, n=n)
+        keep = self.nodes if nodes is None else nodes
+        gates = keep_gates(model.config, keep, model.device, invert=invert)
+        two, label = masked_pair_logits(model, pairs, gates, self.ablation)
+        return score(two, label, self.calibration)
+
+
+# ---------------------------------------------------------------------- shared by prune / validate
+def masked_pair_logits(model: GPT, pairs, gates: dict[str, torch.Tensor], ablation: str,
+                       batch_size: int = 128, shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2N, 2) candidate logits of every prompt with ``gates`` applied, and the labels."""
+    batch = tasks_mod.encode_pairs(pairs, model.config.block_size, model.encoding)
+    tokens = batch["tokens"].to(model.device)
+    values = ablation_values(model, ablation, tokens, shift) if ablation == "resample" else \
+        ablation_values(model, ablation)
+    out = []
+    with torch.no_grad():
+        for s in range(0, tokens.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            vals = {k: v[sl] for k, v in values.items()} if ablation == "resample" else values
+            logits = model.run_with_hooks(tokens[sl], gate_hooks(gates, vals))
+            out.append(tasks_mod.pair_logits(logits, {"last": batch["last"][sl], "cands": batch["cands"][sl]}))
+    return torch.cat(out).float().cpu(), batch["label"]
+
+
+def calibrated(two: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    """The logit of candidate A against B after the scale-and-shift calibration, (N,)."""
+    return scale * (two[:, 0] - two[:, 1]) + shift
+
+
+def score(two: torch.Tensor, label: torch.Tensor, calibration: tuple[float, float] = (1.0, 0.0)) -> dict[str, float]:
+    z = calibrated(two, *calibration)
+    is_a = (label == 0).float()
+    right = (z > 0).float() == is_a
+    return {"loss": float(torch.nn.functional.binary_cross_entropy_with_logits(z, is_a)),
+            "raw_loss": float(tasks_mod.task_loss(two, label)), "accuracy": float(right.float().mean())}
+
+
+def validate(circuit: Circuit, **kw):
+    """The table of faithfulness controls; see cspkit.validate.validate for the options."""
+    from .validate import validate as run
+    return run(circuit, **kw)
+
+
+def geometric_mean_edges(circuits: list[Circuit]) -> float:
+    """Geometric mean of edge counts over tasks (a circuit with no edges counts as 1 edge)."""
+    if not circuits:
+        raise ValueError("no circuits")
+    return math.exp(sum(math.log(max(c.n_edges, 1)) for c in circuits) / len(circuits))
+
+
+def node_list(names: list[str]) -> dict[str, list[int]]:
+    """Node names -> {location: sorted indices}."""
+    out: dict[str, list[int]] = {}
+    for n in names:
+        loc, i = parse_node(n)
+        out.setdefault(loc, []).append(i)
+    return {k: sorted(v) for k, v in out.items()}

@@ -1,0 +1,210 @@
+"""Faithfulness controls for a circuit, in one call and one table (METHOD.md section 4).
+
+Every node set below is scored the same way: the scale-and-shift calibration is fit on the
+train pairs the masks were trained on, the loss is measured on the task's test split (other
+templates and names), with the circuit's ablation kind. Chance is ln 2 = 0.693.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import tasks as tasks_mod
+from .ablation import keep_gates, node_widths
+from .circuit import Circuit, compute_edges, masked_pair_logits, score
+from .model import GPT
+from .prune import (PruneConfig, TargetNotReached, _Evaluator, _split, bisect, fit_calibration, prune, ranking,
+                    top_nodes)
+
+CHANCE = math.log(2)
+
+
+@dataclass
+class Row:
+    control: str
+    nodes: int | None
+    edges: int | None
+    loss: float | None            # calibrated test loss (mean over draws where there are draws)
+    accuracy: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def reinit_like(model: GPT, seed: int = 0) -> GPT:
+    """A copy whose sparsified weights are redrawn N(0, std of each tensor's nonzeros) at the same
+    nonzero positions; norm gains and everything never sparsified are kept."""
+    g = torch.Generator().manual_seed(seed)
+    new = copy.deepcopy(model)
+    new._node_means = None
+    new.path = None                     # its means must not be cached over the real model's
+    with torch.no_grad():
+        for name, (p, _) in new.sparse_parameters().items():
+            nz = p != 0
+            if nz.sum() < 2:
+                continue
+            std = float(p[nz].std())
+            p.copy_(torch.randn(p.shape, generator=g).to(p.device) * std * nz)
+    return new
+
+
+def nonsense_task(task, seed: int = 0) -> tasks_mod.Task:
+    """The same prompts with random labels: each pair's two answers are swapped with probability 1/2."""
+    rng = random.Random(f"nonsense/{seed}")
+
+    def shuffled(split):
+        out = []
+        for p in task.pairs(split):
+            a, b = (p.cand_b, p.cand_a) if rng.random() < 0.5 else (p.cand_a, p.cand_b)
+            out.append((p.prompt_a, a, p.prompt_b, b))
+        return out
+
+    return tasks_mod.Task.from_pairs(f"{task.name}_random_labels", {s: shuffled(s) for s in tasks_mod.SPLITS},
+                                     description=f"{task.name} with random labels")
+
+
+def attribution_scores(model: GPT, task, ablation: str, pairs) -> dict[str, torch.Tensor]:
+    """|gradient x (activation - ablated value)| summed over the prompts: the first-order
+    estimate of each node's ablation effect on the task loss (attribution patching)."""
+    from .ablation import ablation_values, gate_hooks
+    batch = tasks_mod.encode_pairs(pairs, model.config.block_size, model.encoding)
+    tokens = batch["tokens"].to(model.device)
+    values = ablation_values(model, ablation, tokens) if ablation == "resample" else ablation_values(model, ablation)
+    gates = {loc: torch.ones(w, device=model.device, requires_grad=True)
+             for loc, w in node_widths(model.config).items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        logits = model.run_with_hooks(tokens, gate_hooks(gates, values))
+        loss = tasks_mod.task_loss(tasks_mod.pair_logits(logits, batch).float(), batch["label"])
+        loss.backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    # d loss / d gate at gate 1 = sum over tokens of grad * (x - ablated)
+    return {loc: g.grad.abs().detach() for loc, g in gates.items()}
+
+
+class _Scorer:
+    """Calibration on the circuit's calibration pairs, loss on the test split."""
+
+    def __init__(self, circuit: Circuit, n_test: int | None):
+        self.c, self.model = circuit, circuit._need_model()
+        self.cfg = PruneConfig.from_dict(circuit.config) if circuit.config else PruneConfig()
+        task = circuit._task()
+        fit, self.heldout = _split(task, self.cfg)
+        self.calib = fit[:self.cfg.calib_pairs]
+        self.test = task.pairs("test", n=n_test)
+
+    def __call__(self, nodes, invert: bool = False) -> dict[str, float]:
+        gates = keep_gates(self.model.config, nodes, self.model.device, invert=invert)
+        cal = fit_calibration(*masked_pair_logits(self.model, self.calib, gates, self.c.ablation),
+                              self.cfg.calib_steps)
+        return score(*masked_pair_logits(self.model, self.test, gates, self.c.ablation), cal)
+
+
+def _random_nodes(sizes: dict[str, int], widths: dict[str, int], rng: random.Random) -> dict[str, list[int]]:
+    return {loc: sorted(rng.sample(range(widths[loc]), n)) for loc, n in sizes.items() if n}
+
+
+def _prune_control(name: str, model: GPT, task, circuit: Circuit, progress: bool) -> Row:
+    cfg = PruneConfig.from_dict(circuit.config) if circuit.config else PruneConfig()
+    try:
+        c = prune(model, task, circuit.target, circuit.ablation, circuit.seed, cfg, progress, require_full=False)
+    except TargetNotReached as e:
+        return Row(name, e.k, None, None, note=f"did not reach the target: the masks' {e.k} nodes give "
+                                              f"held-out loss {e.loss:.3f}")
+    test = c.evaluate()
+    return Row(name, c.n_nodes, c.n_edges, test["loss"], test["accuracy"],
+               note=f"held-out loss {c.loss:.3f}; the full model's {c.full_loss:.3f}")
+
+
+def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: int = 0,
+             stochastic: tuple[float, ...] = (0.25, 0.5, 0.75), prune_controls: bool = True,
+             progress: bool = True) -> list[Row]:
+    """The table of controls for a circuit (rows in the order a reviewer reads them)."""
+    model = circuit._need_model()
+    task = circuit._task()
+    widths = node_widths(model.config)
+    everything = {loc: list(range(w)) for loc, w in widths.items()}
+    sc = _Scorer(circuit, n_test)
+    rng = random.Random(seed)
+    steps = ["full", "circuit", "necessity", "random", "attribution", "stochastic"] + \
+        (["reinit", "nonsense"] if prune_controls else [])
+    bar = tqdm(steps, desc=f"validate {task.name}", disable=not progress, leave=False)
+    rows: list[Row] = []
+    for step in bar:
+        bar.set_postfix_str(step)
+        if step == "full":
+            r = sc(everything)
+            rows.append(Row("full model", sum(widths.values()), None, r["loss"], r["accuracy"]))
+        elif step == "circuit":
+            r = sc(circuit.nodes)
+            rows.append(Row("circuit alone (sufficiency)", circuit.n_nodes, circuit.n_edges, r["loss"], r["accuracy"],
+                            note=f"target {circuit.target}; held-out loss {circuit.loss:.3f}"))
+        elif step == "necessity":
+            r = sc(circuit.nodes, invert=True)
+            rows.append(Row("circuit ablated (necessity)", sum(widths.values()) - circuit.n_nodes, None, r["loss"],
+                            r["accuracy"], note=f"{r['loss'] / CHANCE:.1f} x chance loss"))
+        elif step == "random":
+            sizes = {loc: len(v) for loc, v in circuit.nodes.items()}
+            rs = [sc(_random_nodes(sizes, widths, rng)) for _ in range(draws)]
+            losses = [r["loss"] for r in rs]
+            rows.append(Row("random nodes, same count per location", circuit.n_nodes, None, statistics.mean(losses),
+                            statistics.mean(r["accuracy"] for r in rs),
+                            note=f"{draws} draws, loss {min(losses):.3f} to {max(losses):.3f}"))
+        elif step == "attribution":
+            fit, heldout = _split(task, sc.cfg)
+            order = ranking(attribution_scores(model, task, circuit.ablation, fit[:sc.cfg.calib_pairs]))
+            same = top_nodes(order, circuit.n_nodes)
+            r = sc(same)
+            rows.append(Row("attribution top-k, same size", circuit.n_nodes, len(compute_edges(model, same)),
+                            r["loss"], r["accuracy"], note="|grad x (activation - ablated)|"))
+            ev = _Evaluator(model, order, sc.calib, heldout, circuit.ablation, sc.cfg.calib_steps)
+            n_total = sum(widths.values())
+            if ev(n_total) <= circuit.target:
+                k = bisect(ev, n_total, circuit.target, start=circuit.n_nodes)
+                need = top_nodes(order, k)
+                r = sc(need)
+                rows.append(Row("attribution top-k, size to reach the target", k, len(compute_edges(model, need)),
+                                r["loss"], r["accuracy"], note=f"held-out loss {ev(k):.3f}; "
+                                f"{k / max(circuit.n_nodes, 1):.1f} x the circuit's nodes"))
+        elif step == "stochastic":
+            kept = {loc: set(v) for loc, v in circuit.nodes.items()}
+            outside = [(loc, i) for loc, w in widths.items() for i in range(w) if i not in kept.get(loc, ())]
+            for frac in stochastic:
+                rs = []
+                for _ in range(draws):
+                    # ablate a random fraction of the non-circuit nodes; keep the circuit and the rest
+                    ablated = set(rng.sample(range(len(outside)), int(frac * len(outside))))
+                    keep: dict[str, list[int]] = {loc: list(v) for loc, v in circuit.nodes.items()}
+                    for j, (loc, i) in enumerate(outside):
+                        if j not in ablated:
+                            keep.setdefault(loc, []).append(i)
+                    rs.append(sc(keep))
+                losses = [r["loss"] for r in rs]
+                rows.append(Row(f"stochastic: ablate {frac:.0%} of the other nodes", None, None,
+                                statistics.mean(losses), statistics.mean(r["accuracy"] for r in rs),
+                                note=f"{draws} draws, max loss {max(losses):.3f}"))
+        elif step == "reinit":
+            rows.append(_prune_control("re-initialized weights, same sparsity: prune", reinit_like(model, seed),
+                                       task, circuit, progress))
+        elif step == "nonsense":
+            rows.append(_prune_control("random labels: prune", model, nonsense_task(task, seed), circuit, progress))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+    lines = [f"{'control':<48} {'nodes':>7} {'edges':>7} {'loss':>7} {'acc':>6}  note"]
+    for r in rows:
+        lines.append(f"{r.control:<48} {f(r.nodes, 'd'):>7} {f(r.edges, 'd'):>7} {f(r.loss, '.3f'):>7} "
+                     f"{f(r.accuracy, '.3f'):>6}  {r.note}")
+    return "\n".join(lines)

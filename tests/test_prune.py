@@ -1,0 +1,198 @@
+"""Pruning: the gate, ablations, mask training, bisection, calibration, determinism, errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cspkit
+from cspkit import tasks
+from cspkit.ablation import (ablation_values, gate_hooks, keep_gates, node_means, node_widths, parse_node,
+                             resample_shift)
+from cspkit.model import GPT
+from cspkit.prune import PruneConfig, bisect, fit_calibration, gate, prune, ranking, top_nodes
+
+FAST = PruneConfig(steps=6, batch_pairs=8, heldout_pairs=16, calib_pairs=16)
+
+
+def _task(n_train=48, n_test=16):
+    return tasks.Task("quote_small", "quote task, fewer pairs", tasks.get("single_double_quote").generator,
+                      candidates=('")\n', "')\n"), n_pairs={"train": n_train, "test": n_test})
+
+
+@pytest.fixture(scope="module")
+def tiny(trained):
+    return cspkit.load(trained.dir)
+
+
+def test_gate_forward_is_heaviside_and_backward_is_sigmoid_derivative():
+    tau = torch.tensor([-0.5, 0.0, 0.3], requires_grad=True)
+    g = gate(tau, temperature=0.5)
+    assert g.tolist() == [0.0, 0.0, 1.0]
+    g.sum().backward()
+    s = torch.sigmoid(tau.detach() / 0.5)
+    assert torch.allclose(tau.grad, s * (1 - s) / 0.5)
+    assert (tau.grad > 0).all()
+
+
+def test_all_ones_mask_reproduces_the_model_exactly(tiny):
+    x = torch.randint(0, 2000, (2, 16))
+    gates = {k: torch.ones(w) for k, w in node_widths(tiny.config).items()}
+    with torch.no_grad():
+        base = tiny(x)
+        out = tiny.run_with_hooks(x, gate_hooks(gates, ablation_values(tiny, "mean")))
+    assert torch.equal(base, out)
+
+
+def test_all_zeros_mask_gives_the_mean_ablated_output(tiny):
+    x = torch.randint(0, 2000, (2, 16))
+    means = node_means(tiny)
+    gates = {k: torch.zeros(w) for k, w in node_widths(tiny.config).items()}
+
+    def set_mean(act, name):
+        return means[name].expand_as(act).clone()
+
+    with torch.no_grad():
+        out = tiny.run_with_hooks(x, gate_hooks(gates, means))
+        ref = tiny.run_with_hooks(x, {k: set_mean for k in means})
+    assert torch.allclose(out, ref, atol=1e-6)
+    # with every location frozen, the final residual is the embedding plus the mean writes
+    cfg = tiny.config
+    resid = tiny.wte(x) + tiny.wpe(torch.arange(x.shape[1]))
+    resid = resid + sum(means[f"{L}.{w}"] for L in range(cfg.n_layer) for w in ("attn.out", "mlp.out"))
+    with torch.no_grad():
+        expect = tiny.lm_head(tiny.ln_f(resid))
+    assert torch.allclose(out, expect, atol=1e-5)
+
+
+def test_node_means_are_cached_beside_the_checkpoint(tiny, trained):
+    m = node_means(tiny)
+    assert (trained.dir / "means.safetensors").is_file()
+    again = cspkit.load(trained.dir)
+    m2 = node_means(again)
+    assert all(torch.equal(m[k], m2[k]) for k in m)
+
+
+def test_zero_and_resample_values(tiny):
+    zero = ablation_values(tiny, "zero")
+    assert all((v == 0).all() for v in zero.values())
+    toks = torch.randint(0, 2000, (6, 8))
+    res = ablation_values(tiny, "resample", toks, shift=1)
+    _, cache = tiny.run_with_cache(toks.roll(1, 0), names=list(res))
+    assert all(torch.equal(res[k], cache[k]) for k in res)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert resample_shift(6, g) not in (0, 3)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ablation_values(tiny, "median")
+
+
+def test_keep_gates_and_node_names(tiny):
+    g = keep_gates(tiny.config, {"0.mlp.neuron": [3, 5]})
+    assert g["0.mlp.neuron"].sum() == 2 and g["0.attn.in"].sum() == 0
+    inv = keep_gates(tiny.config, {"0.mlp.neuron": [3, 5]}, invert=True)
+    assert inv["0.mlp.neuron"].sum() == tiny.config.d_mlp - 2
+    assert parse_node("1.attn.q[12]") == ("1.attn.q", 12)
+    with pytest.raises(ValueError, match="LOCATION"):
+        parse_node("attn.q:12")
+
+
+def test_ranking_and_top_nodes_are_deterministic():
+    taus = {"0.attn.in": torch.tensor([0.5, -0.2, 0.5]), "0.mlp.neuron": torch.tensor([0.9, 0.1])}
+    order = ranking(taus)
+    assert order == [("0.mlp.neuron", 0), ("0.attn.in", 0), ("0.attn.in", 2), ("0.mlp.neuron", 1), ("0.attn.in", 1)]
+    assert top_nodes(order, 3) == {"0.mlp.neuron": [0], "0.attn.in": [0, 2]}
+
+
+def test_bisect_finds_the_smallest_k():
+    losses = [1.0 - 0.1 * k for k in range(11)]   # falls with k; <= 0.35 from k = 7
+    calls = []
+
+    def ev(k):
+        calls.append(k)
+        return losses[k]
+
+    assert bisect(ev, 10, 0.35) == 7
+    assert len(calls) <= math.ceil(math.log2(10)) + 1
+    for start in (1, 2, 3, 7, 9):
+        assert bisect(lambda k: losses[k], 10, 0.35, start=start) == 7
+
+
+def test_calibration_fits_scale_and_shift():
+    diff = torch.linspace(-1, 1, 64)
+    label = (diff < 0).long()                         # A is right when diff > 0
+    two = torch.stack([diff, torch.zeros_like(diff)], 1)
+    scale, shift = fit_calibration(two, label)
+    assert scale > 3                                  # sharpening a correct but timid separation
+    raw = tasks.task_loss(two, label)
+    z = scale * diff + shift
+    cal = torch.nn.functional.binary_cross_entropy_with_logits(z, (label == 0).float())
+    assert cal < raw
+
+
+def test_prune_meets_the_target_and_is_deterministic(tiny):
+    task = _task()
+    full = prune(tiny, task, target=10.0, config=FAST, progress=False)
+    target = full.full_loss + 0.02          # a tiny model does not solve the task: prune relative to itself
+    a = prune(tiny, task, target=target, config=FAST, seed=3, progress=False)
+    b = prune(tiny, task, target=target, config=FAST, seed=3, progress=False)
+    assert a.loss <= target and a.n_nodes < a.n_nodes_total
+    assert a.nodes == b.nodes and a.edges == b.edges and a.loss == b.loss
+    assert (a.n_nodes, a.loss) in [(k, v) for k, v in a.trace]
+    # re-evaluating the circuit from the model on the held-out pairs gives the bisection's loss
+    heldout = task.pairs("train")[-FAST.heldout_pairs:]
+    held = tasks.Task.from_pairs("held", [(p.prompt_a, p.cand_a, p.prompt_b, p.cand_b) for p in heldout])
+    a.task_obj = held
+    assert a.evaluate("train")["loss"] == pytest.approx(a.loss, abs=1e-5)
+
+
+def test_prune_resample_and_zero_run(tiny):
+    for kind in ("zero", "resample"):
+        c = prune(tiny, _task(), target=10.0, ablation=kind, config=FAST, progress=False)
+        assert c.ablation == kind and c.loss <= 10.0
+
+
+def test_prune_errors(tiny):
+    with pytest.raises(KeyError, match="known tasks"):
+        prune(tiny, "no_such_task", config=FAST, progress=False)
+    with pytest.raises(ValueError, match="full model's own held-out task loss"):
+        prune(tiny, _task(), target=0.001, config=FAST, progress=False)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        prune(tiny, _task(), ablation="median", config=FAST, progress=False)
+    with pytest.raises(ValueError, match="unknown prune config key"):
+        PruneConfig.from_dict({"stepz": 3})
+
+
+def test_masks_do_not_train_the_model(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    prune(tiny, _task(), target=10.0, config=FAST, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert all(p.requires_grad for p in tiny.parameters())
+
+
+def test_untrained_model_means_need_a_corpus(tiny_cfg, corpus_dir):
+    model = GPT(tiny_cfg)
+    from cspkit.ablation import compute_means
+    m = compute_means(model, n_tokens=256, corpus=[str(corpus_dir)], batch_size=2)
+    assert set(m) == set(node_widths(tiny_cfg))
+
+
+def test_cli_prune_and_validate(trained, tmp_path, capsys):
+    import json
+    from cspkit.cli import main
+    out = tmp_path / "c.json"
+    sets = ["--set", "steps=4", "--set", "batch_pairs=4", "--set", "heldout_pairs=16", "--set", "calib_pairs=8"]
+    assert main(["prune", "--model", str(trained.dir), "--task", "single_double_quote", "--target", "10",
+                 "--out", str(out), "--json", *sets]) == 0
+    res = json.loads(capsys.readouterr().out)["results"][0]
+    assert res["nodes"] >= 1 and out.is_file()
+    assert main(["validate", "--circuit", str(out), "--n", "8", "--draws", "1", "--no-prune-controls",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["control"] == "full model" and rows[1]["nodes"] == res["nodes"]
+    assert main(["prune", "--model", str(trained.dir), "--task", "nope", "--out", str(out)]) == 2
+    assert "known tasks" in capsys.readouterr().err
+    assert main(["prune", "--model", str(trained.dir), "--task", "single_double_quote", "--out", str(out),
+                 *sets]) == 2
+    assert "above the target" in capsys.readouterr().err
