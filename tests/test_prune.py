@@ -103,6 +103,10 @@ def test_ranking_and_top_nodes_are_deterministic():
     order = ranking(taus)
     assert order == [("0.mlp.neuron", 0), ("0.attn.in", 0), ("0.attn.in", 2), ("0.mlp.neuron", 1), ("0.attn.in", 1)]
     assert top_nodes(order, 3) == {"0.mlp.neuron": [0], "0.attn.in": [0, 2]}
+    # nodes the clamp left tied at the same tau are ordered by their average tau over training
+    tied = {"0.attn.in": torch.tensor([-1.0, -1.0, 1.0])}
+    assert ranking(tied, {"0.attn.in": torch.tensor([-0.9, -0.2, 0.5])}) == [
+        ("0.attn.in", 2), ("0.attn.in", 1), ("0.attn.in", 0)]
 
 
 def test_bisect_finds_the_smallest_k():
