@@ -115,8 +115,44 @@ def cmd_convert_openai(args) -> None:
           f"afrac {c.afrac}, tokenizer {tok}")
 
 
+def cmd_bridge(args) -> None:
+    from . import bridges
+    from .checkpoint import read_config
+    mcfg, bcfg, tcfg = bridges.configs_for(args.profile, args.dense, args.sparse, args.seed, args.max_steps,
+                                           args.overrides)
+    command = "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    dense, sparse, bridge = bridges.train(args.dense, args.out, bcfg, tcfg, mcfg, progress=not args.json,
+                                          command=command)
+    q = bridges.quality(dense, sparse, bridge, bridges.val_tokens(tcfg, sparse.config.block_size), tcfg.batch_size)
+    cfg = read_config(args.out)
+    mode = f"fine-tuned from {args.sparse}" if args.sparse else "trained from scratch"
+    _emit(args, {"out": str(args.out), "step": cfg["step"], "val_loss": cfg["val_loss"], "sparse": mode,
+                 "quality": q},
+          f"bridge to {args.dense}, sparse model {mode}, step {cfg['step']}: sparse val loss {cfg['val_loss']} "
+          f"-> {args.out}\n" + bridges.format_quality(q))
+
+
+def cmd_intervene(args) -> None:
+    from . import bridges
+    dense, sparse, bridge = bridges.load(args.bridge)
+    if args.node == "auto":
+        ch = bridges.pick_channel(sparse, args.task)
+    else:
+        ch = bridges.channel_stats(sparse, args.task, [args.node])[0]
+    r = bridges.flip_rates(dense, sparse, bridge, args.task, ch, args.strength, args.split, args.n, args.seed)
+    lines = [f"{r['task']}: steering {r['node']}{' (auto)' if args.node == 'auto' else ''} through the bridge at "
+             f"site {r['site']}; last-token class means on train prompts A {r['mean_a']:.3f}, B {r['mean_b']:.3f} "
+             f"({r['score']:+.2f} pooled sd), delta = B - A = {r['delta']:+.3f} (A prompts +delta, B prompts -delta)",
+             f"{r['split']} split: the dense model prefers the right candidate on {r['dense_right']} of "
+             f"{r['prompts']} prompts; flip rate = the fraction of those that switch to the other class's answer",
+             f"{'strength':>8s} {'flip rate':>10s} {'random control':>15s} {'logit shift':>12s} {'control':>8s}"]
+    lines += [f"{row['strength']:>8.2f} {row['flip_rate']:>10.3f} {row['control_flip_rate']:>15.3f} "
+              f"{row['logit_shift']:>12.3f} {row['control_logit_shift']:>8.3f}" for row in r["rows"]]
+    _emit(args, r, "\n".join(lines))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PROFILES
+    from .config import BRIDGE_PROFILES, PROFILES
     p = argparse.ArgumentParser(prog="cspkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -166,6 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--tokenizer", type=Path, help="directory with encoder.json and vocab.bpe (default: SRC)")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=cmd_convert_openai)
+    b = sub.add_parser("bridge", help="train a bridge between a dense and a sparse model; resumes from --out")
+    b.add_argument("--dense", type=Path, required=True, help="the dense model's checkpoint directory (kept frozen)")
+    b.add_argument("--sparse", type=Path, help="fine-tune this sparse checkpoint (default: train one from scratch)")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--profile", choices=list(BRIDGE_PROFILES), default="small")
+    b.add_argument("--seed", type=int)
+    b.add_argument("--max-steps", type=int)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. kl_coef=0.5 lr=0.003 (bridge.X / train.X / model.X)")
+    b.set_defaults(fn=cmd_bridge)
+
+    v = sub.add_parser("intervene", help="steer the dense model through a sparse channel: flip rate vs control")
+    v.add_argument("--bridge", type=Path, required=True, help="a directory written by `cspkit bridge`")
+    v.add_argument("--node", required=True, help="a sparse read channel, e.g. 3.mlp.in[41], or 'auto'")
+    v.add_argument("--task", required=True)
+    v.add_argument("--strength", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    v.add_argument("--split", choices=["train", "test"], default="test")
+    v.add_argument("--n", type=int, help="pairs (default: the task's split size)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_intervene)
     return p
 
 

@@ -72,6 +72,7 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 250
     stop_at_val_loss: float | None = None  # end early at the first eval at or below this
+    init_from: str | None = None      # checkpoint dir whose weights start the run (continued training)
     seed: int = 0
     corpus: list[str] | None = None   # directories / files / globs; None = the stdlib
     val_percent: float = 5.0
@@ -86,6 +87,29 @@ class TrainConfig:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
         if not 0 <= self.anneal_start <= self.anneal_end <= 1:
             raise ValueError("need 0 <= anneal_start <= anneal_end <= 1")
+
+
+@dataclass
+class BridgeConfig:
+    """A bridge between a dense and a sparse model and its loss (METHOD.md section 5; cspkit.bridges).
+
+    loss = sparse LM loss + nmse_coef * (NMSE of encoder + NMSE of decoder)
+                          + kl_coef * (KL(dense || dense->sparse hybrid) + KL(dense || sparse->dense hybrid)),
+    each bridge term averaged over the sites it was computed at.
+    """
+    enc_afrac: float | None = 0.25    # AbsTopK fraction the encoder keeps (as the sparse models' afrac); None: off
+    nmse_coef: float = 1.0            # both maps' normalized MSE (1 = a map that predicts the mean)
+    kl_coef: float = 1.0              # both hybrid passes' KL against the dense model's output, nats per token
+    kl_sites: int | None = None       # sites per step that run the hybrid passes, drawn by the seed; None: all
+    train_sparse: bool = True         # False: the sparse model stays frozen too and only the maps learn
+
+    def __post_init__(self):
+        if self.enc_afrac is not None and not 0 < self.enc_afrac <= 1:
+            raise ValueError(f"enc_afrac={self.enc_afrac} must be in (0, 1] or None")
+        if self.kl_sites is not None and self.kl_sites < 1:
+            raise ValueError(f"kl_sites={self.kl_sites} must be at least 1, or None for every site")
+        if self.nmse_coef < 0 or self.kl_coef < 0:
+            raise ValueError("nmse_coef and kl_coef must be >= 0")
 
 
 def _check_keys(cls, d: dict[str, Any], what: str, names: list[str] | None = None) -> None:
@@ -130,6 +154,28 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
 }
 
 
+# Bridge training (cspkit.bridges): the BridgeConfig and the schedule. The sparse model either
+# starts from a checkpoint (fine-tuning: cspkit.bridges.configs_for then holds its sparsity from
+# the first step) or from scratch in the dense model's shape, annealed as set here.
+BRIDGE_PROFILES: dict[str, tuple[BridgeConfig, TrainConfig]] = {
+    "tiny": (BridgeConfig(),
+             TrainConfig(max_steps=200, batch_size=8, lr=0.01, eval_interval=50, eval_batches=2, ckpt_interval=50,
+                         l0_frac=1 / 8, l0_frac_embed=1 / 2)),
+    # the shipped bridge: fine-tunes small-sparse against small-dense; two sites per step run the
+    # hybrid passes (all eight cost about 3x more per step on CPU)
+    "small": (BridgeConfig(kl_sites=2),
+              TrainConfig(max_steps=1000, batch_size=8, lr=3e-3, warmup_frac=0.02, eval_interval=100,
+                          eval_batches=4, ckpt_interval=100)),
+}
+
+
+def bridge_profile(name: str) -> tuple[BridgeConfig, TrainConfig]:
+    if name not in BRIDGE_PROFILES:
+        raise ValueError(f"unknown bridge profile {name!r}; choose one of {', '.join(BRIDGE_PROFILES)}")
+    b, t = BRIDGE_PROFILES[name]
+    return dataclasses.replace(b), dataclasses.replace(t)
+
+
 def profile(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
@@ -140,7 +186,14 @@ def profile(name: str) -> tuple[ModelConfig, TrainConfig]:
 def apply_overrides(mcfg: ModelConfig, tcfg: TrainConfig, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
     """``key=value`` pairs (value parsed as JSON when it can be); ``model.key`` / ``train.key``
     pick a config explicitly, a bare key must name a field of exactly one of them."""
-    m, t = to_dict(mcfg), to_dict(tcfg)
+    out = override_configs({"model": mcfg, "train": tcfg}, overrides)
+    return out["model"], out["train"]
+
+
+def override_configs(cfgs: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """apply_overrides for any named dataclass configs, e.g. {"bridge": ..., "train": ...}:
+    ``scope.key=value`` picks the config named scope; a bare key goes to the first that has it."""
+    ds = {scope: to_dict(c) for scope, c in cfgs.items()}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
@@ -150,16 +203,15 @@ def apply_overrides(mcfg: ModelConfig, tcfg: TrainConfig, overrides: list[str]) 
         except json.JSONDecodeError:
             val = raw
         scope, _, name = key.rpartition(".")
-        targets = {"model": m, "train": t}
         if scope:
-            if scope not in targets:
-                raise ValueError(f"override {key!r}: prefix must be 'model.' or 'train.'")
-            d = targets[scope]
+            if scope not in ds:
+                raise ValueError(f"override {key!r}: prefix must be " + " or ".join(f"'{s}.'" for s in ds))
+            d = ds[scope]
         else:
-            d = m if name in m else t if name in t else None
+            d = next((d for d in ds.values() if name in d), None)
             if d is None:
-                _check_keys(None, {name: 0}, "model or train", names=[*m, *t])
+                _check_keys(None, {name: 0}, " or ".join(ds), names=[k for d in ds.values() for k in d])
         if name not in d:
-            _check_keys(ModelConfig if d is m else TrainConfig, {name: 0}, scope or "config")
+            _check_keys(type(cfgs[scope]), {name: 0}, scope)
         d[name] = val
-    return from_dict(ModelConfig, m), from_dict(TrainConfig, t)
+    return {scope: from_dict(type(cfgs[scope]), d) for scope, d in ds.items()}

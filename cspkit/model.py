@@ -7,6 +7,8 @@ after the embeddings) and ``unembed`` (the normalized final residual the unembed
 from __future__ import annotations
 
 import math
+import re
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -20,6 +22,19 @@ def location_names(n_layer: int, extra: bool = False) -> list[str]:
     """Every node location name in forward order; ``extra`` adds ``embed`` and ``unembed``."""
     names = [f"{l}.{t}" for l in range(n_layer) for t in LOCATION_TYPES]
     return ["embed", *names, "unembed"] if extra else names
+
+
+def node_name(location: str, index: int) -> str:
+    """A node, one channel of a location, is written ``LOCATION[INDEX]``, e.g. ``1.attn.in[12]``."""
+    return f"{location}[{index}]"
+
+
+def parse_node(name: str) -> tuple[str, int]:
+    """``"1.attn.in[12]"`` -> ``("1.attn.in", 12)``."""
+    m = re.fullmatch(r"(.+)\[(\d+)\]", name.strip())
+    if not m:
+        raise ValueError(f"node {name!r} is not LOCATION[INDEX], e.g. '1.attn.in[12]'")
+    return m.group(1), int(m.group(2))
 
 
 def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -129,12 +144,18 @@ class Block(nn.Module):
         self.hook_attn_in, self.hook_attn_out, self.hook_mlp_in, self.hook_mlp_out = (
             HookPoint(f"{layer}.{n}") for n in names)
 
-    def forward(self, x):
+    def attn_sublayer(self, x):
+        """Residual entering the attention -> residual entering the MLP."""
         a = self.hook_attn_in(maybe_topk(self.cfg, self.ln_1(x), "attn.in"))
-        x = self.resid_act(x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a), "attn.out")))
+        return self.resid_act(x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a), "attn.out")))
+
+    def mlp_sublayer(self, x):
+        """Residual entering the MLP -> residual leaving the block."""
         m = self.hook_mlp_in(maybe_topk(self.cfg, self.ln_2(x), "mlp.in"))
-        x = self.resid_act(x + self.hook_mlp_out(maybe_topk(self.cfg, self.mlp(m), "mlp.out")))
-        return x
+        return self.resid_act(x + self.hook_mlp_out(maybe_topk(self.cfg, self.mlp(m), "mlp.out")))
+
+    def forward(self, x):
+        return self.mlp_sublayer(self.attn_sublayer(x))
 
     def resid_act(self, x):
         return F.relu(x) if self.cfg.residual_activation == "relu" else x
@@ -168,23 +189,39 @@ class GPT(HookedMixin, nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean CE loss."""
-        B, T = idx.shape
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) token ids -> the residual stream entering the first block (B, T, d_model)."""
+        T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
-        x = self.hook_embed(x)
-        for block in self.h:
-            x = block(x)
+        return self.hook_embed(x)
+
+    def unembed(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The final residual (B, T, d_model) -> logits (B, T, vocab); idx feeds the bigram table."""
         x = self.hook_unembed(self.ln_f(x))
         logits = x @ self.wte.weight.T if self.lm_head is None else self.lm_head(x)
         if self.bigram is not None:
             logits = logits + self.bigram[idx]
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
+        return logits
+
+    def sublayers(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The residual stream as a sequence: (site, fn) per sublayer in forward order. The site
+        ``L.attn`` / ``L.mlp`` names the residual entering that sublayer (``0.attn`` is the
+        embedding); fn maps it to the residual leaving it. forward() is embed, these, unembed."""
+        return [(f"{l}.{kind}", getattr(b, f"{kind}_sublayer"))
+                for l, b in enumerate(self.h) for kind in ("attn", "mlp")]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean CE loss."""
+        x = self.embed(idx)
+        for block in self.h:
+            x = block(x)
+        logits = self.unembed(x, idx)
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())

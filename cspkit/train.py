@@ -14,13 +14,14 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, TrainConfig, to_dict
+from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .data import TokenData, build_shards
 from .files import atomic_path, atomic_write
 from .model import GPT
@@ -80,6 +81,24 @@ def evaluate_loss(model: GPT, data: TokenData, t: TrainConfig, block_size: int) 
     return sum(losses) / len(losses)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, s: dict[str, float], tcfg: TrainConfig,
+                   groups: list[list[torch.nn.Parameter]], decay: list[torch.nn.Parameter], world: int = 1) -> None:
+    """The recipe after backward: (all-reduce,) each group's gradient rescaled to RMS 1 on its own,
+    Adam at the scheduled LR, weight decay by hand on ``decay``."""
+    for params in groups:
+        if world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        rescale_grad_(params)
+    for g in opt.param_groups:
+        g["lr"] = s["lr"]
+    opt.step()
+    with torch.no_grad():
+        for p in decay:
+            p.mul_(1 - s["lr"] * tcfg.weight_decay)
+
+
 def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, s: dict[str, float],
                tcfg: TrainConfig, params: list[torch.nn.Parameter], decay: list[torch.nn.Parameter],
                world: int = 1) -> torch.Tensor:
@@ -87,35 +106,93 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
     _, loss = model(x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if world > 1:
-        for p in params:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-    rescale_grad_(params)
-    for g in opt.param_groups:
-        g["lr"] = s["lr"]
-    opt.step()
-    with torch.no_grad():
-        for p in decay:
-            p.mul_(1 - s["lr"] * tcfg.weight_decay)
+    optimizer_step(opt, s, tcfg, [params], decay, world)
     if not tcfg.dense:
         project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
     return loss.detach()
+
+
+def fit(tcfg: TrainConfig, start: int, step_fn: Callable, eval_fn: Callable, save_fn: Callable,
+        log_dir: Path | None, tokens_per_step: int, progress: bool = True, desc: str = "train") -> None:
+    """The loop every trainer shares: steps ``start`` to ``max_steps``; a log.jsonl row every
+    ``log_interval`` steps and at evals (``eval_interval`` and the last step); a checkpoint every
+    ``ckpt_interval`` steps and at the end; an early stop at ``stop_at_val_loss``; a tqdm bar.
+
+    step_fn(step, s) -> (loss, {name: value}) is one optimizer step with s = schedule(step); the
+    extra values go into the log row. eval_fn() -> {"val_loss": ..., name: value}. save_fn(done,
+    val_loss) writes the checkpoint. log_dir None writes no log (DDP ranks other than 0).
+    """
+    bar = tqdm(total=tcfg.max_steps, initial=start, disable=not progress, desc=desc, dynamic_ncols=True)
+    val_loss = None
+    t0 = time.time()
+    for step in range(start, tcfg.max_steps):
+        s = schedule(step, tcfg)
+        loss, extra = step_fn(step, s)
+
+        done = step + 1
+        is_eval = done % tcfg.eval_interval == 0 or done == tcfg.max_steps
+        if done % tcfg.log_interval == 0 or is_eval:
+            row = {"step": done, "tokens": done * tokens_per_step, "lr": s["lr"], "train_loss": loss.item(),
+                   **{k: float(v) for k, v in extra.items()}, "seconds": round(time.time() - t0, 2)}
+            if is_eval:
+                row.update(eval_fn())
+                val_loss = row["val_loss"]
+                row["l0"] = s["frac_matrix"]
+            if log_dir is not None:
+                with open(log_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                            l0=f"{s['frac_matrix']:.3f}")
+        bar.update(1)
+        stop = is_eval and tcfg.stop_at_val_loss is not None and val_loss <= tcfg.stop_at_val_loss
+        if done % tcfg.ckpt_interval == 0 or done == tcfg.max_steps or stop:
+            save_fn(done, val_loss)
+        if stop:
+            break
+    bar.close()
+
+
+def start_log(out: Path, start: int) -> None:
+    """Keep the log lines up to the checkpoint a resumed run restarts from (none for a fresh run)."""
+    kept = [l for l in ckpt.read_log(out) if l["step"] <= start] if start else []
+    atomic_write(out / "log.jsonl", "".join(json.dumps(l) + "\n" for l in kept))
+
+
+def save_resume(path: Path, state: dict) -> None:
+    """Weights, optimizer state and step in one file, written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+def check_resumable(out: Path, sections: dict[str, dict]) -> None:
+    """Refuse to resume ``out`` when its config.json differs from ``sections`` ({section: dict});
+    runtime-only fields (device, threads) may differ."""
     old = ckpt.read_config(out)
-    mine = {"model": to_dict(mcfg), "train": to_dict(tcfg)}
     diffs = [f"{sec}.{k}: checkpoint {old.get(sec, {}).get(k)!r} vs now {v!r}"
-             for sec in mine for k, v in mine[sec].items()
+             for sec in sections for k, v in sections[sec].items()
              if old.get(sec, {}).get(k) != v and k not in ("device", "threads")]
     if diffs:
         raise ValueError(f"{out} holds a run with another config ({'; '.join(diffs)}); "
                          "resume with the same settings or choose a new --out")
+
+
+def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    check_resumable(out, {"model": to_dict(mcfg), "train": to_dict(tcfg)})
+
+
+def _init_weights_from(model: GPT, path: str, mcfg: ModelConfig) -> None:
+    """Continued training: start from another run's weights (fresh optimizer and schedule)."""
+    theirs = to_dict(from_dict(ModelConfig, ckpt.read_config(path)["model"], "model config"))
+    if theirs != to_dict(mcfg):
+        diffs = [k for k, v in to_dict(mcfg).items() if theirs.get(k) != v]
+        raise ValueError(f"init_from={path} has another model config (differs in {diffs}); "
+                         "use the same profile and model overrides as that run")
+    src = ckpt.load(path, device=model.device)
+    model.load_state_dict(src.state_dict())
 
 
 def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress: bool = True,
@@ -153,63 +230,38 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-    elif not tcfg.dense:
-        s = schedule(0, tcfg)
-        project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
+    else:
+        if tcfg.init_from:
+            _init_weights_from(model, tcfg.init_from, mcfg)
+        if not tcfg.dense:
+            s = schedule(0, tcfg)
+            project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
 
     extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, "command": command, "corpus": {
         k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        log_path = out / "log.jsonl"
-        # drop log lines past the checkpoint a resumed run restarts from
-        kept = [l for l in ckpt.read_log(out) if l["step"] <= start] if start else []
-        atomic_write(log_path, "".join(json.dumps(l) + "\n" for l in kept))
+        start_log(out, start)
         if not start:
             ckpt.save(model, out, {**extra, "step": 0})
 
     def save_all(step: int, val_loss: float | None):
         if rank != 0:
             return
-        with atomic_path(resume) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+        save_resume(resume, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
         ckpt.save(model, out, {**extra, "step": step, "val_loss": val_loss})
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = decayed(model)
-    tokens_per_step = tcfg.batch_size * mcfg.block_size * world
-    bar = tqdm(total=tcfg.max_steps, initial=start, disable=not progress or rank != 0, desc="train",
-               dynamic_ncols=True)
-    model.train()
-    val_loss = None
-    t0 = time.time()
-    step = start
-    for step in range(start, tcfg.max_steps):
-        s = schedule(step, tcfg)
-        x, y = train_data.batch(tcfg.batch_size, mcfg.block_size, tcfg.seed, step, rank)
-        loss = train_step(model, opt, x.to(device), y.to(device), s, tcfg, params, decay, world)
 
-        done = step + 1
-        is_eval = done % tcfg.eval_interval == 0 or done == tcfg.max_steps
-        if done % tcfg.log_interval == 0 or is_eval:
-            row = {"step": done, "tokens": done * tokens_per_step, "lr": s["lr"], "train_loss": loss.item(),
-                   "seconds": round(time.time() - t0, 2)}
-            if is_eval:
-                val_loss = evaluate_loss(model, val_data, tcfg, mcfg.block_size)
-                row["val_loss"] = val_loss
-                row["l0"] = s["frac_matrix"]
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
-                            l0=f"{s['frac_matrix']:.3f}")
-        bar.update(1)
-        stop = is_eval and tcfg.stop_at_val_loss is not None and val_loss <= tcfg.stop_at_val_loss
-        if done % tcfg.ckpt_interval == 0 or done == tcfg.max_steps or stop:
-            save_all(done, val_loss)
-        if stop:
-            break
-    bar.close()
+    def step_fn(step: int, s: dict[str, float]):
+        x, y = train_data.batch(tcfg.batch_size, mcfg.block_size, tcfg.seed, step, rank)
+        return train_step(model, opt, x.to(device), y.to(device), s, tcfg, params, decay, world), {}
+
+    model.train()
+    fit(tcfg, start, step_fn, lambda: {"val_loss": evaluate_loss(model, val_data, tcfg, mcfg.block_size)},
+        save_all, out if rank == 0 else None, tcfg.batch_size * mcfg.block_size * world,
+        progress=progress and rank == 0)
     if world > 1:  # every rank applied the same updates, so the weights must agree exactly
         with torch.no_grad():
             sums = torch.stack([sum(p.double().abs().sum() for p in params),

@@ -1,0 +1,607 @@
+"""Bridges between a dense and a sparse model, and steering the dense model through sparse
+channels (METHOD.md section 5).
+
+Sites. A site is the residual stream entering a sublayer: ``L.attn`` (pre-norm, the residual
+the read ``L.attn.in`` normalizes; ``0.attn`` is the embedding) and ``L.mlp``. The dense and
+the sparse model must have the same number of layers, so the sites pair up; their widths may
+differ. At every site the bridge holds an encoder, dense residual -> sparse residual (linear,
+then AbsTopK), and a decoder, sparse residual -> dense residual (linear).
+
+Hybrid passes switch model once: the dense model up to a site, the encoder, the sparse model
+from there (``d2s``); or the sparse model up to a site, the decoder, the dense model from there
+(``s2d``).
+
+Loss (BridgeConfig): the sparse model's language-model loss, plus nmse_coef times both maps'
+normalized MSE, plus kl_coef times both hybrid passes' KL(dense output || hybrid output); the
+bridge terms are averaged over sites. The dense model is frozen; gradients flow into the maps
+and the sparse model (unless ``train_sparse`` is off).
+
+Steering (``intervene``): change one sparse read channel by delta at every token, map that
+change through the decoder into the dense residual at the channel's site, add it, and run the
+dense model on. See ``steering_vector`` for the exact map and its rescaling.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import checkpoint as ckpt
+from . import tasks as tasks_mod
+from .config import BridgeConfig, ModelConfig, TrainConfig, bridge_profile, from_dict, override_configs, to_dict
+from .data import TokenData, build_shards
+from .files import atomic_path, atomic_write
+from .model import GPT, abs_topk, node_name, parse_node
+from .sparsity import project_model_
+from .train import (check_resumable, decayed, fit, optimizer_step, pick_device, save_resume, schedule,
+                    start_log)
+
+KINDS = ("attn", "mlp")  # a layer's two sites, in forward order
+
+
+def sites(n_layer: int) -> list[str]:
+    """The site names in forward order: ``0.attn``, ``0.mlp``, ``1.attn``, ..."""
+    return [f"{l}.{k}" for l in range(n_layer) for k in KINDS]
+
+
+# --------------------------------------------------------------------------- the maps
+class Bridge(nn.Module):
+    """An encoder (dense -> sparse, linear then AbsTopK) and a decoder (sparse -> dense, linear)
+    per site; ``enc[i]`` and ``dec[i]`` belong to ``sites[i]``.
+
+    Each map works in each model's own units at the site: its input is centred and divided by
+    that residual's RMS spread, its output multiplied back. The two models' residuals can differ
+    in scale by orders of magnitude (the shipped pair: about 5 vs 0.1 after the first MLP), and
+    Adam moves every weight by about the same step whatever its size, so in raw units one
+    learning rate would wreck the small encoder weights. The means and scales are set once from
+    data (``init_maps_``) and then fixed."""
+
+    def __init__(self, d_dense: int, d_sparse: int, n_layer: int, enc_afrac: float | None = 0.25):
+        super().__init__()
+        self.sites = sites(n_layer)
+        self.enc_afrac = enc_afrac
+        self.enc = nn.ModuleList(nn.Linear(d_dense, d_sparse) for _ in self.sites)
+        self.dec = nn.ModuleList(nn.Linear(d_sparse, d_dense) for _ in self.sites)
+        n = len(self.sites)
+        self.register_buffer("mean_dense", torch.zeros(n, d_dense))
+        self.register_buffer("scale_dense", torch.ones(n))
+        self.register_buffer("mean_sparse", torch.zeros(n, d_sparse))
+        self.register_buffer("scale_sparse", torch.ones(n))
+
+    def encode(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        y = self.mean_sparse[i] + self.scale_sparse[i] * self.enc[i]((x - self.mean_dense[i]) / self.scale_dense[i])
+        return abs_topk(y, max(1, int(self.enc_afrac * y.shape[-1]))) if self.enc_afrac else y
+
+    def decode(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.mean_dense[i] + self.scale_dense[i] * self.dec[i]((x - self.mean_sparse[i]) / self.scale_sparse[i])
+
+    def decode_change(self, i: int, dx: torch.Tensor) -> torch.Tensor:
+        """The decoder's linear part: how a change ``dx`` of the sparse residual moves the decoded one."""
+        return self.scale_dense[i] / self.scale_sparse[i] * F.linear(dx, self.dec[i].weight)
+
+    def site_index(self, site: str) -> int:
+        if site not in self.sites:
+            raise KeyError(f"unknown site {site!r}; sites: {', '.join(self.sites)}")
+        return self.sites.index(site)
+
+
+def check_pair(dense: GPT, sparse: GPT) -> None:
+    """The two models must read the same tokens and have sites that pair up."""
+    d, s = dense.config, sparse.config
+    problems = []
+    if d.n_layer != s.n_layer:
+        problems.append(f"n_layer {d.n_layer} vs {s.n_layer} (the sites pair layer by layer)")
+    if d.vocab_size != s.vocab_size:
+        problems.append(f"vocab_size {d.vocab_size} vs {s.vocab_size}")
+    names = [getattr(m.encoding, "name", None) for m in (dense, sparse)]
+    if None not in names and names[0] != names[1]:
+        problems.append(f"tokenizer {names[0]} vs {names[1]}")
+    if problems:
+        raise ValueError("the dense and the sparse model cannot be bridged: " + "; ".join(problems) +
+                         ". Bridge two models trained on the same data with the same tokenizer and depth")
+
+
+# --------------------------------------------------------------------------- passes
+def run_sublayers(model: GPT, idx: torch.Tensor, x: torch.Tensor | None = None, start: int = 0,
+                  stop: int | None = None) -> torch.Tensor:
+    """Run ``model`` from site ``start`` (its residual ``x``; default the embedding of idx) up to
+    site ``stop``, and return that residual (B, T, d_model); with stop None, to the end: logits."""
+    if x is None:
+        x = model.embed(idx)
+    for _, fn in model.sublayers()[start:stop]:
+        x = fn(x)
+    return x if stop is not None else model.unembed(x, idx)
+
+
+def residuals(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass: the logits and the residual at every site."""
+    x, out = model.embed(idx), []
+    for _, fn in model.sublayers():
+        out.append(x)
+        x = fn(x)
+    return model.unembed(x, idx), out
+
+
+def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Normalized MSE over all tokens: squared error / the target's squared deviation from its
+    mean over tokens. 0 is a perfect map, 1 the map that predicts the mean; 1 - nmse is the
+    fraction of variance explained. The normalizer carries no gradient, so a model cannot lower
+    the loss by inflating its own variance."""
+    flat = target.flatten(0, -2)                                          # (tokens, d)
+    var = (flat - flat.mean(0)).pow(2).sum().detach()
+    return (pred - target).pow(2).sum() / var.clamp_min(1e-12)
+
+
+def kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(dense || other) of the next-token distributions, nats per token, mean over tokens."""
+    p = F.log_softmax(dense_logits.flatten(0, -2).float(), -1)           # (tokens, vocab)
+    q = F.log_softmax(logits.flatten(0, -2).float(), -1)
+    return F.kl_div(q, p, log_target=True, reduction="batchmean")
+
+
+def hybrid(dense: GPT, sparse: GPT, bridge: Bridge, idx: torch.Tensor, site: str, direction: str) -> torch.Tensor:
+    """Logits of a hybrid pass that switches at ``site``: ``d2s`` (dense prefix, encoder, sparse
+    suffix) or ``s2d`` (sparse prefix, decoder, dense suffix)."""
+    i = bridge.site_index(site)
+    if direction == "d2s":
+        return run_sublayers(sparse, idx, bridge.encode(i, run_sublayers(dense, idx, stop=i)), start=i)
+    if direction == "s2d":
+        return run_sublayers(dense, idx, bridge.decode(i, run_sublayers(sparse, idx, stop=i)), start=i)
+    raise ValueError(f"direction must be 'd2s' or 's2d', got {direction!r}")
+
+
+def bridge_loss(dense: GPT, sparse: GPT, bridge: Bridge, x: torch.Tensor, y: torch.Tensor, bcfg: BridgeConfig,
+                kl_sites: list[int]) -> dict[str, torch.Tensor]:
+    """The loss and its terms on one batch: ``lm`` (the sparse model's), ``nmse_enc``,
+    ``nmse_dec`` (mean over all sites), ``kl_d2s``, ``kl_s2d`` (mean over ``kl_sites``)."""
+    with torch.no_grad():
+        dense_logits, rd = residuals(dense, x)
+    sparse_logits, rs = residuals(sparse, x)
+    lm = F.cross_entropy(sparse_logits.flatten(0, 1), y.flatten())
+    enc = [bridge.encode(i, r) for i, r in enumerate(rd)]
+    dec = [bridge.decode(i, r) for i, r in enumerate(rs)]
+    t = {"lm": lm,
+         "nmse_enc": torch.stack([nmse(e, r) for e, r in zip(enc, rs)]).mean(),
+         "nmse_dec": torch.stack([nmse(d, r) for d, r in zip(dec, rd)]).mean()}
+    zero, n = lm.new_zeros(()), max(1, len(kl_sites))
+    t["kl_d2s"] = sum((kl(dense_logits, run_sublayers(sparse, x, enc[i], i)) for i in kl_sites), zero) / n
+    t["kl_s2d"] = sum((kl(dense_logits, run_sublayers(dense, x, dec[i], i)) for i in kl_sites), zero) / n
+    t["loss"] = lm + bcfg.nmse_coef * (t["nmse_enc"] + t["nmse_dec"]) + bcfg.kl_coef * (t["kl_d2s"] + t["kl_s2d"])
+    return t
+
+
+def step_sites(n_sites: int, bcfg: BridgeConfig, seed: int, step: int) -> list[int]:
+    """The sites that run the hybrid passes at ``step``: all, or kl_sites of them drawn from
+    (seed, step), so a resumed run draws the same ones."""
+    if bcfg.kl_coef == 0:
+        return []
+    if bcfg.kl_sites is None or bcfg.kl_sites >= n_sites:
+        return list(range(n_sites))
+    return sorted(random.Random(f"{seed}/{step}").sample(range(n_sites), bcfg.kl_sites))
+
+
+@torch.no_grad()
+def init_maps_(bridge: Bridge, rd: list[torch.Tensor], rs: list[torch.Tensor], ridge: float = 1e-4) -> None:
+    """Set every site's means and scales from one batch of residuals (dense ``rd``, sparse ``rs``,
+    one (B, T, d) per site) and start each map at the ridge least-squares fit on that batch, so
+    that training starts from the best linear map rather than from noise."""
+    for i in range(len(bridge.sites)):
+        for r, mean, scale in ((rd[i], bridge.mean_dense, bridge.scale_dense),
+                               (rs[i], bridge.mean_sparse, bridge.scale_sparse)):
+            flat = r.flatten(0, -2)                                       # (tokens, d)
+            mean[i] = flat.mean(0)
+            scale[i] = (flat - mean[i]).pow(2).mean().sqrt().clamp_min(1e-6)
+        xd = ((rd[i] - bridge.mean_dense[i]) / bridge.scale_dense[i]).flatten(0, -2)
+        xs = ((rs[i] - bridge.mean_sparse[i]) / bridge.scale_sparse[i]).flatten(0, -2)
+        for lin, a, b in ((bridge.enc[i], xd, xs), (bridge.dec[i], xs, xd)):
+            X = F.pad(a.double(), (0, 1), value=1.0)                      # (tokens, d_in + 1): a bias column
+            gram = X.T @ X
+            gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            sol = torch.linalg.solve(gram, X.T @ b.double())              # (d_in + 1, d_out)
+            lin.weight.copy_(sol[:-1].T)
+            lin.bias.copy_(sol[-1])
+
+
+# --------------------------------------------------------------------------- files
+def file_digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def save_bridge(bridge: Bridge, path: Path) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in bridge.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu",
+         dense: str | os.PathLike | None = None) -> tuple[GPT, GPT, Bridge]:
+    """(dense, sparse, bridge) from a bridge directory written by ``train``. The dense model is
+    found where the bridge recorded it (relative to the bridge directory) unless ``dense`` says
+    where; either way it must be the very model the bridge was trained against."""
+    path = Path(path)
+    cfg = ckpt.read_config(path)
+    if "bridge" not in cfg:
+        raise ValueError(f"{path} is not a bridge directory (its config.json has no 'bridge'); "
+                         "pass a directory written by `cspkit bridge`")
+    dense_dir = Path(dense) if dense is not None else (path / cfg["dense_model"]["path"])
+    if not (dense_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the bridge's dense model {dense_dir} is missing; pass its directory (dense=...)")
+    if file_digest(dense_dir / "model.safetensors") != cfg["dense_model"]["fingerprint"]:
+        raise ValueError(f"{dense_dir} is not the dense model {path} was trained against (its weights differ); "
+                         "pass that model's directory (dense=...)")
+    dense_model, sparse = ckpt.load(dense_dir, device), ckpt.load(path / "sparse", device)
+    bcfg = from_dict(BridgeConfig, cfg["bridge"], "bridge config")
+    bridge = Bridge(dense_model.config.d_model, sparse.config.d_model, sparse.config.n_layer, bcfg.enc_afrac)
+    state = load_file(str(path / "bridge.safetensors"))
+    ckpt.load_state_into(bridge, state, str(path / "bridge.safetensors"))
+    bridge.config = bcfg
+    return dense_model, sparse, bridge.to(device).eval()
+
+
+# --------------------------------------------------------------------------- training
+def configs_for(profile_name: str, dense: str | os.PathLike, sparse: str | os.PathLike | None = None,
+                seed: int | None = None, max_steps: int | None = None, overrides: list[str] | None = None
+                ) -> tuple[ModelConfig, BridgeConfig, TrainConfig]:
+    """The configs of a bridge run: a bridge profile, then ``overrides`` (``bridge.X``, ``train.X``,
+    and for a sparse model trained from scratch ``model.X``); returns (sparse model, bridge, train).
+
+    With ``sparse`` (a checkpoint directory) the sparse model is fine-tuned: it starts from those
+    weights (train.init_from) and keeps their sparsity from the first step (the checkpoint's L0
+    fractions, no annealing). Without it, the sparse model is trained from scratch jointly with
+    the bridge (the paper's way), in the dense model's shape and annealed like ``cspkit train``."""
+    bcfg, tcfg = bridge_profile(profile_name)
+    if sparse is not None:
+        src = ckpt.read_config(sparse)
+        t = src.get("train", {})
+        tcfg = replace(tcfg, init_from=str(sparse), anneal_start=0.0, anneal_end=0.0, dense=bool(src.get("dense")),
+                       **{k: t[k] for k in ("l0_frac", "l0_frac_embed", "min_per_neuron") if k in t})
+        model_keys = [o for o in overrides or [] if o.startswith("model.")]
+        if model_keys:
+            raise ValueError(f"{model_keys}: model overrides apply only to a sparse model trained from scratch; "
+                             "a fine-tuned one keeps the shape of its checkpoint")
+    mcfg = from_dict(ModelConfig, ckpt.read_config(sparse if sparse is not None else dense)["model"], "model config")
+    if seed is not None:
+        tcfg = replace(tcfg, seed=seed)
+    if max_steps is not None:
+        tcfg = replace(tcfg, max_steps=max_steps)
+    out = override_configs({"bridge": bcfg, "train": tcfg, "model": mcfg}, overrides or [])
+    return out["model"], out["bridge"], out["train"]
+
+
+def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConfig, tcfg: TrainConfig,
+          mcfg: ModelConfig | None = None, progress: bool = True, command: str | None = None
+          ) -> tuple[GPT, GPT, Bridge]:
+    """Train (or resume) a bridge to the frozen dense model in ``dense_dir`` into ``out``; returns
+    (dense, sparse, bridge). The sparse model starts from the checkpoint ``tcfg.init_from``
+    (fine-tuning; its shape) or from scratch with ``mcfg`` (default: the dense model's shape).
+    One process.
+
+    ``out`` holds ``config.json``, ``bridge.safetensors``, ``sparse/`` (a checkpoint that
+    ``cspkit.load`` reads), ``log.jsonl`` and ``resume.pt``, written as ``cspkit train`` writes
+    them: a killed run resumes from its last checkpoint with the same result."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("bridge training runs in one process; start it without torchrun")
+    out, dense_dir = Path(out), Path(dense_dir)
+    device = pick_device(tcfg.device)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    dense = ckpt.load(dense_dir, device).requires_grad_(False)
+    src = ckpt.load(tcfg.init_from, device) if tcfg.init_from else None
+    if src is not None and mcfg is not None and mcfg != src.config:
+        raise ValueError(f"train.init_from={tcfg.init_from} has another model config than the one given; "
+                         "leave the model config out when fine-tuning")
+    mcfg = src.config if src is not None else mcfg or dense.config
+    if dense.config.block_size < mcfg.block_size:
+        raise ValueError(f"the dense model's block_size {dense.config.block_size} is shorter than the sparse "
+                         f"model's {mcfg.block_size}, the length bridge training uses")
+    info = build_shards(tcfg.corpus, tcfg.val_percent)
+    train_data, val_data = TokenData(info, "train"), TokenData(info, "val")
+
+    torch.manual_seed(tcfg.seed)
+    sparse = GPT(mcfg).to(device)
+    sparse.encoding = src.encoding if src is not None else dense.encoding
+    check_pair(dense, sparse)
+    bridge = Bridge(dense.config.d_model, mcfg.d_model, mcfg.n_layer, bcfg.enc_afrac).to(device)
+    bridge.config = bcfg
+    sparse.requires_grad_(bcfg.train_sparse)
+    groups = [list(bridge.parameters())] + ([list(sparse.parameters())] if bcfg.train_sparse else [])
+    # each group's gradient is rescaled to RMS 1 on its own (optimizer_step), so the maps'
+    # gradients cannot drown the sparse model's
+    opt = torch.optim.Adam([{"params": g} for g in groups], lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
+                           weight_decay=0.0)
+    # weight decay on the sparse model's matrices only: the maps must span residual scales that
+    # differ by orders of magnitude, and decay would pull them off
+    decay = decayed(sparse) if bcfg.train_sparse else []
+    project = bcfg.train_sparse and not tcfg.dense
+
+    fingerprint = file_digest(dense_dir / "model.safetensors")
+    sections = {"model": to_dict(mcfg), "train": to_dict(tcfg), "bridge": to_dict(bcfg),
+                "dense_model": {"fingerprint": fingerprint}}
+    start, resume = 0, out / "resume.pt"
+    if resume.is_file():
+        check_resumable(out, sections)
+        state = torch.load(resume, map_location=device, weights_only=True)
+        sparse.load_state_dict(state["model"])
+        bridge.load_state_dict(state["bridge"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    else:
+        if src is not None:
+            sparse.load_state_dict(src.state_dict())
+        if project:
+            s = schedule(0, tcfg)
+            project_model_(sparse, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
+        # four batches' worth: on one, d_model + 1 weights per output overfit (shipped pair, held-out
+        # FVE at the start: 0.17-0.45 from one batch, 0.30-0.56 from four)
+        x, _ = train_data.batch(4 * tcfg.batch_size, mcfg.block_size, tcfg.seed, 0)
+        with torch.no_grad():
+            init_maps_(bridge, residuals(dense, x.to(device))[1], residuals(sparse, x.to(device))[1])
+
+    extra = {**sections, "dense_model": {"path": os.path.relpath(dense_dir.resolve(), out.resolve()),
+                                         "fingerprint": fingerprint}, "seed": tcfg.seed, "command": command}
+    out.mkdir(parents=True, exist_ok=True)
+    start_log(out, start)
+
+    def save_all(step: int, val_loss: float | None):
+        if step:
+            save_resume(resume, {"model": sparse.state_dict(), "bridge": bridge.state_dict(),
+                                 "optimizer": opt.state_dict(), "step": step})
+        meta = {"step": step, "val_loss": val_loss}
+        ckpt.save(sparse, out / "sparse", {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **meta})
+        save_bridge(bridge, out / "bridge.safetensors")
+        cfg = {"tokenizer": dense.encoding.name, "git_commit": ckpt.git_commit(), **extra, **meta}
+        atomic_write(out / "config.json", json.dumps(cfg, indent=1) + "\n")
+
+    if not start:
+        save_all(0, None)
+
+    def step_fn(step: int, s: dict[str, float]):
+        x, y = train_data.batch(tcfg.batch_size, mcfg.block_size, tcfg.seed, step)
+        t = bridge_loss(dense, sparse, bridge, x.to(device), y.to(device), bcfg,
+                        step_sites(len(bridge.sites), bcfg, tcfg.seed, step))
+        opt.zero_grad(set_to_none=True)
+        t["loss"].backward()
+        optimizer_step(opt, s, tcfg, groups, decay)
+        if project:
+            project_model_(sparse, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
+        return t["loss"].detach(), {k: v.detach() for k, v in t.items() if k != "loss"}
+
+    @torch.no_grad()
+    def eval_fn():
+        every = list(range(len(bridge.sites)))
+        terms = [bridge_loss(dense, sparse, bridge, x.to(device), y.to(device), bcfg, every)
+                 for x, y in (val_data.batch(tcfg.batch_size, mcfg.block_size, seed=-1, step=i)
+                              for i in range(tcfg.eval_batches))]
+        mean = {k: float(sum(t[k] for t in terms) / len(terms)) for k in terms[0] if k != "loss"}
+        return {"val_loss": mean.pop("lm"), **{f"val_{k}": v for k, v in mean.items()}}
+
+    sparse.train()
+    fit(tcfg, start, step_fn, eval_fn, save_all, out, tcfg.batch_size * mcfg.block_size, progress, desc="bridge")
+    return dense, sparse.eval(), bridge.eval()
+
+
+# --------------------------------------------------------------------------- quality
+@torch.no_grad()
+def quality(dense: GPT, sparse: GPT, bridge: Bridge, tokens: torch.Tensor, batch_size: int = 8) -> dict:
+    """How good the bridge is on ``tokens`` (N, T), averaged over batches of ``batch_size``.
+
+    ``sites``: per site, each map's fraction of variance explained (``fve_enc``, ``fve_dec``; the
+    map that predicts the mean scores 0) and each hybrid pass's KL from the dense output
+    (``kl_d2s``, ``kl_s2d``), beside two trivial baselines on the dense model: ``kl_skip`` (the
+    sublayer entered at the site skipped) and ``kl_mean`` (the residual at the site replaced by
+    its mean over tokens). ``kl_sparse``: the KL of the sparse model's own output."""
+    keys = ("fve_enc", "fve_dec", "kl_d2s", "kl_s2d", "kl_skip", "kl_mean")
+    acc = [dict.fromkeys(keys, 0.0) for _ in bridge.sites]
+    kl_sparse, batches = 0.0, 0
+    for b in range(0, tokens.shape[0], batch_size):
+        x = tokens[b:b + batch_size].to(dense.device)
+        dl, rd = residuals(dense, x)
+        sl, rs = residuals(sparse, x)
+        kl_sparse += float(kl(dl, sl))
+        for i, row in enumerate(acc):
+            e, d = bridge.encode(i, rd[i]), bridge.decode(i, rs[i])
+            mean = rd[i].flatten(0, 1).mean(0).expand_as(rd[i])
+            row["fve_enc"] += 1 - float(nmse(e, rs[i]))
+            row["fve_dec"] += 1 - float(nmse(d, rd[i]))
+            row["kl_d2s"] += float(kl(dl, run_sublayers(sparse, x, e, i)))
+            row["kl_s2d"] += float(kl(dl, run_sublayers(dense, x, d, i)))
+            row["kl_skip"] += float(kl(dl, run_sublayers(dense, x, rd[i], i + 1)))
+            row["kl_mean"] += float(kl(dl, run_sublayers(dense, x, mean, i)))
+        batches += 1
+    return {"sites": [{"site": s, **{k: v / batches for k, v in a.items()}} for s, a in zip(bridge.sites, acc)],
+            "kl_sparse": kl_sparse / batches, "tokens": int(tokens.numel())}
+
+
+def val_tokens(tcfg: TrainConfig, block_size: int, batches: int | None = None) -> torch.Tensor:
+    """``batches`` (default eval_batches) validation batches of the run's corpus, stacked (N, T)."""
+    data = TokenData(build_shards(tcfg.corpus, tcfg.val_percent), "val")
+    return torch.cat([data.batch(tcfg.batch_size, block_size, seed=-1, step=i)[0]
+                      for i in range(batches or tcfg.eval_batches)])
+
+
+def format_quality(q: dict) -> str:
+    lines = [f"{'site':8s} {'FVE enc':>8s} {'FVE dec':>8s} {'KL d2s':>8s} {'KL s2d':>8s}   "
+             f"{'KL skip':>8s} {'KL mean':>8s}"]
+    for r in q["sites"]:
+        lines.append(f"{r['site']:8s} {r['fve_enc']:>8.3f} {r['fve_dec']:>8.3f} {r['kl_d2s']:>8.3f} "
+                     f"{r['kl_s2d']:>8.3f}   {r['kl_skip']:>8.3f} {r['kl_mean']:>8.3f}")
+    lines.append(f"on {q['tokens']:,} validation tokens. FVE: fraction of variance explained (the map that "
+                 "predicts the mean: 0). KL from the dense output, nats/token: the hybrid passes, then the dense "
+                 f"model with the site's sublayer skipped or its residual mean-ablated. The sparse model "
+                 f"itself: {q['kl_sparse']:.3f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- steering
+READS = {"attn.in": "ln_1", "mlp.in": "ln_2"}  # read location -> the norm that produces it
+
+
+def read_channel(model: GPT, node: str) -> tuple[int, int, nn.Module]:
+    """A read channel ``L.attn.in[c]`` / ``L.mlp.in[c]`` -> (site index, c, the norm it reads through)."""
+    loc, c = parse_node(node)
+    layer, _, kind = loc.partition(".")
+    if kind not in READS or not layer.isdigit() or int(layer) >= model.config.n_layer:
+        raise ValueError(f"node {node!r} is not a read channel; steer an L.attn.in[c] or L.mlp.in[c] "
+                         f"node with L < {model.config.n_layer}")
+    if c >= model.config.d_model:
+        raise ValueError(f"node {node!r}: channel {c} is out of range (d_model {model.config.d_model})")
+    return 2 * int(layer) + KINDS.index(kind.split(".")[0]), c, getattr(model.h[int(layer)], READS[kind])
+
+
+@torch.no_grad()
+def steering_vector(dense: GPT, sparse: GPT, bridge: Bridge, node: str, delta: float | torch.Tensor,
+                    strength: float, tokens: torch.Tensor, control_seed: int | None = None) -> torch.Tensor:
+    """What ``intervene`` adds to the dense residual at the node's site, (N, T, d_dense).
+
+    The node is a normalized read of the sparse model, n_c = g_c * r_c / s(r) with s the RMS of
+    the residual r (for LayerNorm models, its standard deviation); the AbsTopK after the norm is
+    ignored. Raising n_c by delta at a token is, to first order (s moves a little too), raising
+    the residual channel r_c by delta * s(r) / g_c. The decoder's
+    linear part maps that change into the dense residual, and the result is rescaled by the
+    ratio of residual norms ||r_dense|| / ||decoder(r_sparse)|| at each token: the change then
+    has the same size relative to the dense residual as to the decoded one, which corrects a
+    decoder that shrinks or inflates its output.
+
+    ``delta`` is a number or one per sequence (N,); ``strength`` multiplies it. With
+    ``control_seed`` the vector is replaced by a random direction per sequence (drawn from that
+    seed) with the same norm at every token: the control.
+    """
+    i, c, norm = read_channel(sparse, node)
+    rs, rd = run_sublayers(sparse, tokens, stop=i), run_sublayers(dense, tokens, stop=i)
+    var = rs.var(-1, unbiased=False, keepdim=True) if norm.kind == "layer" else rs.pow(2).mean(-1, keepdim=True)
+    gain = float(norm.weight[c])
+    if gain == 0:
+        raise ValueError(f"node {node!r} has norm gain 0: the sparse model never reads it")
+    d = torch.as_tensor(delta, dtype=rs.dtype, device=rs.device).reshape(-1, 1, 1) * strength
+    dx = torch.zeros_like(rs)
+    dx[..., c] = (d * torch.sqrt(var + norm.eps) / gain)[..., 0]          # the change of residual channel c
+    v = bridge.decode_change(i, dx)                                       # (N, T, d_dense)
+    v = v * rd.norm(dim=-1, keepdim=True) / bridge.decode(i, rs).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if control_seed is not None:
+        g = torch.Generator().manual_seed(control_seed)
+        u = torch.randn(v.shape[0], 1, v.shape[-1], generator=g).to(v)   # (N, 1, d): one direction per sequence
+        v = u / u.norm(dim=-1, keepdim=True) * v.norm(dim=-1, keepdim=True)
+    return v
+
+
+@torch.no_grad()
+def intervene(dense: GPT, sparse: GPT, bridge: Bridge, node: str, delta: float | torch.Tensor,
+              strength: float = 1.0, *, tokens: torch.Tensor, control_seed: int | None = None) -> torch.Tensor:
+    """The dense model's logits (N, T, vocab) on ``tokens`` with the sparse read channel ``node``
+    changed by ``strength * delta`` at every token, carried into the dense residual at the node's
+    site through the bridge's decoder (``steering_vector``). Strength 0 gives the dense model's
+    own logits exactly. ``control_seed``: the random-direction control of the same norm."""
+    tokens = tokens.to(dense.device)
+    i = read_channel(sparse, node)[0]
+    v = steering_vector(dense, sparse, bridge, node, delta, strength, tokens, control_seed)
+    return run_sublayers(dense, tokens, run_sublayers(dense, tokens, stop=i) + v, start=i)
+
+
+@dataclass
+class Channel:
+    """A sparse read channel's values at the last token of a task's prompts."""
+    node: str
+    mean_a: float        # mean over the prompts whose answer is cand_a
+    mean_b: float
+    score: float         # (mean_b - mean_a) / pooled standard deviation
+
+    @property
+    def delta(self) -> float:
+        """The default steering delta: strength 1 moves class A's mean value to class B's."""
+        return self.mean_b - self.mean_a
+
+
+@torch.no_grad()
+def channel_stats(sparse: GPT, task, nodes: list[str] | None = None, split: str = "train", n: int | None = None,
+                  seed: int = 0, batch_size: int = 64) -> list[Channel]:
+    """Class means and standardized mean difference of read channels at the last token of the
+    task's prompts; ``nodes`` None: every channel of every ``L.attn.in`` and ``L.mlp.in``."""
+    t = tasks_mod.get(task)
+    if nodes is None:
+        nodes = [node_name(f"{l}.{r}", c) for l in range(sparse.config.n_layer) for r in READS
+                 for c in range(sparse.config.d_model)]
+    parsed = [parse_node(x) for x in nodes]
+    for x in nodes:
+        read_channel(sparse, x)
+    locs = sorted({loc for loc, _ in parsed})
+    batch = tasks_mod.encode_pairs(t.pairs(split, n=n, seed=seed), sparse.config.block_size)
+    vals = {loc: [] for loc in locs}
+    for b in range(0, batch["tokens"].shape[0], batch_size):
+        toks = batch["tokens"][b:b + batch_size].to(sparse.device)
+        _, cache = sparse.run_with_cache(toks, locs)
+        rows = torch.arange(toks.shape[0])
+        for loc in locs:
+            vals[loc].append(cache[loc][rows, batch["last"][b:b + batch_size]].float().cpu())    # (n, d)
+    vals = {loc: torch.cat(v) for loc, v in vals.items()}                # (2N, d)
+    label = batch["label"].bool()
+    out = []
+    for x, (loc, c) in zip(nodes, parsed):
+        v = vals[loc][:, c]
+        a, b = v[~label], v[label]
+        # the floor on the variance keeps near-constant channels from winning on a tiny difference
+        pooled = math.sqrt((float(a.var(unbiased=False)) + float(b.var(unbiased=False))) / 2 + 1e-4)
+        out.append(Channel(x, float(a.mean()), float(b.mean()), (float(b.mean()) - float(a.mean())) / pooled))
+    return out
+
+
+def pick_channel(sparse: GPT, task, candidates: list[str] | None = None, split: str = "train",
+                 n: int | None = None) -> Channel:
+    """The read channel (among ``candidates``, default all) whose last-token value best separates
+    the task's two prompt classes: the largest absolute standardized mean difference."""
+    stats = channel_stats(sparse, task, candidates, split, n)
+    if not stats:
+        raise ValueError("no candidate channels given")
+    return max(stats, key=lambda ch: abs(ch.score))
+
+
+@torch.no_grad()
+def flip_rates(dense: GPT, sparse: GPT, bridge: Bridge, task, channel: Channel, strengths=(0.25, 0.5, 1.0),
+               split: str = "test", n: int | None = None, seed: int = 0, batch_size: int = 64) -> dict:
+    """Steer every prompt of the task toward the other class (class-A prompts by +delta, class-B
+    by -delta, delta = channel.delta) and count how often the dense model's preferred candidate
+    flips to the other class's answer, among the prompts it answered right unsteered;
+    ``logit_shift`` is the mean change of their other-minus-own candidate logit gap (positive:
+    toward the other class). The control adds a random direction of the same norm at every token
+    (one per prompt, seeded)."""
+    t = tasks_mod.get(task)
+    block = min(dense.config.block_size, sparse.config.block_size)
+    batch = tasks_mod.encode_pairs(t.pairs(split, n=n, seed=seed), block)
+    label = batch["label"]
+    sign = 1.0 - 2.0 * label.float()                                      # +1 class A, -1 class B
+    N = label.shape[0]
+
+    def prefs(strength: float, control: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preferred candidate (2N,) and the other-minus-own candidate logit difference."""
+        two = []
+        for b in range(0, N, batch_size):
+            sl = slice(b, b + batch_size)
+            logits = intervene(dense, sparse, bridge, channel.node, sign[sl] * channel.delta, strength,
+                               tokens=batch["tokens"][sl], control_seed=seed + b if control else None)
+            two.append(tasks_mod.pair_logits(logits, {"last": batch["last"][sl], "cands": batch["cands"][sl]}).cpu())
+        two = torch.cat(two).float()
+        own = two.gather(1, label[:, None])[:, 0]
+        return two.argmax(-1), two.sum(-1) - 2 * own
+
+    base, base_gap = prefs(0.0, False)
+    right = base == label
+    rows = []
+    for s in strengths:
+        row = {"strength": s}
+        for name, control in (("", False), ("control_", True)):
+            pref, gap = prefs(s, control)
+            row[f"{name}flip_rate"] = float((pref != label)[right].float().mean()) if right.any() else 0.0
+            row[f"{name}logit_shift"] = float((gap - base_gap)[right].mean()) if right.any() else 0.0
+        rows.append(row)
+    return {"task": t.name, "split": split, "node": channel.node, "delta": channel.delta,
+            "mean_a": channel.mean_a, "mean_b": channel.mean_b, "score": channel.score,
+            "site": bridge.sites[read_channel(sparse, channel.node)[0]], "prompts": N,
+            "dense_right": int(right.sum()), "rows": rows}
