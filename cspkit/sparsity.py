@@ -11,10 +11,10 @@ def l0_fraction(step: int, max_steps: int, final: float, start: float = 0.01, en
     """Fraction of entries kept at ``step``: dense until ``start``, the count of nonzeros falling
     linearly to ``final`` at ``end`` (fractions of training), then held."""
     s0, s1 = start * max_steps, end * max_steps
+    if step >= s1:  # first, so that start = end = 0 (no annealing) is sparse from step 0
+        return final
     if step <= s0:
         return 1.0
-    if step >= s1 or s1 <= s0:
-        return final
     return 1.0 - (1.0 - final) * (step - s0) / (s1 - s0)
 
 

@@ -141,6 +141,8 @@ def test_l0_fraction_schedule():
     assert l0_fraction(501, **kw) == pytest.approx(0.1)
     assert l0_fraction(999, **kw) == pytest.approx(0.1)
     assert l0_fraction(5000, **kw) == pytest.approx(0.1)
+    # no annealing: sparse from the first step
+    assert l0_fraction(0, 1000, 0.1, start=0.0, end=0.0) == pytest.approx(0.1)
     # the count of nonzeros falls linearly in the step
     fr = [l0_fraction(s, **kw) for s in range(100, 501, 50)]
     diffs = [a - b for a, b in zip(fr, fr[1:])]
