@@ -9,8 +9,6 @@ tokens (``mean``), zero (``zero``), or its activation on another task prompt (``
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from pathlib import Path
 
 import torch
@@ -19,11 +17,10 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .files import atomic_path
-from .model import GPT, location_names
+from .model import GPT, location_names, node_name, parse_node  # noqa: F401 (node names live with the locations)
 
 ABLATIONS = ("mean", "zero", "resample")
 MEANS_FILE = "means.safetensors"
-_NODE_RE = re.compile(r"^(\d+\.(?:attn|mlp)\.\w+)\[(\d+)\]$")
 
 
 def node_widths(cfg: ModelConfig) -> dict[str, int]:
@@ -32,18 +29,6 @@ def node_widths(cfg: ModelConfig) -> dict[str, int]:
     per = {"attn.in": cfg.d_model, "attn.q": inner, "attn.k": inner, "attn.v": inner,
            "attn.out": cfg.d_model, "mlp.in": cfg.d_model, "mlp.neuron": cfg.d_mlp, "mlp.out": cfg.d_model}
     return {loc: per[loc.split(".", 1)[1]] for loc in location_names(cfg.n_layer)}
-
-
-def node_name(loc: str, i: int) -> str:
-    return f"{loc}[{i}]"
-
-
-def parse_node(name: str) -> tuple[str, int]:
-    """``"1.mlp.neuron[37]"`` -> ``("1.mlp.neuron", 37)``."""
-    m = _NODE_RE.match(name)
-    if not m:
-        raise ValueError(f"{name!r} is not a node name; nodes are written LOCATION[INDEX], e.g. 1.mlp.neuron[37]")
-    return m.group(1), int(m.group(2))
 
 
 def check_ablation(kind: str) -> None:
@@ -157,7 +142,3 @@ def keep_gates(cfg: ModelConfig, nodes: dict[str, list[int]] | None, device=None
             g[torch.as_tensor(idx, dtype=torch.long, device=device)] = 1.0
         gates[loc] = 1 - g if invert else g
     return gates
-
-
-def nodes_to_json(nodes: dict[str, list[int]]) -> str:
-    return json.dumps({k: list(map(int, v)) for k, v in nodes.items() if len(v)})

@@ -22,9 +22,9 @@ import networkx as nx
 import torch
 
 from . import tasks as tasks_mod
-from .ablation import ablation_values, fingerprint, gate_hooks, keep_gates, node_name, node_widths, parse_node
+from .ablation import ablation_values, fingerprint, gate_hooks, keep_gates, node_widths
 from .files import atomic_write
-from .model import GPT
+from .model import GPT, node_name, parse_node
 
 FORMAT = "cspkit.circuit/1"
 Edge = tuple[str, str, float]

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import tasks as tasks_mod
-from .ablation import (ablation_values, check_ablation, fingerprint, gate_hooks, node_widths,
+from .ablation import (ablation_values, check_ablation, fingerprint, gate_hooks, keep_gates, node_widths,
                        resample_shift)
 from .circuit import Circuit, compute_edges, masked_pair_logits, score
 from .config import _check_keys, to_dict
@@ -179,7 +179,6 @@ class _Evaluator:
 
     def __call__(self, k: int) -> float:
         if k not in self.seen:
-            from .ablation import keep_gates
             gates = keep_gates(self.model.config, top_nodes(self.order, k), self.model.device)
             two_c, lab_c = masked_pair_logits(self.model, self.calib, gates, self.ablation)
             cal = fit_calibration(two_c, lab_c, self.calib_steps)

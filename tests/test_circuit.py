@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import cspkit
-from cspkit.ablation import fingerprint, node_name, node_widths
+from cspkit.ablation import fingerprint, node_widths
 from cspkit.circuit import Circuit, compute_edges, extra_edges, geometric_mean_edges, node_list
-from cspkit.model import GPT
+from cspkit.model import GPT, node_name
 from cspkit.sparsity import project_model_
 
 

@@ -375,3 +375,22 @@ def test_convert_refuses_an_existing_destination_and_leaves_nothing_on_failure(f
     dst.mkdir()
     assert main(["convert-openai", str(src), str(dst), "--tokenizer", str(datagym)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_prune_and_validate_a_converted_model_end_to_end(full_vocab, datagym, tmp_path, capsys):
+    from cspkit.circuit import Circuit
+    src, _, _ = full_vocab
+    dst = tmp_path / "converted"
+    compat.convert(src, dst, tokenizer=datagym)
+    out = tmp_path / "quote.json"
+    # a random model does not solve the task: prune to a target above its own loss
+    assert main(["prune", "--model", str(dst), "--task", "single_double_quote", "--target", "10",
+                 "--ablation", "zero", "--out", str(out), "--set", "steps=3", "--set", "batch_pairs=4",
+                 "--set", "heldout_pairs=16", "--set", "calib_pairs=8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"][0]
+    model = cspkit.load(dst)
+    circuit = Circuit.load(out, model=model)
+    assert circuit.n_nodes == res["nodes"] >= 1 and circuit.ablation == "zero"
+    assert circuit.evaluate("test", n=4)["loss"] >= 0
+    assert main(["validate", "--circuit", str(out), "--n", "4", "--draws", "1", "--no-prune-controls", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][1]["nodes"] == circuit.n_nodes

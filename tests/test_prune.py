@@ -8,9 +8,8 @@ import torch
 
 import cspkit
 from cspkit import tasks
-from cspkit.ablation import (ablation_values, gate_hooks, keep_gates, node_means, node_widths, parse_node,
-                             resample_shift)
-from cspkit.model import GPT
+from cspkit.ablation import ablation_values, gate_hooks, keep_gates, node_means, node_widths, resample_shift
+from cspkit.model import GPT, parse_node
 from cspkit.prune import PruneConfig, bisect, fit_calibration, gate, prune, ranking, top_nodes
 
 FAST = PruneConfig(steps=6, batch_pairs=8, heldout_pairs=16, calib_pairs=16)
