@@ -32,6 +32,7 @@ class Row:
     edges: int | None
     loss: float | None            # calibrated test loss (mean over draws where there are draws)
     accuracy: float | None = None
+    raw_loss: float | None = None  # the same without the calibration
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -121,7 +122,7 @@ def _prune_control(name: str, model: GPT, task, circuit: Circuit, progress: bool
         return Row(name, e.k, None, None, note=f"did not reach the target: the masks' {e.k} nodes give "
                                               f"held-out loss {e.loss:.3f}")
     test = c.evaluate()
-    return Row(name, c.n_nodes, c.n_edges, test["loss"], test["accuracy"],
+    return Row(name, c.n_nodes, c.n_edges, test["loss"], test["accuracy"], test["raw_loss"],
                note=f"held-out loss {c.loss:.3f}; the full model's {c.full_loss:.3f}")
 
 
@@ -143,21 +144,21 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
         bar.set_postfix_str(step)
         if step == "full":
             r = sc(everything)
-            rows.append(Row("full model", sum(widths.values()), None, r["loss"], r["accuracy"]))
+            rows.append(Row("full model", sum(widths.values()), None, r["loss"], r["accuracy"], r["raw_loss"]))
         elif step == "circuit":
             r = sc(circuit.nodes)
             rows.append(Row("circuit alone (sufficiency)", circuit.n_nodes, circuit.n_edges, r["loss"], r["accuracy"],
-                            note=f"target {circuit.target}; held-out loss {circuit.loss:.3f}"))
+                            r["raw_loss"], note=f"target {circuit.target}; held-out loss {circuit.loss:.3f}"))
         elif step == "necessity":
             r = sc(circuit.nodes, invert=True)
             rows.append(Row("circuit ablated (necessity)", sum(widths.values()) - circuit.n_nodes, None, r["loss"],
-                            r["accuracy"], note=f"{r['loss'] / CHANCE:.1f} x chance loss"))
+                            r["accuracy"], r["raw_loss"], note=f"{r['loss'] / CHANCE:.1f} x chance loss"))
         elif step == "random":
             sizes = {loc: len(v) for loc, v in circuit.nodes.items()}
             rs = [sc(_random_nodes(sizes, widths, rng)) for _ in range(draws)]
             losses = [r["loss"] for r in rs]
             rows.append(Row("random nodes, same count per location", circuit.n_nodes, None, statistics.mean(losses),
-                            statistics.mean(r["accuracy"] for r in rs),
+                            statistics.mean(r["accuracy"] for r in rs), statistics.mean(r["raw_loss"] for r in rs),
                             note=f"{draws} draws, loss {min(losses):.3f} to {max(losses):.3f}"))
         elif step == "attribution":
             fit, heldout = _split(task, sc.cfg)
@@ -165,7 +166,7 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
             same = top_nodes(order, circuit.n_nodes)
             r = sc(same)
             rows.append(Row("attribution top-k, same size", circuit.n_nodes, len(compute_edges(model, same)),
-                            r["loss"], r["accuracy"], note="|grad x (activation - ablated)|"))
+                            r["loss"], r["accuracy"], r["raw_loss"], note="|grad x (activation - ablated)|"))
             ev = _Evaluator(model, order, sc.calib, heldout, circuit.ablation, sc.cfg.calib_steps)
             n_total = sum(widths.values())
             if ev(n_total) <= circuit.target:
@@ -173,7 +174,7 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
                 need = top_nodes(order, k)
                 r = sc(need)
                 rows.append(Row("attribution top-k, size to reach the target", k, len(compute_edges(model, need)),
-                                r["loss"], r["accuracy"], note=f"held-out loss {ev(k):.3f}; "
+                                r["loss"], r["accuracy"], r["raw_loss"], note=f"held-out loss {ev(k):.3f}; "
                                 f"{k / max(circuit.n_nodes, 1):.1f} x the circuit's nodes"))
         elif step == "stochastic":
             kept = {loc: set(v) for loc, v in circuit.nodes.items()}
@@ -191,6 +192,7 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
                 losses = [r["loss"] for r in rs]
                 rows.append(Row(f"stochastic: ablate {frac:.0%} of the other nodes", None, None,
                                 statistics.mean(losses), statistics.mean(r["accuracy"] for r in rs),
+                                statistics.mean(r["raw_loss"] for r in rs),
                                 note=f"{draws} draws, max loss {max(losses):.3f}"))
         elif step == "reinit":
             rows.append(_prune_control("re-initialized weights, same sparsity: prune", reinit_like(model, seed),
@@ -203,8 +205,8 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
 def format_table(rows: list[Row]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
-    lines = [f"{'control':<48} {'nodes':>7} {'edges':>7} {'loss':>7} {'acc':>6}  note"]
+    lines = [f"{'control':<48} {'nodes':>7} {'edges':>7} {'loss':>7} {'raw':>7} {'acc':>6}  note"]
     for r in rows:
         lines.append(f"{r.control:<48} {f(r.nodes, 'd'):>7} {f(r.edges, 'd'):>7} {f(r.loss, '.3f'):>7} "
-                     f"{f(r.accuracy, '.3f'):>6}  {r.note}")
+                     f"{f(r.raw_loss, '.3f'):>7} {f(r.accuracy, '.3f'):>6}  {r.note}")
     return "\n".join(lines)
