@@ -76,6 +76,27 @@ def cmd_tasks(args) -> None:
     _emit(args, {"tasks": rows}, "\n".join(human))
 
 
+def cmd_viz(args) -> None:
+    from .checkpoint import load
+    from .circuit import Circuit
+    from .viz import circuit_graph
+    circuit = Circuit.load(args.circuit, model=load(args.model) if args.model else None)
+    if circuit.model is None:
+        raise ValueError(f"{args.circuit} does not name its model (no model_path); pass --model DIR")
+    net = circuit_graph(circuit, n_pairs=args.pairs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    net.write_html(args.out)
+    if args.graphml:
+        args.graphml.parent.mkdir(parents=True, exist_ok=True)
+        net.write_graphml(args.graphml)
+    obj = {"circuit": str(args.circuit), "task": circuit.task, "nodes": circuit.n_nodes, "edges": circuit.n_edges,
+           "html": str(args.out), "html_bytes": args.out.stat().st_size,
+           "graphml": str(args.graphml) if args.graphml else None}
+    _emit(args, obj, f"{circuit.task} circuit, {circuit.n_nodes} nodes and {circuit.n_edges} edges -> {args.out} "
+                     f"({obj['html_bytes'] / 1e3:.0f} kB, self-contained, works offline)"
+                     + (f" and {args.graphml}" if args.graphml else ""))
+
+
 def cmd_eval(args) -> None:
     from . import tasks
     from .checkpoint import load
@@ -97,6 +118,81 @@ def cmd_eval(args) -> None:
     lines.append(f"{'solved (accuracy >= 0.9)':28s}" + "".join(f" {m['solved']:>22d}" for m in out))
     _emit(args, {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out},
           "\n".join(lines))
+
+
+def cmd_prune(args) -> None:
+    from dataclasses import replace
+    from . import tasks
+    from .checkpoint import load
+    from .prune import PruneConfig, prune
+    names = tasks.names() if args.task == "all" else [args.task]
+    for n in names:
+        tasks.get(n)
+    cfg = replace(PruneConfig(), **_parse_sets(args.set or []))
+    model = load(args.model)
+    rows, lines = [], []
+    for n in names:
+        out = args.out / f"{n}.json" if args.task == "all" else args.out
+        try:
+            c = prune(model, n, args.target, args.ablation, args.seed, cfg, progress=not args.json)
+        except ValueError as e:
+            if args.task != "all":
+                raise
+            rows.append({"task": n, "error": str(e)})
+            lines.append(f"{n:28s} not pruned: {e}")
+            continue
+        c.save(out)
+        rows.append({"task": n, "nodes": c.n_nodes, "edges": c.n_edges, "loss": c.loss, "full_loss": c.full_loss,
+                     "seconds": c.seconds, "out": str(out)})
+        lines.append(f"{n:28s} {c.n_nodes:6d} nodes {c.n_edges:6d} edges  held-out loss {c.loss:.4f} "
+                     f"(target {args.target}, full model {c.full_loss:.4f})  {c.seconds:.0f} s -> {out}")
+    _emit(args, {"model": str(args.model), "ablation": args.ablation, "seed": args.seed, "target": args.target,
+                 "results": rows}, "\n".join(lines))
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} is not key=value (e.g. --set k_coef=0.003)")
+        k, v = item.split("=", 1)
+        out[k] = json.loads(v)
+    from .prune import PruneConfig
+    PruneConfig.from_dict(out)
+    return out
+
+
+def cmd_validate(args) -> None:
+    from dataclasses import asdict
+    from .checkpoint import load
+    from .circuit import Circuit
+    from .validate import format_table, validate
+    circuit = Circuit.load(args.circuit, model=load(args.model) if args.model else None)
+    if circuit.model is None:
+        raise ValueError(f"{args.circuit} does not name its model (no model_path); pass --model DIR")
+    rows = validate(circuit, n_test=args.n, draws=args.draws, seed=args.seed,
+                    prune_controls=not args.no_prune_controls, progress=not args.json)
+    obj = {"circuit": str(args.circuit), "task": circuit.task, "model": circuit.model_path,
+           "rows": [asdict(r) for r in rows]}
+    if args.out:
+        from .files import atomic_write
+        atomic_write(args.out, json.dumps(obj, indent=1) + "\n")
+    _emit(args, obj, f"{circuit.task} circuit in {circuit.model_path} ({circuit.ablation} ablation); "
+                     "loss: calibrated task loss on the test split (raw: uncalibrated), chance 0.693\n" + format_table(rows))
+
+
+def cmd_sweep(args) -> None:
+    from dataclasses import replace
+    from . import tasks
+    from .prune import PruneConfig
+    from .sweep import SweepConfig, format_summary, run_controls, sweep
+    names = tasks.names() if args.tasks == "all" else args.tasks.split(",")
+    cfg = SweepConfig(models=[str(m) for m in args.models], tasks=names, targets=args.targets, seeds=args.seeds,
+                      ablation=args.ablation, prune=replace(PruneConfig(), **_parse_sets(args.set or [])))
+    res = sweep(cfg, args.out, jobs=args.jobs, progress=not args.json)
+    if args.controls:
+        res = run_controls(args.out, args.controls.split(","), progress=not args.json)
+    _emit(args, res, format_summary(res) + f"\n-> {args.out}")
 
 
 def cmd_convert_openai(args) -> None:
@@ -136,11 +232,15 @@ def cmd_intervene(args) -> None:
     from . import bridges
     dense, sparse, bridge = bridges.load(args.bridge)
     if args.node == "auto":
-        ch = bridges.pick_channel(sparse, args.task)
+        ch, circuit = bridges.circuit_channel(sparse, args.task, args.circuit, progress=not args.json)
+        how = (f" (auto: of the {len(bridges.read_nodes(circuit))} read channels of the {circuit.n_nodes}-node "
+               f"circuit {circuit.source}, the one that best separates the two prompt classes)")
     else:
-        ch = bridges.channel_stats(sparse, args.task, [args.node])[0]
+        ch, circuit, how = bridges.channel_stats(sparse, args.task, [args.node])[0], None, ""
     r = bridges.flip_rates(dense, sparse, bridge, args.task, ch, args.strength, args.split, args.n, args.seed)
-    lines = [f"{r['task']}: steering {r['node']}{' (auto)' if args.node == 'auto' else ''} through the bridge at "
+    if circuit is not None:
+        r["circuit"] = {"source": circuit.source, "nodes": circuit.n_nodes, "read_nodes": bridges.read_nodes(circuit)}
+    lines = [f"{r['task']}: steering {r['node']}{how} through the bridge at "
              f"site {r['site']}; last-token class means on train prompts A {r['mean_a']:.3f}, B {r['mean_b']:.3f} "
              f"({r['score']:+.2f} pooled sd), delta = B - A = {r['delta']:+.3f} (A prompts +delta, B prompts -delta)",
              f"{r['split']} split: the dense model prefers the right candidate on {r['dense_right']} of "
@@ -187,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_tasks)
 
+    z = sub.add_parser("viz", help="draw a circuit file as a standalone offline HTML page (and GraphML)")
+    z.add_argument("--circuit", type=Path, required=True, help="a circuit file written by `cspkit prune --out`")
+    z.add_argument("--out", type=Path, required=True, help="the HTML page to write")
+    z.add_argument("--graphml", type=Path, help="also write the annotated graph as GraphML")
+    z.add_argument("--model", type=Path, help="the circuit's model (default: the model_path in the file)")
+    z.add_argument("--pairs", type=int, default=16, help="test pairs for the nodes' ablation effects")
+    z.add_argument("--json", action="store_true")
+    z.set_defaults(fn=cmd_viz)
+
     e = sub.add_parser("eval", help="task loss and accuracy of a model")
     e.add_argument("--model", type=Path, required=True, action="append",
                    help="a checkpoint directory; repeat to compare models side by side")
@@ -195,6 +304,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, help="pairs per task (default: the task's split size)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("prune", help="find a task's circuit: the fewest nodes that keep the task loss at the target")
+    r.add_argument("--model", type=Path, required=True)
+    r.add_argument("--task", required=True, help="a task name or 'all' (then --out is a directory)")
+    r.add_argument("--target", type=float, default=0.15)
+    r.add_argument("--ablation", choices=["mean", "zero", "resample"], default="mean")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", metavar="key=value", help="a PruneConfig value, e.g. k_coef=0.003")
+    r.add_argument("--out", type=Path, required=True, help="the circuit file (a directory with --task all)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_prune)
+
+    w = sub.add_parser("validate", help="the faithfulness controls of a circuit file, as one table")
+    w.add_argument("--circuit", type=Path, required=True)
+    w.add_argument("--model", type=Path, help="the circuit's model (default: the model_path in the file)")
+    w.add_argument("--n", type=int, help="test pairs (default: the task's test split)")
+    w.add_argument("--draws", type=int, default=4, help="random draws for the random and stochastic controls")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--no-prune-controls", action="store_true",
+                   help="skip the two controls that prune again (re-initialized weights, random labels)")
+    w.add_argument("--out", type=Path, help="also write the table as JSON")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(fn=cmd_validate)
+
+    q = sub.add_parser("sweep", help="prune every task on every model; circuit sizes, geometric means, dense/sparse "
+                                     "ratio (resumes from --out)")
+    q.add_argument("--models", type=Path, nargs="+", required=True, help="checkpoint directories")
+    q.add_argument("--tasks", default="all", help="'all' or task names separated by commas")
+    q.add_argument("--targets", type=float, nargs="+", default=[0.15])
+    q.add_argument("--seeds", type=int, nargs="+", default=[0], help="pruning seeds")
+    q.add_argument("--ablation", choices=["mean", "zero", "resample"], default="mean")
+    q.add_argument("--set", action="append", metavar="key=value", help="a PruneConfig value, e.g. steps=50")
+    q.add_argument("--jobs", type=int, default=1, help="processes pruning at once (one torch thread each)")
+    q.add_argument("--controls", metavar="TASK[,TASK]",
+                   help="afterwards, the validation controls of these tasks' circuits (first seed and target)")
+    q.add_argument("--out", type=Path, required=True, help="the results file (JSON)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_sweep)
 
     o = sub.add_parser("convert-openai", help="an openai circuit_sparsity model as a cspkit checkpoint")
     o.add_argument("src", type=Path, help="directory with beeg_config.json and final_model.pt")
@@ -216,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("intervene", help="steer the dense model through a sparse channel: flip rate vs control")
     v.add_argument("--bridge", type=Path, required=True, help="a directory written by `cspkit bridge`")
-    v.add_argument("--node", required=True, help="a sparse read channel, e.g. 3.mlp.in[41], or 'auto'")
+    v.add_argument("--node", required=True, help="a sparse read channel, e.g. 3.mlp.in[41], or 'auto': the read "
+                                                 "channel of the task's circuit that best separates the two classes")
+    v.add_argument("--circuit", type=Path, help="with --node auto, the task's circuit file in the sparse model "
+                                                "(default: results/circuits/<model>/<task>.json, else prune one)")
     v.add_argument("--task", required=True)
     v.add_argument("--strength", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     v.add_argument("--split", choices=["train", "test"], default="test")
@@ -224,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_intervene)
+
     return p
 
 
