@@ -189,9 +189,13 @@ class _Evaluator:
 
 def bisect(evaluate, n_total: int, target: float, start: int | None = None) -> int:
     """Smallest k with evaluate(k) <= target, assuming the loss falls as k grows; evaluate(n_total)
-    must already meet the target. ``start`` (the masks' own count) is tried first and doubled
+    must already meet the target. k = 0 is a real answer: with every node ablated, the token
+    embedding still reaches the unembedding, and when the last token alone decides the task,
+    no node is needed. ``start`` (the masks' own count) is tried first and doubled
     until it meets the target, which saves most evaluations when the masks are good."""
-    lo, hi = 0, n_total               # evaluate(hi) <= target; lo is known (or assumed) to fail
+    if evaluate(0) <= target:         # the direct path (embedding -> unembedding) alone suffices
+        return 0
+    lo, hi = 0, n_total               # evaluate(hi) <= target; evaluate(lo) > target
     k = start
     while k and k < hi:
         if evaluate(k) <= target:
