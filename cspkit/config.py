@@ -161,11 +161,13 @@ BRIDGE_PROFILES: dict[str, tuple[BridgeConfig, TrainConfig]] = {
     "tiny": (BridgeConfig(),
              TrainConfig(max_steps=200, batch_size=8, lr=0.01, eval_interval=50, eval_batches=2, ckpt_interval=50,
                          l0_frac=1 / 8, l0_frac_embed=1 / 2)),
-    # the shipped bridge: fine-tunes small-sparse against small-dense; two sites per step run the
-    # hybrid passes (all eight cost about 3x more per step on CPU)
-    "small": (BridgeConfig(kl_sites=2),
-              TrainConfig(max_steps=1000, batch_size=8, lr=3e-3, warmup_frac=0.02, eval_interval=100,
-                          eval_batches=4, ckpt_interval=100)),
+    # the shipped bridge: only the maps learn, so small-sparse (and the circuits found in it) stay
+    # as they are; one site per step runs the hybrid passes (all eight cost about 5x more per
+    # step on CPU). 120 steps of 2,048 tokens after the least-squares start: what a shared
+    # 2-core CPU allowed.
+    "small": (BridgeConfig(kl_sites=1, train_sparse=False),
+              TrainConfig(max_steps=120, batch_size=8, lr=3e-3, warmup_frac=0.02, eval_interval=40,
+                          eval_batches=4, ckpt_interval=40)),
 }
 
 
