@@ -220,6 +220,14 @@ class TargetNotReached(ValueError):
         self.task, self.target, self.loss, self.k = task, target, loss, k
 
 
+def _circuit_size(ev: _Evaluator, n_total: int, target: float, full_loss: float, k_mask: int, task: str) -> int:
+    if full_loss <= target:
+        return bisect(ev, n_total, target, start=k_mask)
+    if k_mask and ev(k_mask) <= target:    # only for require_full=False: the masks' set must do
+        return bisect(ev, k_mask, target)
+    raise TargetNotReached(task, target, ev(k_mask) if k_mask else full_loss, k_mask)
+
+
 def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: int = 0,
           config: PruneConfig | None = None, progress: bool = True, require_full: bool = True) -> Circuit:
     """The smallest circuit (by the learned node ranking) whose calibrated task loss on
@@ -244,18 +252,17 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
                          f"{full_loss:.3f}, or a model that solves the task")
 
     t_masks = time.time()
-    taus, mean_taus = train_masks(model, task_obj, cfg, ablation, seed, progress, pairs=fit)
-    t_masks = time.time() - t_masks
-    order = ranking(taus, mean_taus)
-    ev = _Evaluator(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
-    ev.seen[n_total] = full.seen[n_total]
-    k_mask = sum(int((t > 0).sum()) for t in taus.values())
-    if full_loss <= target:
-        k = bisect(ev, n_total, target, start=k_mask)
-    elif k_mask and ev(k_mask) <= target:
-        k = bisect(ev, k_mask, target)
+    if full(0) <= target:   # the direct path alone meets the target: no node, no masks to train
+        taus = mean_taus = None
+        order, ev, k = [], full, 0
     else:
-        raise TargetNotReached(task_obj.name, target, ev(k_mask) if k_mask else full_loss, k_mask)
+        taus, mean_taus = train_masks(model, task_obj, cfg, ablation, seed, progress, pairs=fit)
+        order = ranking(taus, mean_taus)
+        ev = _Evaluator(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
+        ev.seen[0], ev.seen[n_total] = full.seen[0], full.seen[n_total]
+        k = _circuit_size(ev, n_total, target, full_loss, sum(int((t > 0).sum()) for t in taus.values()),
+                          task_obj.name)
+    t_masks = time.time() - t_masks
     loss, cal = ev.seen[k]
     nodes = top_nodes(order, k)
     c = Circuit(task=task_obj.name, nodes=nodes, edges=compute_edges(model, nodes), target=target, loss=loss,
