@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cspkit import bridges
+from cspkit import tasks as tasks_mod
 from cspkit import checkpoint as ckpt
 from cspkit.cli import main
 from cspkit.config import BridgeConfig, ModelConfig, from_dict, to_dict
@@ -257,6 +258,25 @@ def test_intervene_strength_zero_is_exact_and_control_has_same_norm(pair, tmp_pa
     for bad in ("1.mlp.neuron[3]", "7.attn.in[0]", "1.attn.in[999]", "1.attn.in"):
         with pytest.raises(ValueError):
             bridges.intervene(dense, sparse, bridge, bad, 1.0, tokens=x)
+    # several channels of one site at once: the sum of their vectors (the map is linear), per node
+    # deltas or per sequence and node
+    w = bridges.steering_vector(dense, sparse, bridge, "1.mlp.in[5]", -1.0, 1.0, x)
+    both = bridges.steering_vector(dense, sparse, bridge, [node, "1.mlp.in[5]"], torch.tensor([2.0, -1.0]), 1.0, x)
+    assert torch.allclose(both, v + w, rtol=1e-4, atol=1e-6)
+    rows = torch.tensor([[2.0, -1.0], [0.0, 0.0], [-2.0, 1.0]])
+    per = bridges.steering_vector(dense, sparse, bridge, [node, "1.mlp.in[5]"], rows, 1.0, x)
+    assert torch.allclose(per[0], both[0]) and float(per[1].abs().max()) == 0 and torch.allclose(per[2], -both[2])
+    assert torch.equal(bridges.steering_vector(dense, sparse, bridge, [node], 2.0, 1.0, x), v)
+    with pytest.raises(ValueError, match="different sites"):
+        bridges.steering_vector(dense, sparse, bridge, [node, "1.attn.in[5]"], torch.ones(2), 1.0, x)
+
+
+def test_diff_positions():
+    pad = 0
+    tokens = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, pad, pad], [1, 9, 3, 4, 5], [1, 2, 3, pad, pad]])
+    batch = {"tokens": tokens, "last": torch.tensor([4, 2, 4, 2])}       # pairs (row 0, row 2) and (1, 3)
+    # pair 0 first differs at 1; pair 1 never differs: its last token
+    assert bridges.diff_positions(batch).tolist() == [1, 2, 1, 2]
 
 
 @torch.no_grad()
@@ -294,6 +314,81 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     assert r["prompts"] == 8 and [row["strength"] for row in r["rows"]] == [0.0, 1.0]
     assert r["rows"][0]["flip_rate"] == 0.0 and r["rows"][0]["logit_shift"] == 0.0
     assert all(0 <= row[k] <= 1 for row in r["rows"] for k in ("flip_rate", "control_flip_rate"))
+    # the same numbers as steering prompt by prompt with intervene
+    batch = tasks_mod.encode_pairs(tasks_mod.get("single_double_quote").pairs("test", n=4), dense.config.block_size)
+    sign = 1.0 - 2.0 * batch["label"].float()
+    two = tasks_mod.pair_logits(bridges.intervene(dense, sparse, bridge, best.node, sign * best.delta, 1.0,
+                                                  tokens=batch["tokens"]), batch)
+    base = tasks_mod.pair_logits(dense(batch["tokens"]), batch)
+    gap = lambda t: t.sum(-1) - 2 * t.gather(1, batch["label"][:, None])[:, 0]
+    right = base.argmax(-1) == batch["label"]
+    assert r["rows"][1]["logit_shift"] == pytest.approx(float((gap(two) - gap(base))[right].mean()), abs=1e-4)
+
+    # at the token where the two prompts differ; several channels of one site at once
+    at_diff = bridges.channel_stats(sparse, "single_double_quote", nodes, n=8, at="diff")
+    assert [s.at for s in at_diff] == ["diff"] * 3 and at_diff != stats
+    with pytest.raises(ValueError, match="at must be"):
+        bridges.channel_stats(sparse, "single_double_quote", nodes, at="first")
+    circuit = quote_circuit(sparse, nodes + ["1.attn.in[9]", "1.attn.v[0]"])
+    group = bridges.site_channels(sparse, "single_double_quote", circuit, at_diff[2], n=8)
+    assert sorted(g.node for g in group) == ["1.attn.in[7]", "1.attn.in[9]"]
+    assert abs(group[0].score) >= abs(group[1].score)
+    r = bridges.flip_rates(dense, sparse, bridge, "single_double_quote", group, [1.0], n=4)
+    assert r["node"] == [g.node for g in group] and r["delta"] == [g.delta for g in group] and r["at"] == "diff"
+    assert r["site"] == "1.attn"
+
+
+def quote_circuit(model, nodes, task="single_double_quote"):
+    """A hand-made circuit file's worth of circuit, found (so it says) in ``model``."""
+    from cspkit.ablation import fingerprint
+    from cspkit.circuit import Circuit, node_list
+    return Circuit(task=task, nodes=node_list(nodes), edges=[], target=0.15, loss=0.1,
+                   model_path=getattr(model, "path", None), model_fingerprint=fingerprint(model))
+
+
+def test_circuit_channel_picks_among_the_circuits_read_nodes(pair, tmp_path, monkeypatch):
+    from cspkit import prune as prune_mod
+    run_bridge(pair, tmp_path / "b", max_steps=1)
+    _, sparse, _ = bridges.load(tmp_path / "b")
+    task, reads = "single_double_quote", ["0.attn.in[1]", "1.mlp.in[2]", "1.attn.in[7]"]
+    c = quote_circuit(sparse, reads + ["1.attn.v[3]", "0.mlp.neuron[5]"])
+    assert sorted(bridges.read_nodes(c)) == sorted(reads)
+    want = bridges.pick_channel(sparse, task, reads, n=8, at="diff")
+    ch, got = bridges.circuit_channel(sparse, task, c, n=8)
+    assert ch == want and got is c
+    path = c.save(tmp_path / "c.json")
+    ch, got = bridges.circuit_channel(sparse, task, path, n=8)
+    assert ch == want and got.source == str(path) and got.nodes == c.nodes
+
+    # no circuit given: results/circuits/<name>/<task>.json, for the names of the bridge's sparse model
+    root = tmp_path / "results"
+    monkeypatch.setattr(bridges, "circuits_dir", lambda: root)
+    names = bridges.model_names(sparse)
+    assert names == ["sparse", "b", pair[1].dir.name]  # its dir, the bridge's, the checkpoint it started from
+    stranger = quote_circuit(sparse, reads)
+    stranger.model_fingerprint = "0" * 16                                 # found in another model: passed over
+    stranger.save(root / "b" / f"{task}.json")
+    calls = []
+
+    def fake_prune(model, task, progress=True, **kw):
+        calls.append((model, task))
+        return quote_circuit(model, ["1.attn.in[7]", "1.attn.q[0]"])
+
+    monkeypatch.setattr(prune_mod, "prune", fake_prune)
+    assert bridges.find_circuit(sparse, task) is None
+    ch, got = bridges.circuit_channel(sparse, task, n=8, progress=False)
+    assert calls == [(sparse, task)] and got.source == "pruned" and ch.node == "1.attn.in[7]"
+    c.save(root / pair[1].dir.name / f"{task}.json")
+    assert bridges.find_circuit(sparse, task) == root / pair[1].dir.name / f"{task}.json"
+    ch, got = bridges.circuit_channel(sparse, task, n=8)
+    assert ch == want and len(calls) == 1
+
+    with pytest.raises(ValueError, match="no read channel"):
+        bridges.circuit_channel(sparse, task, quote_circuit(sparse, ["1.attn.v[3]"]))
+    with pytest.raises(ValueError, match="not 'single_double_quote'"):
+        bridges.circuit_channel(sparse, task, quote_circuit(sparse, reads, task="indent_for"))
+    with pytest.raises(ValueError, match="not in the model given"):
+        bridges.circuit_channel(sparse, task, stranger)
 
 
 def test_cli_bridge_and_intervene(pair, tmp_path, capsys):
@@ -304,16 +399,37 @@ def test_cli_bridge_and_intervene(pair, tmp_path, capsys):
     assert code == 0
     res = json.loads(capsys.readouterr().out)
     assert res["step"] == 2 and len(res["quality"]["sites"]) == 2 * trained.mcfg.n_layer
+    res_quality = res["quality"]
     row = res["quality"]["sites"][0]
     assert {"fve_enc", "fve_dec", "kl_d2s", "kl_s2d", "kl_skip", "kl_mean"} <= set(row)
     assert row["fve_dec"] <= 1.0 and row["kl_mean"] >= 0
 
     args = ["intervene", "--bridge", str(out), "--task", "single_double_quote", "--n", "4", "--strength", "0.5", "1"]
-    assert main([*args, "--node", "auto", "--json"]) == 0
+    circuit = quote_circuit(ckpt.load(out / "sparse"), ["0.attn.in[1]", "1.attn.in[7]", "1.attn.v[3]"])
+    cfile = circuit.save(tmp_path / "quote.json")
+    assert main([*args, "--node", "auto", "--circuit", str(cfile), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert [r["strength"] for r in res["rows"]] == [0.5, 1.0] and res["node"].split("[")[0].endswith(".in")
+    assert [r["strength"] for r in res["rows"]] == [0.5, 1.0] and res["node"] in ("0.attn.in[1]", "1.attn.in[7]")
+    assert res["circuit"] == {"source": str(cfile), "nodes": 3, "read_nodes": ["0.attn.in[1]", "1.attn.in[7]"]}
+    assert main([*args, "--node", "auto", "--circuit", str(cfile)]) == 0
+    assert "of the 2 read channels of the 3-node circuit" in capsys.readouterr().out
+    assert main([*args, "--node", "1.mlp.in[2]", "--site-channels", "--circuit", str(cfile), "--at", "last",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert "with all 1 of the circuit's read channels at its site" in text and "at the last token" in text
+    assert saved["node"] == ["1.mlp.in[2]"] and saved["at"] == "last"
     assert main([*args, "--node", "1.mlp.in[2]"]) == 0
     text = capsys.readouterr().out
     assert "1.mlp.in[2]" in text and "random control" in text
     assert main([*args, "--node", "1.mlp.neuron[2]"]) == 2
     assert "not a read channel" in capsys.readouterr().err
+
+    assert main(["bridge-report", "--bridge", str(out), "--out", str(tmp_path / "q.txt"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["step"] == rep["max_steps"] == 2 and rep["sites"] == res_quality["sites"]
+    assert (tmp_path / "q.txt").read_text().startswith(f"bridge {out} at step 2 of 2\nsite ")
+
+    from cspkit.plots import plot_bridge_quality, plot_steering
+    assert len(plot_bridge_quality(rep).axes) == 2
+    assert len(plot_steering({"a": res, "b": saved}).axes[0].lines) == 4
