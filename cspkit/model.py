@@ -166,6 +166,7 @@ class GPT(HookedMixin, nn.Module):
         super().__init__()
         self.config = cfg
         self.encoding = None  # set by cspkit.load / the trainer
+        self.path = None      # the checkpoint directory, when loaded from one
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.h = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
