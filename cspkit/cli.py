@@ -231,24 +231,50 @@ def cmd_bridge(args) -> None:
 def cmd_intervene(args) -> None:
     from . import bridges
     dense, sparse, bridge = bridges.load(args.bridge)
+    circuit = None
     if args.node == "auto":
-        ch, circuit = bridges.circuit_channel(sparse, args.task, args.circuit, progress=not args.json)
+        ch, circuit = bridges.circuit_channel(sparse, args.task, args.circuit, progress=not args.json, at=args.at)
         how = (f" (auto: of the {len(bridges.read_nodes(circuit))} read channels of the {circuit.n_nodes}-node "
                f"circuit {circuit.source}, the one that best separates the two prompt classes)")
     else:
-        ch, circuit, how = bridges.channel_stats(sparse, args.task, [args.node])[0], None, ""
+        ch, how = bridges.channel_stats(sparse, args.task, [args.node], at=args.at)[0], ""
+    if args.site_channels:
+        if circuit is None:
+            circuit = bridges.task_circuit(sparse, args.task, args.circuit, progress=not args.json)
+        ch = bridges.site_channels(sparse, args.task, circuit, ch)
+        how += f", with all {len(ch)} of the circuit's read channels at its site, each by its own delta"
     r = bridges.flip_rates(dense, sparse, bridge, args.task, ch, args.strength, args.split, args.n, args.seed)
     if circuit is not None:
         r["circuit"] = {"source": circuit.source, "nodes": circuit.n_nodes, "read_nodes": bridges.read_nodes(circuit)}
-    lines = [f"{r['task']}: steering {r['node']}{how} through the bridge at "
-             f"site {r['site']}; last-token class means on train prompts A {r['mean_a']:.3f}, B {r['mean_b']:.3f} "
-             f"({r['score']:+.2f} pooled sd), delta = B - A = {r['delta']:+.3f} (A prompts +delta, B prompts -delta)",
+    if args.out:
+        from .files import atomic_write
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out, json.dumps(r, indent=1) + "\n")
+    token = "last token" if r["at"] == "last" else "first token where the pair's prompts differ"
+    first = lambda k: r[k] if isinstance(r[k], float) else r[k][0]
+    lines = [f"{r['task']}: steering {ch.node if isinstance(ch, bridges.Channel) else ch[0].node}{how}, through "
+             f"the bridge at site {r['site']} at every token",
+             f"class means of {r['node'] if isinstance(r['node'], str) else r['node'][0]} at the {token}, train "
+             f"prompts: A {first('mean_a'):.3f}, B {first('mean_b'):.3f} ({first('score'):+.2f} pooled sd); "
+             f"delta = B - A = {first('delta'):+.3f} (A prompts +delta, B prompts -delta)",
              f"{r['split']} split: the dense model prefers the right candidate on {r['dense_right']} of "
-             f"{r['prompts']} prompts; flip rate = the fraction of those that switch to the other class's answer",
+             f"{r['prompts']} prompts; flip rate = the fraction of those that switch to the other class's answer; "
+             "logit shift = mean change of their other-minus-own candidate logit gap",
              f"{'strength':>8s} {'flip rate':>10s} {'random control':>15s} {'logit shift':>12s} {'control':>8s}"]
     lines += [f"{row['strength']:>8.2f} {row['flip_rate']:>10.3f} {row['control_flip_rate']:>15.3f} "
               f"{row['logit_shift']:>12.3f} {row['control_logit_shift']:>8.3f}" for row in r["rows"]]
     _emit(args, r, "\n".join(lines))
+
+
+def cmd_bridge_report(args) -> None:
+    from . import bridges
+    q = bridges.report(args.bridge, dense=args.dense, batches=args.batches)
+    human = (f"bridge {args.bridge} at step {q['step']} of {q['max_steps']}\n" + bridges.format_quality(q))
+    if args.out:
+        from .files import atomic_write
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out, human + "\n")
+    _emit(args, q, human)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,8 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bridge", type=Path, required=True, help="a directory written by `cspkit bridge`")
     v.add_argument("--node", required=True, help="a sparse read channel, e.g. 3.mlp.in[41], or 'auto': the read "
                                                  "channel of the task's circuit that best separates the two classes")
-    v.add_argument("--circuit", type=Path, help="with --node auto, the task's circuit file in the sparse model "
-                                                "(default: results/circuits/<model>/<task>.json, else prune one)")
+    v.add_argument("--circuit", type=Path, help="with --node auto or --site-channels, the task's circuit file in "
+                                                "the sparse model (default: results/circuits/<model>/<task>.json, "
+                                                "else prune one)")
+    v.add_argument("--at", choices=["diff", "last"], default="diff",
+                   help="the token whose class means set delta (and pick the auto channel): the first token where "
+                        "the pair's two prompts differ (default), or the last")
+    v.add_argument("--site-channels", action="store_true",
+                   help="steer all of the circuit's read channels at the node's site at once, each by its own delta")
+    v.add_argument("--out", type=Path, help="also write the result as JSON (as --json prints it)")
     v.add_argument("--task", required=True)
     v.add_argument("--strength", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     v.add_argument("--split", choices=["train", "test"], default="test")
@@ -374,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_intervene)
+
+    g = sub.add_parser("bridge-report", help="a bridge's quality per site: FVE of the maps, KL of the hybrid passes "
+                                             "against two baselines")
+    g.add_argument("--bridge", type=Path, required=True, help="a directory written by `cspkit bridge`")
+    g.add_argument("--dense", type=Path, help="the dense model (default: where the bridge recorded it)")
+    g.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
+    g.add_argument("--out", type=Path, help="also write the human report to this file")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_bridge_report)
 
     return p
 
