@@ -1,5 +1,5 @@
 """Matplotlib figures for the notebooks: training curves, the LR / L0 schedule, weight density,
-task scores."""
+task scores, the loss-against-circuit-size frontier, bridge quality and steering."""
 from __future__ import annotations
 
 from typing import Any
@@ -89,5 +89,92 @@ def plot_task_scores(results: dict[str, list[dict[str, Any]]]) -> Figure:
     ax.set(ylabel="accuracy (per prompt)", ylim=(0, 1.05), title="task accuracy on the test split")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_frontier(results: dict[str, Any], target: float | None = None, common: bool = True) -> Figure:
+    """One point per model of a ``cspkit sweep`` results file: its validation loss against the
+    geometric mean of circuit edges (log scale; the bar spans the pruning seeds), over the tasks
+    every model can do (``common``) or over each model's own."""
+    targets = results["summary"]["targets"]
+    if target is None and len(targets) > 1:
+        raise ValueError(f"the results hold targets {', '.join(targets)}; pass target=")
+    key = str(float(target)) if target is not None else next(iter(targets))
+    if key not in targets:
+        raise ValueError(f"no target {target} in the results; they hold {', '.join(targets)}")
+    summ = targets[key]
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    colors = {True: "tab:orange", False: "tab:blue"}
+    for path, m in summ["models"].items():
+        g = m["gm_edges_common" if common else "gm_edges"]
+        info = results["models"][path]
+        if g["gmean"] is None or info["val_loss"] is None:
+            continue
+        ax.errorbar(g["gmean"], info["val_loss"], xerr=[[g["gmean"] - g["min"]], [g["max"] - g["gmean"]]],
+                    fmt="o", color=colors[info["dense"]], capsize=3)
+        ax.annotate(info["name"], (g["gmean"], info["val_loss"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    n = len(summ["tasks_all_can_do"])
+    ax.set(xlabel="geometric mean of circuit edges" + (f" over the {n} common task(s)" if common else ""),
+           ylabel="validation loss (nats / token)", title=f"circuit size against loss (target {key})")
+    ax.legend(handles=[Patch(color=c, label="dense" if d else "weight-sparse") for d, c in colors.items()],
+              fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def plot_bridge_quality(q: dict[str, Any]) -> Figure:
+    """A bridge's quality per site (``cspkit.bridges.quality`` / ``report``): the maps' fraction
+    of variance explained, and the KL from the dense output of the two hybrid passes beside the
+    two baselines (the site's sublayer skipped, its residual mean-ablated) and the sparse model's
+    own output (log scale)."""
+    sites = [r["site"] for r in q["sites"]]
+    x = range(len(sites))
+    fig = Figure(figsize=(11, 3.8))
+    ax_fve, ax_kl = fig.subplots(1, 2)
+    for off, key, label in ((-0.2, "fve_enc", "encoder (dense -> sparse)"), (0.2, "fve_dec", "decoder (sparse -> dense)")):
+        ax_fve.bar([i + off for i in x], [r[key] for r in q["sites"]], 0.4, label=label)
+    ax_fve.axhline(0, color="gray", lw=1)
+    ax_fve.set_xticks(list(x), sites)
+    ax_fve.set(xlabel="site", ylabel="fraction of variance explained", ylim=(min(0, *(r[k] for r in q["sites"]
+               for k in ("fve_enc", "fve_dec"))) - 0.05, 1.05), title="maps: FVE (mean predictor = 0)")
+    styles = {"kl_d2s": ("o-", "hybrid d2s (dense prefix, encoder, sparse suffix)"),
+              "kl_s2d": ("s-", "hybrid s2d (sparse prefix, decoder, dense suffix)"),
+              "kl_skip": ("x--", "baseline: sublayer skipped"), "kl_mean": ("+--", "baseline: residual mean-ablated")}
+    for key, (fmt, label) in styles.items():
+        ax_kl.plot(list(x), [max(r[key], 1e-4) for r in q["sites"]], fmt, label=label)
+    ax_kl.axhline(q["kl_sparse"], color="black", ls=":", lw=1, label="the sparse model itself")
+    ax_kl.set_yscale("log")
+    ax_kl.set_xticks(list(x), sites)
+    ax_kl.set(xlabel="site", ylabel="KL from the dense output (nats / token)", title="hybrid passes against baselines")
+    for ax in (ax_fve, ax_kl):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_steering(results: dict[str, dict[str, Any]]) -> Figure:
+    """Flip rate and logit shift against steering strength (label -> a ``cspkit.bridges.flip_rates``
+    result), each beside its random-direction control of the same norm (dashed)."""
+    fig = Figure(figsize=(11, 3.8))
+    ax_flip, ax_shift = fig.subplots(1, 2)
+    for label, r in results.items():
+        s = [row["strength"] for row in r["rows"]]
+        for ax, key in ((ax_flip, "flip_rate"), (ax_shift, "logit_shift")):
+            (line,) = ax.plot(s, [row[key] for row in r["rows"]], "o-", label=label)
+            ax.plot(s, [row[f"control_{key}"] for row in r["rows"]], "x--", color=line.get_color(),
+                    label=f"{label}: random control")
+    ax_flip.set(xlabel="strength (1 = one class's mean moved to the other's)", ylabel="flip rate", ylim=(-0.03, 1.03),
+                title="dense model switches to the other class's answer")
+    ax_shift.axhline(0, color="gray", lw=1)
+    ax_shift.set(xlabel="strength", ylabel="logit shift (nats)", title="change of the other-minus-own logit gap")
+    for ax in (ax_flip, ax_shift):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
