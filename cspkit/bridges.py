@@ -30,6 +30,7 @@ import random
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -45,6 +46,9 @@ from .model import GPT, abs_topk, node_name, parse_node
 from .sparsity import project_model_
 from .train import (check_resumable, decayed, fit, optimizer_step, pick_device, save_resume, schedule,
                     start_log)
+
+if TYPE_CHECKING:
+    from .circuit import Circuit
 
 KINDS = ("attn", "mlp")  # a layer's two sites, in forward order
 
@@ -692,7 +696,7 @@ def task_circuit(sparse: GPT, task: str, circuit=None, progress: bool = True, **
 
 
 def circuit_channel(sparse: GPT, task: str, circuit=None, progress: bool = True, split: str = "train",
-                    n: int | None = None, at: str = "diff") -> tuple[Channel, "Circuit"]:
+                    n: int | None = None, at: str = "diff") -> tuple[Channel, Circuit]:
     """The sparse read channel in the task's circuit that best separates the task's two prompt
     classes at the token ``at`` (``pick_channel`` over ``read_nodes``; see ``channel_stats``), and
     the circuit (see ``task_circuit``)."""
