@@ -1,0 +1,351 @@
+"""Circuit sizes over models x tasks x targets x pruning seeds: the sparse-against-dense
+comparison of the paper (METHOD.md section 4, headline).
+
+One results file holds every finished run, written atomically after each one, so a killed
+sweep resumes by skipping what is done (failed runs are tried again); a later sweep into the
+same file adds its models, tasks, targets and seeds to the file's grid. A run is one
+(model, task, target, seed):
+
+- ``ok``: pruned; nodes, edges, the calibrated held-out loss reached, seconds;
+- ``unsolved``: the full model's own held-out loss is above the target, so no circuit can
+  reach it (reported, not dropped);
+- ``failed``: pruning raised; the reason is kept.
+
+Every run records the full model's held-out loss. The summary gives, per model and seed, the
+geometric mean of edges over the tasks that model can do, and over the tasks every model in
+the file can do (the fair comparison: a model that solves only easy tasks is not rewarded for
+it); and the ratio dense / sparse of the latter, per seed, with its spread. ``run_controls``
+adds the faithfulness controls of cspkit.validate for chosen tasks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import tasks as tasks_mod
+from .ablation import check_ablation, fingerprint, node_means, node_widths
+from .checkpoint import git_commit, load, read_config
+from .config import to_dict
+from .files import atomic_write
+from .model import GPT
+from .prune import PruneConfig, _Evaluator, _split, prune
+
+FORMAT = "cspkit.sweep/1"
+
+
+@dataclass
+class SweepConfig:
+    models: list[str]
+    tasks: list[str] = field(default_factory=tasks_mod.names)
+    targets: list[float] = field(default_factory=lambda: [0.15])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    ablation: str = "mean"
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+    def check(self) -> None:
+        check_ablation(self.ablation)
+        for t in self.tasks:
+            tasks_mod.get(t)
+        for name, v in (("models", self.models), ("tasks", self.tasks), ("targets", self.targets),
+                        ("seeds", self.seeds)):
+            if not v:
+                raise ValueError(f"a sweep needs at least one of {name}")
+        for m in self.models:
+            read_config(m)  # a clear error for a path that is not a checkpoint, before any work
+
+
+def model_key(path: str | os.PathLike) -> str:
+    return os.path.normpath(str(path))
+
+
+def full_model_loss(model: GPT, task, cfg: PruneConfig, ablation: str) -> float:
+    """The full model's calibrated held-out task loss, measured on the pairs prune() measures it on."""
+    fit, heldout = _split(tasks_mod.get(task), cfg)
+    everything = [(loc, i) for loc, w in node_widths(model.config).items() for i in range(w)]
+    return _Evaluator(model, everything, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)(len(everything))
+
+
+class _Runner:
+    """Runs units in one process, loading each model once and measuring each full-model loss once
+    (the loss is the same for every target and seed)."""
+
+    def __init__(self, ablation: str, cfg: PruneConfig, models: dict[str, GPT] | None = None,
+                 progress: bool = False):
+        self.ablation, self.cfg, self.progress = ablation, cfg, progress
+        self.models = dict(models or {})
+        self.full: dict[tuple[str, str], float] = {}
+
+    def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
+        key, task, target, seed = unit["model"], unit["task"], unit["target"], unit["seed"]
+        t0 = time.time()
+        row = {**unit, "threads": torch.get_num_threads()}
+        try:
+            if key not in self.models:
+                self.models[key] = load(key)
+            model = self.models[key]
+            if (key, task) not in self.full:
+                self.full[key, task] = full_model_loss(model, task, self.cfg, self.ablation)
+            row["full_loss"] = self.full[key, task]
+            if row["full_loss"] > target:
+                return {**row, "status": "unsolved", "seconds": round(time.time() - t0, 2),
+                        "reason": f"the full model's held-out loss {row['full_loss']:.4f} is above the target {target}"}
+            c = prune(model, task, target, self.ablation, seed, self.cfg, progress=self.progress)
+        except Exception as e:  # noqa: BLE001 -- one task failing must not stop the sweep; the reason is kept
+            return {**row, "status": "failed", "seconds": round(time.time() - t0, 2),
+                    "reason": f"{type(e).__name__}: {e}"}
+        return {**row, "status": "ok", "nodes": c.n_nodes, "edges": c.n_edges, "loss": c.loss,
+                "seconds": c.seconds}
+
+
+_worker: _Runner | None = None
+
+
+def _init_worker(ablation: str, cfg: dict) -> None:
+    global _worker
+    torch.set_num_threads(1)  # N processes share the cores; more threads each would oversubscribe them
+    _worker = _Runner(ablation, PruneConfig.from_dict(cfg))
+
+
+def _work(unit: dict[str, Any]) -> dict[str, Any]:
+    return _worker(unit)
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["task"], float(r["target"]), int(r["seed"])
+
+
+def _union(old: list, new: list) -> list:
+    return old + [x for x in new if x not in old]
+
+
+def open_results(path: str | os.PathLike, cfg: SweepConfig, models: dict[str, GPT]) -> dict[str, Any]:
+    """The results file at ``path`` with ``cfg``'s grid merged in, or a new one. Finished runs are
+    only reused if they were made with the same ablation, pruning config and model weights."""
+    path = Path(path)
+    info = {}
+    for key, m in models.items():
+        meta = read_config(key)
+        info[key] = {"name": Path(key).name, "dense": bool(meta.get("dense")), "val_loss": meta.get("val_loss"),
+                     "step": meta.get("step"), "params": sum(p.numel() for p in m.parameters()),
+                     "fingerprint": fingerprint(m)}
+    grid = {"models": list(models), "tasks": list(cfg.tasks), "targets": [float(t) for t in cfg.targets],
+            "seeds": [int(s) for s in cfg.seeds]}
+    prune_cfg = to_dict(cfg.prune)
+    if not path.is_file():
+        return {"format": FORMAT, "ablation": cfg.ablation, "prune_config": prune_cfg, "grid": grid,
+                "models": info, "runs": [], "controls": {}}
+    res = json.loads(path.read_text())
+    if res.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a cspkit sweep results file (format {res.get('format')!r}); "
+                         "pass a new --out")
+    fix = f"write to a new --out, or delete {path} to start over"
+    if res["ablation"] != cfg.ablation:
+        raise ValueError(f"{path} holds runs with {res['ablation']} ablation, not {cfg.ablation}; {fix}")
+    if res["prune_config"] != prune_cfg:
+        diff = {k: (res["prune_config"].get(k), v) for k, v in prune_cfg.items() if res["prune_config"].get(k) != v}
+        raise ValueError(f"{path} holds runs made with another pruning config (file, now: {diff}); {fix}")
+    for key, new in info.items():
+        old = res["models"].get(key)
+        if old and old["fingerprint"] != new["fingerprint"]:
+            raise ValueError(f"the weights of {key} changed since {path} was written (fingerprint "
+                             f"{old['fingerprint']}, now {new['fingerprint']}); {fix}")
+    res["models"].update(info)
+    res["grid"] = {k: _union(res["grid"][k], v) for k, v in grid.items()}
+    return res
+
+
+def _gmean(xs: list[float]) -> float:
+    # a circuit with no edges counts as 1 edge, as in cspkit.circuit.geometric_mean_edges
+    return math.exp(sum(math.log(max(x, 1)) for x in xs) / len(xs))
+
+
+def _spread(per_seed: dict[str, float | None]) -> dict[str, Any]:
+    vals = [v for v in per_seed.values() if v is not None]
+    return {"per_seed": per_seed, "gmean": _gmean(vals) if vals else None,
+            "min": min(vals) if vals else None, "max": max(vals) if vals else None}
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    """Per target: which tasks each model can do, geometric means of edges per model and seed,
+    and the dense / sparse ratios. Recomputed from the runs at every write."""
+    grid, runs = res["grid"], {_key(r): r for r in res["runs"]}
+    models, task_names, seeds = grid["models"], grid["tasks"], grid["seeds"]
+    pending = [(m, t, tg, s) for m in models for t in task_names for tg in grid["targets"] for s in seeds
+               if (m, t, tg, s) not in runs or runs[m, t, tg, s]["status"] == "failed"]
+    out: dict[str, Any] = {"complete": not pending, "pending": len(pending), "targets": {}}
+    for target in grid["targets"]:
+        def ok(m, t, s):
+            r = runs.get((m, t, target, s))
+            return r if r and r["status"] == "ok" else None
+
+        common = [t for t in task_names if all(ok(m, t, s) for m in models for s in seeds)]
+        per_model = {}
+        for m in models:
+            mine = [runs[m, t, target, s] for t in task_names for s in seeds if (m, t, target, s) in runs]
+            own = {str(s): [ok(m, t, s)["edges"] for t in task_names if ok(m, t, s)] for s in seeds}
+            per_model[m] = {
+                "can_do": sorted({r["task"] for r in mine if r.get("full_loss") is not None
+                                  and r["full_loss"] <= target}, key=task_names.index),
+                "cannot_do": {r["task"]: r["full_loss"] for r in mine if r["status"] == "unsolved"},
+                "failed": [{"task": r["task"], "seed": r["seed"], "reason": r["reason"]}
+                           for r in mine if r["status"] == "failed"],
+                "tasks_per_seed": {s: len(v) for s, v in own.items()},
+                "gm_edges": _spread({s: _gmean(v) if v else None for s, v in own.items()}),
+                "gm_edges_common": _spread({str(s): _gmean([ok(m, t, s)["edges"] for t in common]) if common
+                                            else None for s in seeds}),
+            }
+        ratios = []
+        for d in (m for m in models if res["models"][m]["dense"]):
+            for sp in (m for m in models if not res["models"][m]["dense"]):
+                a, b = per_model[d]["gm_edges_common"]["per_seed"], per_model[sp]["gm_edges_common"]["per_seed"]
+                ratios.append({"dense": d, "sparse": sp, **_spread(
+                    {s: a[s] / b[s] if a[s] is not None and b[s] is not None else None for s in a})})
+        out["targets"][str(target)] = {"tasks_all_can_do": common, "models": per_model, "ratios": ratios}
+    return out
+
+
+def _write(path: Path, res: dict[str, Any]) -> None:
+    g = res["grid"]  # every run is in the grid: it is the union of all that was asked
+    res["runs"].sort(key=lambda r: (g["models"].index(r["model"]), g["tasks"].index(r["task"]), r["target"], r["seed"]))
+    res["summary"] = summarize(res)
+    res["git_commit"] = git_commit()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(res, indent=1) + "\n")
+
+
+def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Prune every (model, task, target, seed) of ``cfg`` not yet finished in the results file
+    ``out``; returns the results (also written to ``out`` after every run)."""
+    cfg.check()
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, not {jobs}")
+    out = Path(out)
+    models = {model_key(p): load(p) for p in cfg.models}
+    res = open_results(out, cfg, models)
+    done = {_key(r) for r in res["runs"] if r["status"] != "failed"}
+    units = [{"model": m, "task": t, "target": float(tg), "seed": int(s)}
+             for m in models for t in cfg.tasks for tg in cfg.targets for s in cfg.seeds]
+    units = [u for u in units if _key(u) not in done]
+    if units and cfg.ablation == "mean":
+        for m in models.values():
+            node_means(m)  # computed here once and cached beside the weights, not by every worker at once
+
+    def record(row: dict[str, Any]) -> None:
+        res["runs"] = [r for r in res["runs"] if _key(r) != _key(row)] + [row]
+        _write(out, res)
+        bar.update()
+        cell = f"{row['edges']} edges" if row["status"] == "ok" else row["status"]
+        bar.set_postfix_str(f"{Path(row['model']).name} {row['task']} seed {row['seed']}: {cell}")
+
+    bar = tqdm(total=len(units), desc="sweep", disable=not progress)
+    try:
+        if jobs == 1:
+            run = _Runner(cfg.ablation, cfg.prune, models, progress)
+            for u in units:
+                record(run(u))
+        elif units:
+            ex = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(cfg.ablation, to_dict(cfg.prune)))
+            try:
+                for fut in as_completed([ex.submit(_work, u) for u in units]):
+                    record(fut.result())
+            finally:
+                ex.shutdown(wait=False, cancel_futures=True)
+    finally:
+        bar.close()
+    if not out.is_file():  # nothing was left to run, but the file should still say so
+        _write(out, res)
+    return res
+
+
+def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None = None, draws: int = 4,
+                 n_test: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """The faithfulness controls of cspkit.validate (re-initialized weights, random labels and the
+    rest) for each model's circuit of each task, at the first target, written into the results
+    file under "controls". The circuit is pruned again with the sweep's config and seed."""
+    from .validate import validate
+    out = Path(out)
+    res = json.loads(out.read_text())
+    cfg = PruneConfig.from_dict(res["prune_config"])
+    target = res["grid"]["targets"][0]
+    seed = res["grid"]["seeds"][0] if seed is None else seed
+    runs = {_key(r): r for r in res["runs"]}
+    for key in res["grid"]["models"]:
+        for task in task_names:
+            tasks_mod.get(task)
+            entry = res["controls"].setdefault(key, {})
+            if task in entry and entry[task]["seed"] == seed and entry[task]["target"] == target:
+                continue
+            run = runs.get((key, task, target, seed))
+            if run is None or run["status"] != "ok":
+                why = run["reason"] if run else "the sweep has no run for it"
+                entry[task] = {"target": target, "seed": seed, "rows": [], "note": f"no circuit: {why}"}
+            else:
+                c = prune(load(key), task, target, res["ablation"], seed, cfg, progress=progress)
+                same = (c.n_nodes, c.n_edges) == (run["nodes"], run["edges"])
+                rows = validate(c, n_test=n_test, draws=draws, seed=seed, progress=progress)
+                entry[task] = {"target": target, "seed": seed, "rows": [asdict(r) for r in rows],
+                               "note": "" if same else f"pruned again: {c.n_nodes} nodes, {c.n_edges} edges, "
+                                                       f"not the sweep's {run['nodes']} and {run['edges']}"}
+            _write(out, res)
+    return res
+
+
+def _name(res: dict[str, Any], key: str) -> str:
+    names = [v["name"] for v in res["models"].values()]
+    name = res["models"][key]["name"]
+    return name if names.count(name) == 1 else key
+
+
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_summary(res: dict[str, Any]) -> str:
+    """The human table: one line per finished (model, task, seed), one per task a model cannot do,
+    then the geometric means and the dense / sparse ratios, for every target."""
+    summ = res["summary"]
+    lines = [f"{res['ablation']} ablation; loss = calibrated held-out task loss; geometric means count a "
+             f"circuit with no edges as 1" + ("" if summ["complete"] else f"; {summ['pending']} runs pending")]
+    for target, s in summ["targets"].items():
+        lines += ["", f"target {target}",
+                  f"{'task':28s} {'model':16s} {'seed':>4s} {'nodes':>6s} {'edges':>7s} {'loss':>7s} {'seconds':>8s}"]
+        for key in res["grid"]["models"]:
+            for t in res["grid"]["tasks"]:
+                rows = [r for r in res["runs"] if r["model"] == key and r["task"] == t and r["target"] == float(target)]
+                for r in rows:
+                    if r["status"] == "unsolved":
+                        if r is rows[0]:
+                            lines.append(f"{t:28s} {_name(res, key):16s}    - cannot do: full model's loss "
+                                         f"{r['full_loss']:.3f}")
+                    elif r["status"] == "failed":
+                        lines.append(f"{t:28s} {_name(res, key):16s} {r['seed']:>4d} failed: {r['reason']}")
+                    else:
+                        lines.append(f"{t:28s} {_name(res, key):16s} {r['seed']:>4d} {r['nodes']:>6d} "
+                                     f"{r['edges']:>7d} {r['loss']:>7.4f} {r['seconds']:>8.0f}")
+        common = s["tasks_all_can_do"]
+        lines += ["", f"geometric mean of edges over the tasks a model can do (own) and those every model can do "
+                      f"(common: {', '.join(common) or 'none'}); gmean over seeds [min, max]"]
+        for key, m in s["models"].items():
+            for label, g in ((f"own ({len(m['can_do'])})", m["gm_edges"]),
+                             (f"common ({len(common)})", m["gm_edges_common"])):
+                per = ", ".join(f"seed {k}: {_num(v, '.1f')}" for k, v in g["per_seed"].items())
+                lines.append(f"  {_name(res, key):16s} {label:15s} {_num(g['gmean'], '.1f'):>8s}  "
+                             f"[{_num(g['min'], '.1f')}, {_num(g['max'], '.1f')}]  ({per})")
+        for r in s["ratios"]:
+            per = ", ".join(f"seed {k}: {_num(v, '.2f')}" for k, v in r["per_seed"].items())
+            lines.append(f"  ratio {_name(res, r['dense'])} / {_name(res, r['sparse'])} (common tasks): "
+                         f"{_num(r['gmean'], '.2f')}  [{_num(r['min'], '.2f')}, {_num(r['max'], '.2f')}]  ({per})")
+    if res.get("controls"):
+        lines += ["", "controls: cspkit.validate rows per model and task in the file's \"controls\""]
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""The sweep: every (model, task, target, seed) pruned or reported, resumable, parallel, summarized."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import cspkit
+from cspkit import cli, sweep as sweep_mod
+from cspkit.checkpoint import save
+from cspkit.plots import plot_frontier
+from cspkit.validate import reinit_like
+
+TASKS = "single_double_quote,bracket_counting"
+FAST = ["--set", "steps=4", "--set", "batch_pairs=4", "--set", "heldout_pairs=16", "--set", "calib_pairs=8"]
+
+
+@pytest.fixture(scope="module")
+def pair(trained, tmp_path_factory):
+    """The tiny trained model as the sparse one, and a re-initialized copy saved as a 'dense' one."""
+    dense = tmp_path_factory.mktemp("dense") / "tiny-dense"
+    save(reinit_like(cspkit.load(trained.dir), seed=1), dense, extra={"dense": True, "val_loss": 9.5})
+    return trained.dir, dense
+
+
+def _run(capsys, *argv):
+    code = cli.main(["sweep", *map(str, argv), *FAST, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def swept(pair, tmp_path_factory):
+    """Both models, two tasks, a target everything meets (10) and one nothing meets, two seeds."""
+    out = tmp_path_factory.mktemp("sweep") / "res.json"
+    cfg = sweep_mod.SweepConfig(models=[str(p) for p in pair], tasks=TASKS.split(","), targets=[10.0, 1e-9],
+                                seeds=[0, 1], prune=cspkit.prune.PruneConfig(steps=4, batch_pairs=4,
+                                                                             heldout_pairs=16, calib_pairs=8))
+    sweep_mod.sweep(cfg, out, progress=False)
+    return out
+
+
+def test_every_run_is_pruned_or_reported(swept, pair):
+    res = json.loads(swept.read_text())
+    assert len(res["runs"]) == 2 * 2 * 2 * 2
+    for r in res["runs"]:
+        assert r["full_loss"] > 0
+        if r["target"] == 10.0:
+            assert r["status"] == "ok" and r["nodes"] >= 0 and r["loss"] <= 10.0 and r["seconds"] >= 0
+        else:
+            assert r["status"] == "unsolved" and "above the target" in r["reason"]
+    assert res["summary"]["complete"]
+    sparse, dense = (sweep_mod.model_key(p) for p in pair)
+    assert res["models"][dense]["dense"] and not res["models"][sparse]["dense"]
+
+    easy = res["summary"]["targets"]["10.0"]
+    assert easy["tasks_all_can_do"] == TASKS.split(",")
+    for key, m in easy["models"].items():
+        edges = {s: [r["edges"] for r in res["runs"] if r["model"] == key and r["target"] == 10.0 and r["seed"] == s]
+                 for s in (0, 1)}
+        for s in (0, 1):
+            gm = math.exp(sum(math.log(max(e, 1)) for e in edges[s]) / 2)
+            assert m["gm_edges"]["per_seed"][str(s)] == pytest.approx(gm)
+            assert m["gm_edges_common"]["per_seed"][str(s)] == pytest.approx(gm)
+    (ratio,) = easy["ratios"]
+    assert (ratio["dense"], ratio["sparse"]) == (dense, sparse)
+    for s, v in ratio["per_seed"].items():
+        assert v == pytest.approx(easy["models"][dense]["gm_edges_common"]["per_seed"][s]
+                                  / easy["models"][sparse]["gm_edges_common"]["per_seed"][s])
+    assert ratio["min"] <= ratio["gmean"] <= ratio["max"]
+
+    # an impossible target: every task reported with the full model's loss, nothing averaged
+    hard = res["summary"]["targets"]["1e-09"]
+    assert hard["tasks_all_can_do"] == []
+    for m in hard["models"].values():
+        assert set(m["cannot_do"]) == set(TASKS.split(",")) and m["can_do"] == []
+        assert m["gm_edges"]["gmean"] is None
+    assert hard["ratios"][0]["gmean"] is None
+    text = sweep_mod.format_summary(res)
+    assert "cannot do: full model's loss" in text and "ratio tiny-dense / A" in text
+
+
+def test_a_finished_sweep_recomputes_nothing_and_a_killed_one_only_the_rest(swept, pair, capsys, monkeypatch):
+    calls = []
+    real = sweep_mod.prune
+
+    def counting(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "prune", counting)
+    before = swept.read_bytes()
+    argv = ["--models", *pair, "--tasks", TASKS, "--targets", "10", "1e-9", "--seeds", "0", "1", "--out", swept]
+    _run(capsys, *argv)
+    assert calls == [] and swept.read_bytes() == before
+
+    # a sweep killed before its last run: only that one is pruned, and it comes out the same
+    res = json.loads(before)
+    lost = next(r for r in res["runs"] if r["status"] == "ok")
+    res["runs"].remove(lost)
+    swept.write_text(json.dumps(res))
+    again = _run(capsys, *argv)
+    assert calls == [lost["task"]]
+    redone = next(r for r in again["runs"] if sweep_mod._key(r) == sweep_mod._key(lost))
+    assert {k: redone[k] for k in ("nodes", "edges", "loss", "full_loss")} == \
+           {k: lost[k] for k in ("nodes", "edges", "loss", "full_loss")}
+
+
+def test_a_failing_task_is_recorded_and_retried(pair, tmp_path, capsys, monkeypatch):
+    real = sweep_mod.prune
+
+    def flaky(model, task, *a, **k):
+        if task == "bracket_counting":
+            raise RuntimeError("out of memory")
+        return real(model, task, *a, **k)
+
+    monkeypatch.setattr(sweep_mod, "prune", flaky)
+    out = tmp_path / "res.json"
+    argv = ["--models", pair[0], "--tasks", TASKS, "--targets", "10", "--out", out]
+    res = _run(capsys, *argv)
+    status = {r["task"]: r["status"] for r in res["runs"]}
+    assert status == {"single_double_quote": "ok", "bracket_counting": "failed"}
+    (failed,) = res["summary"]["targets"]["10.0"]["models"][sweep_mod.model_key(pair[0])]["failed"]
+    assert failed["reason"] == "RuntimeError: out of memory" and not res["summary"]["complete"]
+    monkeypatch.setattr(sweep_mod, "prune", real)
+    res = _run(capsys, *argv)
+    assert {r["status"] for r in res["runs"]} == {"ok"} and res["summary"]["complete"]
+
+
+def test_resuming_with_another_config_is_refused(swept, pair, capsys):
+    code = cli.main(["sweep", "--models", str(pair[0]), "--tasks", TASKS, "--targets", "10", "--out", str(swept),
+                     *FAST, "--set", "k_coef=0.5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "another pruning config" in err and "k_coef" in err and "new --out" in err
+    with pytest.raises(ValueError, match="unknown ablation"):
+        sweep_mod.sweep(sweep_mod.SweepConfig(models=[str(pair[0])], ablation="median"), swept, progress=False)
+
+
+def test_parallel_jobs_give_the_serial_results(swept, pair, tmp_path, capsys):
+    res = _run(capsys, "--models", pair[0], "--tasks", "single_double_quote", "--targets", "10", "--seeds", "0", "1",
+               "--jobs", "2", "--out", tmp_path / "par.json")
+    serial = {sweep_mod._key(r): r for r in json.loads(swept.read_text())["runs"]}
+    assert len(res["runs"]) == 2
+    for r in res["runs"]:
+        assert r["threads"] == 1
+        assert {k: r[k] for k in ("nodes", "edges", "loss")} == {k: serial[sweep_mod._key(r)][k]
+                                                                 for k in ("nodes", "edges", "loss")}
+
+
+def test_frontier_plot(swept):
+    res = json.loads(swept.read_text())
+    fig = plot_frontier(res, target=10.0)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.texts] == ["A", "tiny-dense"]
+    with pytest.raises(ValueError, match="pass target="):
+        plot_frontier(res)
+
+
+def test_controls_are_written_into_the_results(pair, tmp_path):
+    out = tmp_path / "res.json"
+    cfg = sweep_mod.SweepConfig(models=[str(pair[0])], tasks=["single_double_quote", "bracket_counting"],
+                                targets=[10.0], prune=cspkit.prune.PruneConfig(steps=4, batch_pairs=4,
+                                                                               heldout_pairs=16, calib_pairs=8))
+    sweep_mod.sweep(cfg, out, progress=False)
+    run = json.loads(out.read_text())["runs"][0]
+    run["status"], run["reason"] = "failed", "RuntimeError: test"   # as if the quote task had failed
+    res = json.loads(out.read_text())
+    res["runs"][0] = run
+    out.write_text(json.dumps(res))
+    res = sweep_mod.run_controls(out, ["single_double_quote", "bracket_counting"], draws=1, n_test=16, progress=False)
+    ctl = json.loads(out.read_text())["controls"][sweep_mod.model_key(pair[0])]
+    assert ctl == res["controls"][sweep_mod.model_key(pair[0])]
+    assert ctl["single_double_quote"]["rows"] == [] and "RuntimeError: test" in ctl["single_double_quote"]["note"]
+    names = [r["control"] for r in ctl["bracket_counting"]["rows"]]
+    assert any(n.startswith("re-initialized weights") for n in names) and any(n.startswith("random labels")
+                                                                              for n in names)
+    assert ctl["bracket_counting"]["note"] == ""   # pruned again, the same circuit as the sweep's
