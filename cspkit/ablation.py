@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .files import atomic_path
-from .model import GPT, location_names, node_name, parse_node  # noqa: F401 (node names live with the locations)
+from .model import GPT, location_names
 
 ABLATIONS = ("mean", "zero", "resample")
 MEANS_FILE = "means.safetensors"

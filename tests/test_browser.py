@@ -1,0 +1,195 @@
+"""The explorer notebook in a real browser: JupyterLab on localhost (temporary config, autosave
+off) runs notebooks/05_explore_circuits.ipynb in headless Chromium; the explorer's graph must be
+drawn on a canvas of nonzero size, choosing another task in the dropdown must redraw it, and no
+request may leave localhost. Screenshots go to test-artifacts/.
+
+Needs Debian's chromium at /usr/bin/chromium (Playwright's own browser download is not used);
+.ci/run installs it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "notebooks" / "05_explore_circuits.ipynb"
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+# On idle cores JupyterLab starts in seconds and the notebook runs in about a minute; busy cores
+# make both many times slower, hence the generous limits (CSPKIT_BROWSER_TIMEOUT, in seconds).
+NOTEBOOK_TIMEOUT_S = float(os.environ.get("CSPKIT_BROWSER_TIMEOUT", 900))
+START_TIMEOUT_S = 300
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=(
+    f"the browser test needs Debian's chromium at {CHROMIUM}: `apt-get install -y chromium` "
+    "(.ci/run installs it)"))
+
+# Every code cell has run, none failed, and the kernel is idle: "done", "error: ..." or false.
+_NOTEBOOK_STATE = """() => {
+  const panel = window.jupyterapp.shell.currentWidget;
+  const kernel = panel && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  if (!kernel) return false;
+  const cells = panel.content.model.cells;
+  for (let i = 0; i < cells.length; i++) {
+    const cell = cells.get(i);
+    if (cell.type !== "code") continue;
+    for (const out of cell.toJSON().outputs) {
+      if (out.output_type === "error") return "error: " + out.ename + ": " + out.evalue;
+    }
+    if (cell.executionCount == null) return false;
+  }
+  return kernel.status === "idle" ? "done" : false;
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _settings(root: Path) -> Path:
+    """JupyterLab user settings: no autosave (the notebook file must not change), no news or
+    update checks, every cell kept in the page (no windowing of off-screen cells)."""
+    d = root / "settings"
+    for plugin, value in [("@jupyterlab/docmanager-extension/plugin", {"autosave": False}),
+                          ("@jupyterlab/apputils-extension/notification",
+                           {"fetchNews": "false", "checkForUpdates": False}),
+                          ("@jupyterlab/notebook-extension/tracker", {"windowingMode": "none"})]:
+        f = d / f"{plugin}.jupyterlab-settings"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(value))
+    return d
+
+
+def _start_lab(tmp: Path, port: int, token: str) -> subprocess.Popen:
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
+           "IPYTHONDIR": str(tmp / "ipython"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+           f"--ServerApp.root_dir={NOTEBOOK.parent}", f"--LabApp.user_settings_dir={_settings(tmp)}",
+           f"--LabApp.workspaces_dir={tmp / 'workspaces'}", "--LabApp.expose_app_in_browser=True"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log = open(tmp / "jupyterlab.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + START_TIMEOUT_S
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited with {proc.returncode}: {(tmp / 'jupyterlab.log').read_text()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    _stop(proc)
+    raise RuntimeError(f"JupyterLab did not answer within {START_TIMEOUT_S} s: {(tmp / 'jupyterlab.log').read_text()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and the kernel it started (the process group this test created)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _graph_frame(page, task: str):
+    """The explorer's graph iframe once it shows ``task`` and vis-network has drawn it."""
+    page.wait_for_function(
+        "t => { const f = document.querySelector('.cspkit-graph iframe');"
+        " return f && f.srcdoc.includes('data-task=\"' + t + '\"'); }", arg=task, timeout=NOTEBOOK_TIMEOUT_S * 1000)
+    handle = page.query_selector(".cspkit-graph iframe")
+    handle.scroll_into_view_if_needed()
+    frame = handle.content_frame()
+    frame.wait_for_selector("body[data-drawn='1']", state="attached", timeout=60_000)
+    return frame
+
+
+def _canvas(frame) -> dict:
+    """The canvas's size and how many of its pixels are painted."""
+    return frame.evaluate("""() => {
+      const c = document.querySelector('#mynetwork canvas');
+      const r = c.getBoundingClientRect();
+      const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let painted = 0;
+      for (let i = 0; i < px.length; i += 4) if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) painted++;
+      return {width: c.width, height: c.height, shown_width: r.width, shown_height: r.height, painted: painted};
+    }""")
+
+
+def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    before = hashlib.sha256(NOTEBOOK.read_bytes()).hexdigest()
+    ARTIFACTS.mkdir(exist_ok=True)
+    port, token = _free_port(), os.urandom(16).hex()
+    start = time.time()
+    proc = _start_lab(tmp_path, port, token)
+    requests, sockets = [], []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM),
+                                         args=["--no-sandbox"] if os.geteuid() == 0 else [])
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.on("request", lambda r: requests.append(r.url))
+            page = context.new_page()
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={token}")
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && "
+                                   "window.jupyterapp.shell.currentWidget.sessionContext.session && "
+                                   "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel && "
+                                   "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status "
+                                   "=== 'idle'", timeout=120_000)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            state = page.wait_for_function(_NOTEBOOK_STATE, timeout=NOTEBOOK_TIMEOUT_S * 1000).json_value()
+            assert state == "done", state
+            ran = time.time() - start
+
+            # the graph the notebook displays directly (an output, not a widget)
+            plain = page.query_selector(".jp-OutputArea-output iframe[sandbox]")  # the first: before the explorer
+            plain.scroll_into_view_if_needed()
+            shown = plain.content_frame()
+            shown.wait_for_selector("body[data-drawn='1']", state="attached", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "notebook-graph.png"))
+            direct = _canvas(shown)
+            assert direct["width"] > 0 and direct["height"] > 0 and direct["painted"] > 1000, direct
+
+            frame = _graph_frame(page, "single_double_quote")
+            first = _canvas(frame)
+            page.screenshot(path=str(ARTIFACTS / "explorer-quote.png"))
+            assert first["width"] > 0 and first["height"] > 0 and first["shown_width"] > 0, first
+            assert first["painted"] > 1000, first
+
+            page.select_option(".cspkit-task select", "bracket_counting")
+            frame2 = _graph_frame(page, "bracket_counting")
+            second = _canvas(frame2)
+            page.screenshot(path=str(ARTIFACTS / "explorer-bracket_counting.png"))
+            assert second["width"] > 0 and second["height"] > 0 and second["painted"] > 1000, second
+            assert frame2.evaluate("document.body.dataset.task") == "bracket_counting"
+            browser.close()
+    finally:
+        _stop(proc)
+    local = {"127.0.0.1", "localhost"}
+    away = [u for u in requests + sockets
+            if urlparse(u).scheme not in ("data", "blob", "about") and urlparse(u).hostname not in local]
+    assert not away, away
+    assert hashlib.sha256(NOTEBOOK.read_bytes()).hexdigest() == before, "the test changed the notebook file"
+    print(f"notebook ran in JupyterLab in {ran:.0f} s; {len(requests)} requests, all to localhost")

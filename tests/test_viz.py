@@ -1,0 +1,306 @@
+"""Circuit graphs (offline HTML, escaping, counts, GraphML), heatmaps, ablation effects and the
+explorer's callbacks driven from Python, on the tiny trained checkpoint."""
+from __future__ import annotations
+
+import json
+import re
+
+import networkx as nx
+import pytest
+import torch
+
+import cspkit
+from cspkit import viz
+from cspkit.ablation import fingerprint
+from cspkit.model import parse_node
+from cspkit.circuit import Circuit, compute_edges
+
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "&amp;", "</div>'"]
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return cspkit.load(trained.dir)
+
+
+def _connected_nodes(model) -> dict[str, list[int]]:
+    """A small circuit whose nodes are joined by nonzero weights: two layer-0 MLP neurons with
+    their reads and writes, and two layer-1 attention channels with their q/k/v, reads and writes."""
+    def cols(W, rows, k=2):
+        return sorted({int(c) for r in rows for c in (W[r] != 0).nonzero().flatten()[:k]})
+
+    b0, b1 = model.h
+    inner = model.config.n_head * model.config.d_head
+    neurons = [int(i) for i in (b0.mlp.c_fc.weight != 0).sum(1).topk(2).indices]
+    ch = [int(i) for i in (b1.attn.c_attn.weight[:inner] != 0).sum(1).topk(2).indices]
+    nodes = {"0.mlp.in": cols(b0.mlp.c_fc.weight, neurons), "0.mlp.neuron": neurons,
+             "0.mlp.out": cols(b0.mlp.c_proj.weight.T, neurons), "1.attn.q": ch, "1.attn.k": ch, "1.attn.v": ch,
+             "1.attn.out": cols(b1.attn.c_proj.weight.T, ch)}
+    nodes["1.attn.in"] = sorted(set(cols(b1.attn.c_attn.weight, ch)) | set(nodes["0.mlp.out"][:1]))
+    return nodes
+
+
+def _circuit(model, task="single_double_quote", nodes=None, target=0.15) -> Circuit:
+    nodes = nodes or _connected_nodes(model)
+    return Circuit(task, nodes, compute_edges(model, nodes), target, 0.5, model=model,
+                   model_fingerprint=fingerprint(model))
+
+
+@pytest.fixture(scope="module")
+def circuit(model):
+    c = _circuit(model)
+    assert c.n_edges > 0 and c.n_nodes > 8
+    return c
+
+
+def _data(page: str, name: str):
+    """The JSON array the page's script holds in ``const name = [...]``."""
+    return json.loads(re.search(rf"^const {name} = (.*);$", page, re.M).group(1))
+
+
+def test_html_is_offline_and_self_contained(circuit):
+    page = viz.circuit_graph(circuit, n_pairs=4).generate_html()
+    assert viz.VIS_JS.read_text(encoding="utf-8") in page  # vis-network inlined, not linked
+    # the inlined library mentions URLs in its licence comments; nothing else may name one
+    ours = page.replace(viz.VIS_JS.read_text(encoding="utf-8"), "")
+    assert not re.search(r"https?:|//[a-z0-9.-]+\.[a-z]{2,}|\b(?:src|href)\s*=|@import|url\(", ours, re.I), \
+        re.findall(r".{40}(?:https?:|src=|href=|@import|url\().{40}", ours)
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)"', page).group(1)
+    assert "default-src 'none'" in csp and "script-src 'nonce-" in csp and "unsafe-inline" not in csp.split(";")[1]
+    assert ours.count("<script") == ours.count("<script nonce=") == 2
+
+
+def test_node_and_edge_counts_equal_the_circuits(circuit):
+    page = viz.circuit_graph(circuit, n_pairs=4).generate_html()
+    nodes, edges = _data(page, "nodes"), _data(page, "edges")
+    assert len(nodes) == circuit.n_nodes and {n["id"] for n in nodes} == set(circuit.node_names())
+    weight_edges = [e for e in edges if e["kind"] == "weight"]
+    assert len(weight_edges) == circuit.n_edges
+    assert {(e["from"], e["to"]) for e in weight_edges} == {(s, t) for s, t, _ in circuit.edges}
+    assert len(edges) == circuit.to_networkx().number_of_edges()
+    assert f'data-nodes="{circuit.n_nodes}" data-edges="{circuit.n_edges}"' in page
+    # layered: attention reads left of MLP reads in layer 0 < layer 1; bands top to bottom
+    pos = {n["id"]: (n["x"], n["y"]) for n in nodes}
+    assert max(x for n, (x, _) in pos.items() if n.startswith("0.")) < min(x for n, (x, _) in pos.items()
+                                                                          if n.startswith("1."))
+    assert max(y for n, (_, y) in pos.items() if ".in[" in n) < min(y for n, (_, y) in pos.items() if "attn.q" in n)
+    assert max(y for n, (_, y) in pos.items() if "attn.v" in n) < min(y for n, (_, y) in pos.items() if "out[" in n)
+
+
+def test_hostile_tokens_are_escaped(model, circuit):
+    stats = viz.corpus_stats(model)
+    real = stats.strings
+    stats.strings = [[HOSTILE[j % len(HOSTILE)] for j in range(len(row))] for row in real]
+    try:
+        net = viz.circuit_graph(circuit, n_pairs=4)
+        page = net.generate_html()
+        frame = net.iframe()
+        ex = viz.explore(model, ["single_double_quote"], circuits=[circuit], n_pairs=4, cache=False)
+        ex.node.value = circuit.node_names()[0]
+        details = ex.details.value
+    finally:
+        stats.strings = real
+    titles = " ".join(n["title"] for n in _data(page, "nodes"))
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in titles and "&lt;img src=x onerror=alert(2)&gt;" in titles
+    for text in (page, titles, details):
+        assert "<script>alert" not in text and "<img" not in text and "</div>'" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in details  # the corpus contexts show the tokens as text
+    # the iframe's srcdoc is the page escaped once more: the page's own tags never appear raw
+    assert frame.startswith('<iframe sandbox="allow-scripts"') and frame.count("<") == 2
+    # nothing hostile reaches the page's skeleton through the task name either
+    weird = _circuit(model)
+    weird.task = "</title><script>alert(3)</script>"
+    weird.task_obj = cspkit.tasks.get("single_double_quote")
+    assert "<script>alert(3)" not in viz.circuit_graph(weird, n_pairs=4).generate_html()
+
+
+def test_token_heatmap_escapes_and_matches_the_cache(model):
+    text = 'x = "<script>alert(1)</script>"\nprint(x)\n'
+    hm = viz.token_heatmap(model, text, "0.mlp.neuron[3]")
+    enc = model.encoding
+    ids = enc.encode_ordinary(text)
+    assert hm.tokens == [enc.decode([t]) for t in ids] and "".join(hm.tokens) == text
+    _, cache = model.run_with_cache(torch.tensor([ids]), names=["0.mlp.neuron"])
+    assert hm.values == pytest.approx(cache["0.mlp.neuron"][0, :, 3].tolist())
+    out = hm._repr_html_()
+    assert "<script" not in out and "&lt;/" in out and out.count("<span") == len(ids)
+    assert viz.token_heatmap(model, text, ("0.mlp.neuron", 3)).values == hm.values
+    with pytest.raises(ValueError, match="not a node of this model"):
+        viz.token_heatmap(model, text, "0.mlp.neuron[100000]")
+    with pytest.raises(ValueError, match="neuron 3"):
+        viz.token_heatmap(model, text, "neuron 3")
+
+
+def test_ablation_effects_equal_one_evaluation_per_node(circuit):
+    effects = viz.ablation_effects(circuit, n_pairs=6, chunk=3)
+    assert set(effects) == set(circuit.node_names())
+    base = circuit.evaluate("test", n=6)["loss"]
+    for name in circuit.node_names()[::4]:
+        loc, i = parse_node(name)
+        rest = {l: [j for j in idx if (l, j) != (loc, i)] for l, idx in circuit.nodes.items()}
+        assert effects[name] == pytest.approx(circuit.evaluate("test", n=6, nodes=rest)["loss"] - base, abs=1e-5)
+    assert viz.ablation_effects(circuit, n_pairs=6, chunk=3) is effects  # cached
+
+
+def test_graphml_round_trips_through_networkx(circuit, tmp_path):
+    net = viz.circuit_graph(circuit, n_pairs=4)
+    path = net.write_graphml(tmp_path / "c.graphml")
+    back = nx.read_graphml(path)
+    g = net.graph
+    assert set(back.nodes) == set(g.nodes) == set(circuit.node_names())
+    assert set(back.edges) == set(g.edges) and back.number_of_edges() == g.number_of_edges()
+    for n, d in g.nodes(data=True):
+        assert set(back.nodes[n]) == set(d)
+        for k, v in d.items():
+            assert back.nodes[n][k] == (pytest.approx(v) if isinstance(v, float) else v), (n, k)
+    for s, t, d in g.edges(data=True):
+        assert back.edges[s, t]["weight"] == pytest.approx(d["weight"]) and back.edges[s, t]["kind"] == d["kind"]
+    assert back.graph["task"] == circuit.task
+
+
+def test_filters_and_ablated_nodes(circuit):
+    net = viz.circuit_graph(circuit, n_pairs=4, kinds=["attn.q", "attn.k", "attn.v"], layers=[1])
+    ids = {n["id"] for n in net.nodes}
+    assert ids == {n for n in circuit.node_names() if re.match(r"1\.attn\.[qkv]\[", n)}
+    assert all(e["kind"] == "qk" for e in net.edges)  # no weight joins q, k, v among themselves
+    off = circuit.node_names()[0]
+    grey = {n["id"]: n["color"]["background"] for n in viz.circuit_graph(circuit, n_pairs=4, ablated=[off]).nodes}
+    assert grey[off] == "#d9d9d9" and list(grey.values()).count("#d9d9d9") == 1
+    with pytest.raises(ValueError, match="unknown location types"):
+        viz.circuit_graph(circuit, n_pairs=4, kinds=["mlp.neurons"])
+
+
+def test_graph_needs_the_model(circuit):
+    bare = Circuit.from_dict(circuit.to_dict())
+    with pytest.raises(ValueError, match="no model attached"):
+        viz.circuit_graph(bare)
+
+
+def test_cli_writes_html_and_graphml(model, circuit, trained, tmp_path, capsys):
+    from cspkit.cli import main
+    f = circuit.save(tmp_path / "c.json")
+    out, gml = tmp_path / "out" / "c.html", tmp_path / "out" / "c.graphml"
+    assert main(["viz", "--circuit", str(f), "--model", str(trained.dir), "--out", str(out), "--graphml", str(gml),
+                 "--pairs", "4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["nodes"] == circuit.n_nodes and res["edges"] == circuit.n_edges and res["html_bytes"] > 100_000
+    assert len(_data(out.read_text(encoding="utf-8"), "nodes")) == circuit.n_nodes
+    assert nx.read_graphml(gml).number_of_nodes() == circuit.n_nodes
+    assert main(["viz", "--circuit", str(f), "--out", str(out)]) == 2  # no model_path in the file, no --model
+    assert "pass --model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the explorer
+@pytest.fixture
+def explorer(model, circuit):
+    other = _circuit(model, "bracket_counting", {k: v for k, v in _connected_nodes(model).items() if "mlp" in k},
+                     target=0.6)
+    return viz.explore(model, ["single_double_quote", "bracket_counting"], circuits=[circuit, other], n_pairs=4,
+                       cache=False)
+
+
+def test_explorer_draws_and_switches_task(explorer, circuit):
+    first = explorer.graph.value
+    assert first.startswith("<iframe") and "single_double_quote" in explorer.status.value
+    assert explorer.circuit is circuit and len(explorer.node.options) == circuit.n_nodes + 1
+    explorer.task.value = "bracket_counting"
+    assert explorer.circuit.task == "bracket_counting" and explorer.target.value == 0.6  # the saved circuit's target
+    assert explorer.graph.value != first and "bracket_counting" in explorer.graph.value
+    explorer.target.value = 0.3
+    assert explorer.circuit is None and explorer.graph.value == "" and "compute circuit" in explorer.status.value
+    explorer.task.value = "single_double_quote"
+    assert explorer.circuit is circuit and explorer.target.value == 0.15
+
+
+def test_explorer_filters_redraw(explorer, circuit):
+    explorer.kinds["mlp.neuron"].value = False
+    explorer.layers[1].value = False
+    page = explorer.graph.value
+    assert "2.mlp.neuron[" not in page
+    shown = re.findall(r"&quot;id&quot;: &quot;([^&]*)&quot;", page)
+    assert set(shown) == {n for n in circuit.node_names() if n.startswith("0.") and "neuron" not in n}
+
+
+def test_explorer_node_details_and_toggle(explorer, circuit):
+    name = "0.mlp.neuron[%d]" % circuit.nodes["0.mlp.neuron"][0]
+    explorer.node.value = name
+    d = explorer.details.value
+    assert name in d and "incoming edges" in d and "outgoing edges" in d
+    assert "On the task&#x27;s test prompts" in d or "On the task's test prompts" in d
+    assert "Corpus: strongest positive contexts" in d and d.count("<span") > 20
+    ins = [s for s, t, _ in circuit.edges if t == name]
+    assert ins and all(s in d for s in ins)
+
+    base = explorer.current_loss
+    explorer.node_off.value = True
+    assert name in explorer.off and name in explorer.loss.value
+    loc, i = parse_node(name)
+    rest = {l: [j for j in idx if (l, j) != (loc, i)] for l, idx in circuit.nodes.items()}
+    assert explorer.current_loss == pytest.approx(circuit.evaluate("test", n=4, nodes=rest)["loss"])
+    assert explorer.current_loss - base == pytest.approx(viz.ablation_effects(circuit, 4)[name], abs=1e-5)
+    assert "#d9d9d9" in explorer.graph.value
+    explorer.node.value = circuit.node_names()[0]
+    assert explorer.node_off.value is False   # the checkbox follows the selected node
+    explorer.node.value = name
+    assert explorer.node_off.value is True
+    explorer.node_off.value = False
+    assert not explorer.off and explorer.current_loss == base
+
+
+def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
+    from cspkit import prune
+    calls = []
+
+    def fake_prune(m, task, target, ablation, seed):
+        calls.append((task.name, target, ablation))
+        c = _circuit(m, task.name, target=target)
+        c.ablation = ablation
+        c.taus = {loc: torch.full((w,), -1.0) for loc, w in cspkit.ablation.node_widths(m.config).items()}
+        c.taus["0.attn.in"] = torch.linspace(1, 0.5, len(c.taus["0.attn.in"]))
+        c.mean_taus = c.taus
+        return c
+
+    monkeypatch.setattr(prune, "prune", fake_prune)
+    monkeypatch.setenv("CSPKIT_CACHE", str(tmp_path))
+    ex = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero")
+    assert ex.circuit is None and "compute circuit" in ex.status.value
+    ex.compute.click()
+    assert calls == [("single_double_quote", 0.2, "zero")] and ex.circuit.target == 0.2
+    assert ex.graph.value.startswith("<iframe")
+    saved = list((tmp_path / "circuits").rglob("*.json"))
+    assert len(saved) == 1
+    again = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero")
+    assert again.circuit is not None and again.circuit.nodes == ex.circuit.nodes and len(calls) == 1  # from disk
+
+    ex.mode.value = "k"
+    ex.k.value = 5
+    assert ex.circuit is None
+    ex.compute.click()  # reuses the masks of the pruning above: top 5 of the ranking
+    assert ex.circuit.n_nodes == 5 and ex.circuit.config["k"] == 5 and len(calls) == 1
+    assert ex.circuit.nodes == {"0.attn.in": [0, 1, 2, 3, 4]}  # the highest taus
+
+    fresh = viz.explore(model, "single_double_quote", n_pairs=4, cache=False)
+    fresh.mode.value = "k"
+    fresh.k.value = 3
+    fresh.compute.click()   # no masks yet: trains them (cspkit.prune.train_masks), keeps the top 3
+    c = fresh.circuit
+    assert c.n_nodes == 3 and c.target is None and 0 <= c.loss < 10 and c.calibration != (1.0, 0.0)
+    assert "k = 3" in fresh.graph.value
+
+def test_explorer_loads_a_directory_and_reports_errors(model, circuit, tmp_path, monkeypatch):
+    circuit.save(tmp_path / "quote.json")
+    _circuit(model, "for_while").save(tmp_path / "other.json")   # a task the explorer does not show: skipped
+    ex = viz.explore(model, ["single_double_quote"], circuits=[tmp_path], n_pairs=4, cache=False)
+    assert list(ex.circuits) == [("single_double_quote", "target", 0.15, "mean")] and ex.circuit.nodes == circuit.nodes
+    with pytest.raises(FileNotFoundError, match="cspkit prune"):
+        viz.explore(model, ["single_double_quote"], circuits=[tmp_path / "missing.json"], cache=False)
+
+    from cspkit import prune
+
+    def failing(*args, **kwargs):
+        raise ValueError("the full model's own held-out task loss is 0.65, above the target 0.2")
+
+    monkeypatch.setattr(prune, "prune", failing)
+    ex.target.value = 0.2
+    ex.compute.click()   # the button reports the error instead of raising it
+    assert ex.circuit is None and "above the target 0.2" in ex.status.value
