@@ -116,9 +116,12 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
     """Tokenize the corpus once into ``train.bin``/``val.bin`` (uint16) in the cache; return info.
 
     The cache key covers the tokenizer and every file's name and content, so a changed
-    file or tokenizer rebuilds the shards.
+    file or tokenizer rebuilds the shards. A single path holding an ``info.json`` is taken as
+    shards built before (by this function, elsewhere) and used as they are.
     """
     tok_path = tokenizer or str(TOKENIZER_PATH)
+    if paths and len(paths) == 1 and (Path(paths[0]) / "info.json").is_file():
+        return _prebuilt(Path(paths[0]), tok_path)
     enc = get_encoding(tok_path)
     corpus = load_corpus(paths, val_percent)
     h = hashlib.sha256(tokenizer_id(tok_path).encode())
@@ -143,6 +146,15 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
         info[f"{split}_tokens"] = int(arr.size)
     atomic_write(info_path, json.dumps(info, indent=1).encode())
     return info
+
+
+def _prebuilt(d: Path, tok_path: str) -> dict:
+    """Shards built elsewhere (copied to a GPU machine, say): the same tokens whatever Python runs."""
+    info = json.loads((d / "info.json").read_text())
+    if info.get("tokenizer") != tokenizer_id(tok_path):
+        raise ValueError(f"shards in {d} were tokenized with {info.get('tokenizer')!r}, not "
+                         f"{tokenizer_id(tok_path)!r}; rebuild them from the source files")
+    return {**info, "dir": str(d)}
 
 
 class TokenData:

@@ -139,6 +139,19 @@ def test_build_shards_contents_and_cache(corpus_dir):
     assert build_shards([str(corpus_dir)], 0)["dir"] != changed["dir"]
 
 
+def test_prebuilt_shards_are_used_as_they_are(corpus_dir, tmp_path):
+    info = build_shards([str(corpus_dir)], VAL_PERCENT)
+    moved = tmp_path / "shards"
+    shutil.copytree(info["dir"], moved)
+    again = build_shards([str(moved)], VAL_PERCENT)
+    assert again == {**info, "dir": str(moved)}
+    x, _ = TokenData(again, "train").batch(2, 8, seed=0, step=0)
+    assert torch.equal(x, TokenData(info, "train").batch(2, 8, seed=0, step=0)[0])
+    (moved / "info.json").write_text(json.dumps({**info, "tokenizer": "other-tokenizer"}))
+    with pytest.raises(ValueError, match="other-tokenizer"):
+        build_shards([str(moved)], VAL_PERCENT)
+
+
 def test_build_shards_counts_skipped(corpus_dir):
     (corpus_dir / "latin1.py").write_bytes(b"x = '\xe9'\n")
     assert build_shards([str(corpus_dir)], VAL_PERCENT)["skipped_non_utf8"] == 1
