@@ -103,21 +103,14 @@ def cmd_eval(args) -> None:
     names = tasks.names() if args.task == "all" else [args.task]
     for n in names:
         tasks.get(n)
-    out, cols = [], []
+    out = []
     for path in args.model:
         model = load(path)
         out.append({"model": str(path), "results": [tasks.evaluate(model, n, args.split, n=args.n) for n in names]})
-        cols.append(Path(path).name)
-    head = f"{'task':28s}" + "".join(f" {c[:22]:>22s}" for c in cols)
-    lines = [f"{args.split} split; each cell: task loss / accuracy (chance: 0.693 / 0.5)", head]
-    for i, n in enumerate(names):
-        lines.append(f"{n:28s}" + "".join(f" {m['results'][i]['loss']:>14.3f} / {m['results'][i]['accuracy']:.3f}"
-                                          for m in out))
     for m in out:
         m["solved"] = sum(r["accuracy"] >= 0.9 for r in m["results"])
-    lines.append(f"{'solved (accuracy >= 0.9)':28s}" + "".join(f" {m['solved']:>22d}" for m in out))
-    _emit(args, {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out},
-          "\n".join(lines))
+    res = {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out}
+    _emit(args, res, tasks.format_scores(res))
 
 
 def cmd_prune(args) -> None:
@@ -189,10 +182,21 @@ def cmd_sweep(args) -> None:
     names = tasks.names() if args.tasks == "all" else args.tasks.split(",")
     cfg = SweepConfig(models=[str(m) for m in args.models], tasks=names, targets=args.targets, seeds=args.seeds,
                       ablation=args.ablation, prune=replace(PruneConfig(), **_parse_sets(args.set or [])))
-    res = sweep(cfg, args.out, jobs=args.jobs, progress=not args.json)
+    res = sweep(cfg, args.out, jobs=args.jobs, progress=not args.json, device=args.device)
     if args.controls:
-        res = run_controls(args.out, args.controls.split(","), progress=not args.json)
+        res = run_controls(args.out, args.controls.split(","), progress=not args.json, device=args.device)
     _emit(args, res, format_summary(res) + f"\n-> {args.out}")
+
+
+def cmd_sweep_merge(args) -> None:
+    from .sweep import format_summary, merge
+    res = merge(args.files, args.out)
+    if args.plot:
+        from .files import atomic_path
+        from .plots import plot_frontier
+        with atomic_path(args.plot) as tmp:
+            plot_frontier(res, target=res["grid"]["targets"][0]).savefig(tmp, dpi=120, format=args.plot.suffix.lstrip(".") or "png")
+    _emit(args, res, format_summary(res) + f"\n-> {args.out}" + (f", {args.plot}" if args.plot else ""))
 
 
 def cmd_convert_openai(args) -> None:
@@ -363,11 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ablation", choices=["mean", "zero", "resample"], default="mean")
     q.add_argument("--set", action="append", metavar="key=value", help="a PruneConfig value, e.g. steps=50")
     q.add_argument("--jobs", type=int, default=1, help="processes pruning at once (one torch thread each)")
+    q.add_argument("--device", default="cpu", help="torch device the models run on, e.g. cuda")
     q.add_argument("--controls", metavar="TASK[,TASK]",
                    help="afterwards, the validation controls of these tasks' circuits (first seed and target)")
     q.add_argument("--out", type=Path, required=True, help="the results file (JSON)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_sweep)
+
+    mg = sub.add_parser("sweep-merge", help="merge sweep results files (same ablation and pruning config)")
+    mg.add_argument("files", type=Path, nargs="+", help="results files written by `cspkit sweep`")
+    mg.add_argument("--out", type=Path, required=True)
+    mg.add_argument("--plot", type=Path, help="also draw the frontier (validation loss against circuit edges) at the first target, e.g. PNG")
+    mg.add_argument("--json", action="store_true")
+    mg.set_defaults(fn=cmd_sweep_merge)
 
     o = sub.add_parser("convert-openai", help="an openai circuit_sparsity model as a cspkit checkpoint")
     o.add_argument("src", type=Path, help="directory with beeg_config.json and final_model.pt")

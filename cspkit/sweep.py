@@ -80,18 +80,18 @@ class _Runner:
     (the loss is the same for every target and seed)."""
 
     def __init__(self, ablation: str, cfg: PruneConfig, models: dict[str, GPT] | None = None,
-                 progress: bool = False):
-        self.ablation, self.cfg, self.progress = ablation, cfg, progress
+                 progress: bool = False, device: str = "cpu"):
+        self.ablation, self.cfg, self.progress, self.device = ablation, cfg, progress, device
         self.models = dict(models or {})
         self.full: dict[tuple[str, str], float] = {}
 
     def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
         key, task, target, seed = unit["model"], unit["task"], unit["target"], unit["seed"]
         t0 = time.time()
-        row = {**unit, "threads": torch.get_num_threads()}
+        row = {**unit, "threads": torch.get_num_threads(), "device": str(self.device)}
         try:
             if key not in self.models:
-                self.models[key] = load(key)
+                self.models[key] = load(key, device=self.device)
             model = self.models[key]
             if (key, task) not in self.full:
                 self.full[key, task] = full_model_loss(model, task, self.cfg, self.ablation)
@@ -110,10 +110,10 @@ class _Runner:
 _worker: _Runner | None = None
 
 
-def _init_worker(ablation: str, cfg: dict) -> None:
+def _init_worker(ablation: str, cfg: dict, device: str) -> None:
     global _worker
     torch.set_num_threads(1)  # N processes share the cores; more threads each would oversubscribe them
-    _worker = _Runner(ablation, PruneConfig.from_dict(cfg))
+    _worker = _Runner(ablation, PruneConfig.from_dict(cfg), device=device)
 
 
 def _work(unit: dict[str, Any]) -> dict[str, Any]:
@@ -164,14 +164,14 @@ def open_results(path: str | os.PathLike, cfg: SweepConfig, models: dict[str, GP
     return res
 
 
-def _gmean(xs: list[float]) -> float:
+def _gmean(xs: list[float], floor: float = 1.0) -> float:
     # a circuit with no edges counts as 1 edge, as in cspkit.circuit.geometric_mean_edges
-    return math.exp(sum(math.log(max(x, 1)) for x in xs) / len(xs))
+    return math.exp(sum(math.log(max(x, floor)) for x in xs) / len(xs))
 
 
-def _spread(per_seed: dict[str, float | None]) -> dict[str, Any]:
+def _spread(per_seed: dict[str, float | None], floor: float = 1.0) -> dict[str, Any]:
     vals = [v for v in per_seed.values() if v is not None]
-    return {"per_seed": per_seed, "gmean": _gmean(vals) if vals else None,
+    return {"per_seed": per_seed, "gmean": _gmean(vals, floor) if vals else None,
             "min": min(vals) if vals else None, "max": max(vals) if vals else None}
 
 
@@ -208,8 +208,9 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         for d in (m for m in models if res["models"][m]["dense"]):
             for sp in (m for m in models if not res["models"][m]["dense"]):
                 a, b = per_model[d]["gm_edges_common"]["per_seed"], per_model[sp]["gm_edges_common"]["per_seed"]
-                ratios.append({"dense": d, "sparse": sp, **_spread(
-                    {s: a[s] / b[s] if a[s] is not None and b[s] is not None else None for s in a})})
+                ratios.append({"dense": d, "sparse": sp, "val_loss": [res["models"][d]["val_loss"],
+                                                                      res["models"][sp]["val_loss"]], **_spread(
+                    {s: a[s] / b[s] if a[s] is not None and b[s] is not None else None for s in a}, floor=0.0)})
         out["targets"][str(target)] = {"tasks_all_can_do": common, "models": per_model, "ratios": ratios}
     return out
 
@@ -223,14 +224,15 @@ def _write(path: Path, res: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(res, indent=1) + "\n")
 
 
-def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
+def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: bool = True,
+          device: str = "cpu") -> dict[str, Any]:
     """Prune every (model, task, target, seed) of ``cfg`` not yet finished in the results file
-    ``out``; returns the results (also written to ``out`` after every run)."""
+    ``out`` on ``device``; returns the results (also written to ``out`` after every run)."""
     cfg.check()
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, not {jobs}")
     out = Path(out)
-    models = {model_key(p): load(p) for p in cfg.models}
+    models = {model_key(p): load(p, device=device) for p in cfg.models}
     res = open_results(out, cfg, models)
     done = {_key(r) for r in res["runs"] if r["status"] != "failed"}
     units = [{"model": m, "task": t, "target": float(tg), "seed": int(s)}
@@ -250,12 +252,12 @@ def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: boo
     bar = tqdm(total=len(units), desc="sweep", disable=not progress)
     try:
         if jobs == 1:
-            run = _Runner(cfg.ablation, cfg.prune, models, progress)
+            run = _Runner(cfg.ablation, cfg.prune, models, progress, device)
             for u in units:
                 record(run(u))
         elif units:
             ex = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(cfg.ablation, to_dict(cfg.prune)))
+                                     initializer=_init_worker, initargs=(cfg.ablation, to_dict(cfg.prune), device))
             try:
                 for fut in as_completed([ex.submit(_work, u) for u in units]):
                     record(fut.result())
@@ -268,8 +270,42 @@ def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: boo
     return res
 
 
+def merge(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """One results file from several (swept on a GPU and on a CPU, say), written to ``out``: they
+    must share the ablation and pruning config, and a model in two files the same weights."""
+    if not paths:
+        raise ValueError("merge needs at least one results file")
+    res = None
+    for p in paths:
+        new = json.loads(Path(p).read_text())
+        if new.get("format") != FORMAT:
+            raise ValueError(f"{p} is not a cspkit sweep results file (format {new.get('format')!r})")
+        if res is None:
+            res = new
+            continue
+        for k in ("ablation", "prune_config"):
+            if new[k] != res[k]:
+                raise ValueError(f"{p} was swept with another {k} than {paths[0]} ({new[k]} vs {res[k]}); "
+                                 "only runs made the same way can be merged")
+        for key, info in new["models"].items():
+            old = res["models"].get(key)
+            if old and old["fingerprint"] != info["fingerprint"]:
+                raise ValueError(f"{key} has other weights in {p} than in an earlier file "
+                                 f"(fingerprint {info['fingerprint']}, not {old['fingerprint']})")
+            res["models"][key] = info
+        res["grid"] = {k: _union(res["grid"][k], v) for k, v in new["grid"].items()}
+        have = {_key(r) for r in res["runs"] if r["status"] != "failed"}
+        res["runs"] = [r for r in res["runs"] if not (r["status"] == "failed" and _key(r) in
+                                                       {_key(x) for x in new["runs"]})]
+        res["runs"] += [r for r in new["runs"] if _key(r) not in have]
+        for key, per_task in new.get("controls", {}).items():
+            res["controls"].setdefault(key, {}).update(per_task)
+    _write(Path(out), res)
+    return res
+
+
 def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None = None, draws: int = 4,
-                 n_test: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 n_test: int | None = None, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """The faithfulness controls of cspkit.validate (re-initialized weights, random labels and the
     rest) for each model's circuit of each task, at the first target, written into the results
     file under "controls". The circuit is pruned again with the sweep's config and seed."""
@@ -291,7 +327,7 @@ def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None
                 why = run["reason"] if run else "the sweep has no run for it"
                 entry[task] = {"target": target, "seed": seed, "rows": [], "note": f"no circuit: {why}"}
             else:
-                c = prune(load(key), task, target, res["ablation"], seed, cfg, progress=progress)
+                c = prune(load(key, device=device), task, target, res["ablation"], seed, cfg, progress=progress)
                 same = (c.n_nodes, c.n_edges) == (run["nodes"], run["edges"])
                 rows = validate(c, n_test=n_test, draws=draws, seed=seed, progress=progress)
                 entry[task] = {"target": target, "seed": seed, "rows": [asdict(r) for r in rows],
@@ -344,8 +380,10 @@ def format_summary(res: dict[str, Any]) -> str:
                              f"[{_num(g['min'], '.1f')}, {_num(g['max'], '.1f')}]  ({per})")
         for r in s["ratios"]:
             per = ", ".join(f"seed {k}: {_num(v, '.2f')}" for k, v in r["per_seed"].items())
+            vd, vs = r.get("val_loss") or (None, None)
             lines.append(f"  ratio {_name(res, r['dense'])} / {_name(res, r['sparse'])} (common tasks): "
-                         f"{_num(r['gmean'], '.2f')}  [{_num(r['min'], '.2f')}, {_num(r['max'], '.2f')}]  ({per})")
+                         f"{_num(r['gmean'], '.2f')}  [{_num(r['min'], '.2f')}, {_num(r['max'], '.2f')}]  ({per}; "
+                         f"val loss {_num(vd, '.3f')} vs {_num(vs, '.3f')})")
     if res.get("controls"):
         lines += ["", "controls: cspkit.validate rows per model and task in the file's \"controls\""]
     return "\n".join(lines)

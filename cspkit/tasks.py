@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import tiktoken
@@ -558,3 +559,15 @@ def evaluate(model, task: str | Task, split: str = "test", n: int | None = None,
             "accuracy": float(right.float().mean()),
             "pair_accuracy": float((right[:half] & right[half:]).float().mean()),
             "chance_loss": float(torch.log(torch.tensor(2.0)))}
+
+
+def format_scores(res: dict) -> str:
+    """The table of ``cspkit eval --json`` output: a row per task, a column per model."""
+    names = [r["task"] for r in res["models"][0]["results"]]
+    head = f"{'task':28s}" + "".join(f" {Path(m['model']).name[:22]:>22s}" for m in res["models"])
+    lines = [f"{res['split']} split; each cell: task loss / accuracy (chance: 0.693 / 0.5)", head]
+    for i, n in enumerate(names):
+        lines.append(f"{n:28s}" + "".join(f" {m['results'][i]['loss']:>14.3f} / {m['results'][i]['accuracy']:.3f}"
+                                          for m in res["models"]))
+    lines.append(f"{'solved (accuracy >= 0.9)':28s}" + "".join(f" {m['solved']:>22d}" for m in res["models"]))
+    return "\n".join(lines)

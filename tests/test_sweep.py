@@ -178,3 +178,27 @@ def test_controls_are_written_into_the_results(pair, tmp_path):
     assert any(n.startswith("re-initialized weights") for n in names) and any(n.startswith("random labels")
                                                                               for n in names)
     assert ctl["bracket_counting"]["note"] == ""   # pruned again, the same circuit as the sweep's
+
+
+def test_merging_split_sweeps_gives_the_whole_sweep(swept, pair, tmp_path, capsys):
+    """Each model swept into its own file (on different machines, say), merged: the same runs and
+    summary as sweeping both into one file; a file made another way is refused."""
+    res = json.loads(swept.read_text())
+    parts = []
+    for i, p in enumerate(pair):
+        out = tmp_path / f"part{i}.json"
+        _run(capsys, "--models", p, "--tasks", TASKS, "--targets", 10, 1e-9, "--seeds", 0, 1, "--out", out)
+        parts.append(out)
+    code = cli.main(["sweep-merge", *map(str, parts), "--out", str(tmp_path / "all.json"),
+                     "--plot", str(tmp_path / "frontier.png"), "--json"])
+    merged = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    key = lambda r: (r["model"], r["task"], r["target"], r["seed"])  # noqa: E731
+    assert sorted((key(r), r.get("edges")) for r in merged["runs"]) == sorted((key(r), r.get("edges")) for r in res["runs"])
+    assert merged["summary"] == res["summary"]
+    other = json.loads(parts[1].read_text())
+    other["prune_config"]["steps"] = 5
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="prune_config"):
+        sweep_mod.merge(parts, tmp_path / "bad.json")
