@@ -105,7 +105,7 @@ def cmd_eval(args) -> None:
         tasks.get(n)
     out = []
     for path in args.model:
-        model = load(path)
+        model = load(path, device=args.device)
         out.append({"model": str(path), "results": [tasks.evaluate(model, n, args.split, n=args.n) for n in names]})
     for m in out:
         m["solved"] = sum(r["accuracy"] >= 0.9 for r in m["results"])
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", default="all", help="a task name or 'all'")
     e.add_argument("--split", choices=["train", "test"], default="test")
     e.add_argument("--n", type=int, help="pairs per task (default: the task's split size)")
+    e.add_argument("--device", default="cpu", help="torch device the models run on, e.g. cuda")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
