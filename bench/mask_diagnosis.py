@@ -1,0 +1,54 @@
+"""What mask training leaves behind, per seed: how many nodes it keeps (tau > 0), how many the
+clamp pinned at +1 and -1, and the calibrated held-out task loss of the top-k nodes of the
+ranking at k = kept x 1, 2, 4 and at a few fixed sizes. A loss that does not fall as k grows is
+why a bisection over k can end far from the masks' own circuit.
+
+Usage: python bench/mask_diagnosis.py [--model data/models/paper-e1-sparse] [--task single_double_quote]
+       [--seeds 0 1] [--out results/mask_diagnosis_paper-e1-sparse.txt]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import cspkit
+from cspkit import tasks
+from cspkit.files import atomic_write
+from cspkit.prune import PruneConfig, _Evaluator, _split, ranking, train_masks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="data/models/paper-e1-sparse")
+    ap.add_argument("--task", default="single_double_quote")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="also write the lines to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = cspkit.load(args.model)
+    cfg = PruneConfig()
+    task = tasks.get(args.task)
+    fit, heldout = _split(task, cfg)
+    lines = [f"{args.model}, task {args.task}, default PruneConfig (steps {cfg.steps}, k_coef {cfg.k_coef}), "
+             f"mean ablation, {args.threads} threads"]
+    for seed in args.seeds:
+        t0 = time.time()
+        taus, mean_taus = train_masks(model, task, cfg, "mean", seed, progress=False, pairs=fit)
+        flat = torch.cat([t.flatten() for t in taus.values()])
+        ev = _Evaluator(model, ranking(taus, mean_taus), fit[:cfg.calib_pairs], heldout, "mean", cfg.calib_steps)
+        kept = int((flat > 0).sum())
+        ks = [k for k in (kept, 2 * kept, 4 * kept, *args.sizes) if 0 < k <= flat.numel()]
+        lines.append(f"seed {seed}: {flat.numel()} nodes, kept (tau > 0) {kept}, pinned at +1 {int((flat >= 1).sum())}, "
+                     f"at -1 {int((flat <= -1).sum())}; held-out loss " + ", ".join(f"k={k}: {ev(k):.3f}" for k in ks)
+                     + f" ({time.time() - t0:.0f} s)")
+        print(lines[-1], flush=True)
+    if args.out:
+        atomic_write(args.out, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
