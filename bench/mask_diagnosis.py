@@ -4,12 +4,13 @@ ranking at k = kept x 1, 2, 4 and at a few fixed sizes. A loss that does not fal
 why a bisection over k can end far from the masks' own circuit.
 
 Usage: python bench/mask_diagnosis.py [--model data/models/paper-e1-sparse] [--task single_double_quote]
-       [--seeds 0 1] [--out results/mask_diagnosis_paper-e1-sparse.txt]
+       [--seeds 0 1] [--set k_coef=0.0015] [--out results/mask_diagnosis_paper-e1-sparse.txt]
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
@@ -25,15 +26,18 @@ def main() -> None:
     ap.add_argument("--task", default="single_double_quote")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    ap.add_argument("--set", action="append", default=[], metavar="key=value",
+                    help="a PruneConfig value other than the default, e.g. k_coef=0.0015")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write the lines to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = cspkit.load(args.model)
-    cfg = PruneConfig()
+    cfg = replace(PruneConfig(), **{k: type(getattr(PruneConfig(), k))(v) for k, v in
+                                    (item.split("=", 1) for item in args.set)})
     task = tasks.get(args.task)
     fit, heldout = _split(task, cfg)
-    lines = [f"{args.model}, task {args.task}, default PruneConfig (steps {cfg.steps}, k_coef {cfg.k_coef}), "
+    lines = [f"{args.model}, task {args.task}, PruneConfig steps {cfg.steps}, k_coef {cfg.k_coef}, "
              f"mean ablation, {args.threads} threads"]
     for seed in args.seeds:
         t0 = time.time()
