@@ -127,6 +127,14 @@ def plot_frontier(results: dict[str, Any], target: float | None = None, common: 
     return fig
 
 
+def _finish(fig: Figure, *axes) -> Figure:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_bridge_quality(q: dict[str, Any]) -> Figure:
     """A bridge's quality per site (``cspkit.bridges.quality`` / ``report``): the maps' fraction
     of variance explained, and the KL from the dense output of the two hybrid passes beside the
@@ -151,11 +159,7 @@ def plot_bridge_quality(q: dict[str, Any]) -> Figure:
     ax_kl.set_yscale("log")
     ax_kl.set_xticks(list(x), sites)
     ax_kl.set(xlabel="site", ylabel="KL from the dense output (nats / token)", title="hybrid passes against baselines")
-    for ax in (ax_fve, ax_kl):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax_fve, ax_kl)
 
 
 def plot_steering(results: dict[str, dict[str, Any]]) -> Figure:
@@ -173,8 +177,4 @@ def plot_steering(results: dict[str, dict[str, Any]]) -> Figure:
                 title="dense model switches to the other class's answer")
     ax_shift.axhline(0, color="gray", lw=1)
     ax_shift.set(xlabel="strength", ylabel="logit shift (nats)", title="change of the other-minus-own logit gap")
-    for ax in (ax_flip, ax_shift):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax_flip, ax_shift)

@@ -144,24 +144,34 @@ def open_results(path: str | os.PathLike, cfg: SweepConfig, models: dict[str, GP
     if not path.is_file():
         return {"format": FORMAT, "ablation": cfg.ablation, "prune_config": prune_cfg, "grid": grid,
                 "models": info, "runs": [], "controls": {}}
-    res = json.loads(path.read_text())
-    if res.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a cspkit sweep results file (format {res.get('format')!r}); "
-                         "pass a new --out")
+    res = _read(path, "pass a new --out")
     fix = f"write to a new --out, or delete {path} to start over"
     if res["ablation"] != cfg.ablation:
         raise ValueError(f"{path} holds runs with {res['ablation']} ablation, not {cfg.ablation}; {fix}")
     if res["prune_config"] != prune_cfg:
         diff = {k: (res["prune_config"].get(k), v) for k, v in prune_cfg.items() if res["prune_config"].get(k) != v}
         raise ValueError(f"{path} holds runs made with another pruning config (file, now: {diff}); {fix}")
+    _add(res, info, grid, f"{path}; {fix}")
+    return res
+
+
+def _read(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    res = json.loads(Path(path).read_text())
+    if res.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a cspkit sweep results file (format {res.get('format')!r}); {fix}")
+    return res
+
+
+def _add(res: dict[str, Any], info: dict[str, Any], grid: dict[str, list], where: str) -> None:
+    """Merge models ``info`` and ``grid`` into the results ``res``; a model already there must
+    have the same weights (``where`` names the results in the error)."""
     for key, new in info.items():
         old = res["models"].get(key)
         if old and old["fingerprint"] != new["fingerprint"]:
-            raise ValueError(f"the weights of {key} changed since {path} was written (fingerprint "
-                             f"{old['fingerprint']}, now {new['fingerprint']}); {fix}")
+            raise ValueError(f"the weights of {key} differ from those in {where} (fingerprint "
+                             f"{old['fingerprint']}, now {new['fingerprint']})")
     res["models"].update(info)
     res["grid"] = {k: _union(res["grid"][k], v) for k, v in grid.items()}
-    return res
 
 
 def _gmean(xs: list[float], floor: float = 1.0) -> float:
@@ -277,9 +287,7 @@ def merge(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, A
         raise ValueError("merge needs at least one results file")
     res = None
     for p in paths:
-        new = json.loads(Path(p).read_text())
-        if new.get("format") != FORMAT:
-            raise ValueError(f"{p} is not a cspkit sweep results file (format {new.get('format')!r})")
+        new = _read(p, "merge only files written by cspkit sweep")
         if res is None:
             res = new
             continue
@@ -287,16 +295,11 @@ def merge(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, A
             if new[k] != res[k]:
                 raise ValueError(f"{p} was swept with another {k} than {paths[0]} ({new[k]} vs {res[k]}); "
                                  "only runs made the same way can be merged")
-        for key, info in new["models"].items():
-            old = res["models"].get(key)
-            if old and old["fingerprint"] != info["fingerprint"]:
-                raise ValueError(f"{key} has other weights in {p} than in an earlier file "
-                                 f"(fingerprint {info['fingerprint']}, not {old['fingerprint']})")
-            res["models"][key] = info
-        res["grid"] = {k: _union(res["grid"][k], v) for k, v in new["grid"].items()}
+        _add(res, new["models"], new["grid"], f"the files before {p}")
         have = {_key(r) for r in res["runs"] if r["status"] != "failed"}
-        res["runs"] = [r for r in res["runs"] if not (r["status"] == "failed" and _key(r) in
-                                                       {_key(x) for x in new["runs"]})]
+        incoming = {_key(r) for r in new["runs"]}
+        # a failure is replaced by the other file's run of the same unit; a finished run is kept
+        res["runs"] = [r for r in res["runs"] if r["status"] != "failed" or _key(r) not in incoming]
         res["runs"] += [r for r in new["runs"] if _key(r) not in have]
         for key, per_task in new.get("controls", {}).items():
             res["controls"].setdefault(key, {}).update(per_task)
@@ -311,7 +314,7 @@ def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None
     file under "controls". The circuit is pruned again with the sweep's config and seed."""
     from .validate import validate
     out = Path(out)
-    res = json.loads(out.read_text())
+    res = _read(out, "run the sweep into it first")
     cfg = PruneConfig.from_dict(res["prune_config"])
     target = res["grid"]["targets"][0]
     seed = res["grid"]["seeds"][0] if seed is None else seed
@@ -335,6 +338,17 @@ def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None
                                                        f"not the sweep's {run['nodes']} and {run['edges']}"}
             _write(out, res)
     return res
+
+
+def find_run(res: dict[str, Any], model: str | os.PathLike, task: str, seed: int,
+             target: float | None = None) -> dict[str, Any]:
+    """The run of (model, task, seed) at ``target`` (default: the first) in sweep results."""
+    target = res["grid"]["targets"][0] if target is None else target
+    want = (model_key(model), task, float(target), int(seed))
+    for r in res["runs"]:
+        if _key(r) == want:
+            return r
+    raise KeyError(f"no run of {model} on {task} with seed {seed} at target {target} in these results")
 
 
 def _name(res: dict[str, Any], key: str) -> str:
