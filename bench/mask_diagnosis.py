@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 import torch
 
 import cspkit
 from cspkit import tasks
+from cspkit.config import override_configs
 from cspkit.files import atomic_write
 from cspkit.prune import PruneConfig, _Evaluator, _split, ranking, train_masks
 
@@ -33,8 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = cspkit.load(args.model)
-    cfg = replace(PruneConfig(), **{k: type(getattr(PruneConfig(), k))(v) for k, v in
-                                    (item.split("=", 1) for item in args.set)})
+    cfg = override_configs({"prune": PruneConfig()}, args.set)["prune"]
     task = tasks.get(args.task)
     fit, heldout = _split(task, cfg)
     lines = [f"{args.model}, task {args.task}, PruneConfig steps {cfg.steps}, k_coef {cfg.k_coef}, "
