@@ -114,14 +114,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from dataclasses import replace
     from . import tasks
     from .checkpoint import load
-    from .prune import PruneConfig, prune
+    from .prune import prune
     names = tasks.names() if args.task == "all" else [args.task]
     for n in names:
         tasks.get(n)
-    cfg = replace(PruneConfig(), **_parse_sets(args.set or []))
+    cfg = _prune_config(args.set)
     model = load(args.model)
     rows, lines = [], []
     for n in names:
@@ -143,16 +142,10 @@ def cmd_prune(args) -> None:
                  "results": rows}, "\n".join(lines))
 
 
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r} is not key=value (e.g. --set k_coef=0.003)")
-        k, v = item.split("=", 1)
-        out[k] = json.loads(v)
+def _prune_config(sets: list[str] | None):
+    from .config import override_configs
     from .prune import PruneConfig
-    PruneConfig.from_dict(out)
-    return out
+    return override_configs({"prune": PruneConfig()}, sets or [])["prune"]
 
 
 def cmd_validate(args) -> None:
@@ -175,13 +168,11 @@ def cmd_validate(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from dataclasses import replace
     from . import tasks
-    from .prune import PruneConfig
     from .sweep import SweepConfig, format_summary, run_controls, sweep
     names = tasks.names() if args.tasks == "all" else args.tasks.split(",")
     cfg = SweepConfig(models=[str(m) for m in args.models], tasks=names, targets=args.targets, seeds=args.seeds,
-                      ablation=args.ablation, prune=replace(PruneConfig(), **_parse_sets(args.set or [])))
+                      ablation=args.ablation, prune=_prune_config(args.set))
     res = sweep(cfg, args.out, jobs=args.jobs, progress=not args.json, device=args.device)
     if args.controls:
         res = run_controls(args.out, args.controls.split(","), progress=not args.json, device=args.device)
