@@ -61,6 +61,11 @@ def cmd_sample(args) -> None:
 
 def cmd_tasks(args) -> None:
     from . import tasks
+    if args.evidence:
+        from . import natural
+        rows = natural.evidence(args.corpus)
+        _emit(args, {"evidence": rows}, natural.format_evidence(rows))
+        return
     rows = []
     for name in tasks.names():
         t = tasks.get(name)
@@ -305,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("tasks", help="the task names, one example pair each, and their candidates")
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--evidence", action="store_true",
+                   help="instead: how often the training corpus shows each task (candidate token counts, "
+                        "and the lines showing each side for the mined tasks)")
+    k.add_argument("--corpus", nargs="+", metavar="PATH", help="with --evidence: corpus paths (default: the stdlib)")
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_tasks)
 

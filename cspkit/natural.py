@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
-from .data import Corpus, load_corpus
+import numpy as np
+
+from . import tasks as tasks_mod
+from .data import Corpus, build_shards, load_corpus
 from .tasks import Pair, Task, check_pair
 from .tokenizer import get_encoding
 
@@ -95,3 +99,69 @@ def mine(task: str, paths: list[str] | None = None, max_pairs: int = 200, seed: 
     pairs = pairs[:max_pairs]
     return Task.from_pairs(f"{task}_natural", {"train": pairs, "test": pairs},
                            description=f"{task} on real code from the validation files ({len(pairs)} pairs)")
+
+
+def count_contexts(task: str, split: str = "train", corpus: Corpus | None = None,
+                   paths: list[str] | None = None) -> dict[str, int]:
+    """How many lines of the corpus split (default: the training files of the stdlib) show each
+    side of a mined task, {"a": n, "b": n}: the evidence a model trained on that split saw.
+    single_double_quote counts short string arguments closed by ``")`` (a) and ``')`` (b)."""
+    if task != "single_double_quote" and task not in MINERS:
+        raise KeyError(f"no natural-example miner for {task!r}; available: "
+                       f"{', '.join(['single_double_quote', *MINERS])}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    corpus = corpus or load_corpus(paths)
+    counts = {"a": 0, "b": 0}
+    for f in getattr(corpus, split):
+        for line in f.text.splitlines(keepends=True):
+            if task == "single_double_quote":
+                m = _QUOTE.match(line)
+                if m:
+                    counts["a" if m["q"] == '"' else "b"] += 1
+                continue
+            _, pat_a, pat_b = MINERS[task]
+            counts["a"] += bool(pat_a.match(line))
+            counts["b"] += bool(pat_b.match(line))
+    return counts
+
+
+def evidence(paths: list[str] | None = None) -> list[dict]:
+    """For every registered task, how often the training split shows it: each candidate's count
+    as a token in the training shard (tasks whose candidates vary per pair: summed over the
+    distinct candidates of their train pairs), and for the mined tasks the lines that show each
+    side (``count_contexts``). A task a model fails whose B side the corpus shows a few dozen
+    times is data-starved, not beyond the architecture."""
+    enc = get_encoding()
+    info = build_shards(paths)
+    shard = np.memmap(Path(info["dir"]) / "train.bin", dtype=np.uint16, mode="r")
+    freq = np.bincount(shard, minlength=enc.n_vocab)
+    corpus = load_corpus(paths)
+    rows = []
+    for name in tasks_mod.names():
+        t = tasks_mod.get(name)
+        pairs = t.pairs("train")
+        sides = {side: sorted({getattr(p, f"cand_{side}") for p in pairs}) for side in "ab"}
+        row = {"task": name, "candidates_a": sides["a"], "candidates_b": sides["b"],
+               "train_tokens": int(shard.size)}
+        for side, cands in sides.items():
+            row[f"tokens_{side}"] = int(sum(freq[enc.encode_single_token(c)] for c in cands))
+        mined = name == "single_double_quote" or name in MINERS
+        row["contexts"] = count_contexts(name, "train", corpus) if mined else None
+        rows.append(row)
+    return rows
+
+
+def format_evidence(rows: list[dict]) -> str:
+    n = rows[0]["train_tokens"] if rows else 0
+    lines = [f"training split: {n:,} tokens; token counts of each side's candidate(s); contexts: lines that "
+             "show side A / side B (mined tasks only)",
+             f"{'task':28s} {'A':>14s} {'B':>14s} {'tokens A':>10s} {'tokens B':>10s} {'contexts A':>11s} "
+             f"{'contexts B':>11s}"]
+    for r in rows:
+        show = lambda c: repr(c[0]) if len(c) == 1 else f"{len(c)} tokens"
+        ctx = r["contexts"] or {}
+        lines.append(f"{r['task']:28s} {show(r['candidates_a']):>14s} {show(r['candidates_b']):>14s} "
+                     f"{r['tokens_a']:>10,} {r['tokens_b']:>10,} {ctx.get('a', '-'):>11} {ctx.get('b', '-'):>11}")
+    return "\n".join(lines)
+

@@ -1,6 +1,7 @@
 """The 20 tasks: pair structure, single-token candidates, disjoint splits, the pair loss, user tasks."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -161,3 +162,38 @@ def test_natural_quote_examples_are_mined_from_validation_files(tmp_path):
     assert all(p.prompt_a.endswith('"value is here') or p.prompt_a.endswith('"done now') for p in pairs)
     with pytest.raises(KeyError, match="miner"):
         mine("var_swap", [str(src)])
+
+
+def test_count_contexts_counts_each_side_of_a_mined_task(tmp_path):
+    from cspkit.data import load_corpus
+    from cspkit.natural import count_contexts
+    src = tmp_path / "code"
+    src.mkdir()
+    body = "x = [1, 2, 3]\ny = [[1, 2], [3, 4]]\nz = [a, b]\nprint(\"hi there\")\n"
+    for i in range(40):
+        (src / f"mod{i}.py").write_text(f"# module {i}\n" + body)
+    corpus = load_corpus([str(src)])
+    n_train, n_val = len(corpus.train), len(corpus.val)
+    assert n_train + n_val == 40 and n_train > 0
+    assert count_contexts("bracket_counting", "train", corpus) == {"a": 2 * n_train, "b": n_train}
+    assert count_contexts("single_double_quote", "val", corpus) == {"a": n_val, "b": 0}
+    with pytest.raises(KeyError, match="miner"):
+        count_contexts("var_swap", corpus=corpus)
+    with pytest.raises(ValueError, match="split"):
+        count_contexts("bracket_counting", "test", corpus)
+
+
+def test_evidence_counts_candidate_tokens_in_the_training_shard(tmp_path, capsys):
+    from cspkit import cli
+    src = tmp_path / "code"
+    src.mkdir()
+    for i in range(40):
+        (src / f"mod{i}.py").write_text(f"# module {i}\ny = [[1, 2], [3, 4]]\nfor k in range(3):\n    pass\n")
+    cli.main(["tasks", "--evidence", "--corpus", str(src), "--json"])
+    rows = {r["task"]: r for r in json.loads(capsys.readouterr().out)["evidence"]}
+    assert set(rows) == set(tasks.names())
+    n_train = rows["bracket_counting"]["contexts"]["b"]
+    assert n_train > 0 and rows["bracket_counting"]["contexts"]["a"] == 0
+    assert rows["bracket_counting"]["tokens_b"] == n_train           # one ']]' per training file
+    assert rows["enumerate_range"]["tokens_b"] == n_train and rows["enumerate_range"]["tokens_a"] == 0
+    assert rows["var_swap"]["contexts"] is None
