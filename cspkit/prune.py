@@ -2,7 +2,8 @@
 
 Every node has a mask parameter tau. The gate is the Heaviside step of tau in the forward pass
 and a sigmoid derivative in the backward pass; tau is clamped to [-1, 1] after each step.
-Masks are trained on task loss + k_coef * (kept nodes) with the model frozen; then the nodes
+Masks are trained on task loss + penalty * (kept nodes) with the model frozen (the penalty
+per node is k_coef, scaled by the model's node count: ``PruneConfig.node_penalty``); then the nodes
 are ranked by tau and a bisection over k, the number kept, finds the smallest circuit whose
 calibrated task loss on held-out pairs is at most the target.
 
@@ -35,10 +36,17 @@ class PruneConfig:
     # models are far larger and it trains masks far longer. Here, with 100 steps: k_coef 1e-3
     # gave 141 nodes, 3e-3 gave 92, 5e-3 drove all but 43 masks to the clamp (2000 nodes after
     # bisection); lr 1e-2 with 200 steps gave 85 nodes in twice the time.
+    # k_coef is the penalty per kept node on a model of k_ref_nodes nodes (the small profile's
+    # 11,264); on a model of n nodes each node costs k_coef * k_ref_nodes / n, so keeping a given
+    # fraction of the nodes costs the same at every size. Unscaled, 3e-3 on the paper-e1 shape
+    # (22,528 nodes) collapsed the quote masks to 6 nodes at chance with one seed
+    # (results/mask_diagnosis_paper-e1-sparse.txt); halved, both seeds kept about 100 nodes at
+    # held-out loss 0. None: k_coef per node as given, at every size.
     steps: int = 100
     batch_pairs: int = 16
     lr: float = 3e-2
     k_coef: float = 3e-3
+    k_ref_nodes: int | None = 11264
     init_noise: float = 1e-2
     init_bias: float = 1e-1
     weight_decay: float = 1e-3
@@ -49,10 +57,18 @@ class PruneConfig:
     calib_pairs: int = 32
     calib_steps: int = 16
 
+    def __post_init__(self):
+        if self.k_ref_nodes is not None and self.k_ref_nodes < 1:
+            raise ValueError(f"k_ref_nodes={self.k_ref_nodes} must be a positive node count, or None for no scaling")
+
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
         _check_keys(cls, d, "prune config")
         return cls(**d)
+
+    def node_penalty(self, n_nodes: int) -> float:
+        """The penalty per kept node on a model of ``n_nodes`` nodes."""
+        return self.k_coef if self.k_ref_nodes is None else self.k_coef * self.k_ref_nodes / n_nodes
 
 
 class _Heaviside(torch.autograd.Function):
@@ -91,8 +107,10 @@ def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed
     batch = tasks_mod.encode_pairs(fit, model.config.block_size, model.encoding)
     n = len(fit)
     g = torch.Generator().manual_seed(seed)
+    widths = node_widths(model.config)
     taus = {loc: (cfg.init_bias + cfg.init_noise * torch.randn(w, generator=g)).to(model.device).requires_grad_()
-            for loc, w in node_widths(model.config).items()}
+            for loc, w in widths.items()}
+    penalty = cfg.node_penalty(sum(widths.values()))
     opt = torch.optim.AdamW(taus.values(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
     sums = {loc: torch.zeros_like(t, requires_grad=False) for loc, t in taus.items()}
@@ -116,7 +134,7 @@ def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed
             logits = model.run_with_hooks(tokens, gate_hooks(gates, vals))
             two = tasks_mod.pair_logits(logits, {"last": batch["last"][rows], "cands": batch["cands"][rows]})
             kept = sum(gt.sum() for gt in gates.values())
-            loss = tasks_mod.task_loss(two.float(), batch["label"][rows]) + cfg.k_coef * kept
+            loss = tasks_mod.task_loss(two.float(), batch["label"][rows]) + penalty * kept
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

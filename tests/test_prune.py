@@ -200,3 +200,22 @@ def test_cli_prune_and_validate(trained, tmp_path, capsys):
     assert main(["prune", "--model", str(trained.dir), "--task", "single_double_quote", "--out", str(out),
                  *sets]) == 2
     assert "above the target" in capsys.readouterr().err
+
+
+def test_node_penalty_scales_with_the_node_count():
+    assert PruneConfig(k_coef=3e-3, k_ref_nodes=None).node_penalty(22528) == 3e-3
+    assert PruneConfig(k_coef=3e-3, k_ref_nodes=11264).node_penalty(11264) == 3e-3
+    assert PruneConfig(k_coef=3e-3, k_ref_nodes=11264).node_penalty(22528) == 1.5e-3
+    with pytest.raises(ValueError, match="k_ref_nodes"):
+        PruneConfig(k_ref_nodes=0)
+
+
+def test_scaled_penalty_trains_the_same_masks_as_the_equal_unscaled_one(tiny):
+    from cspkit.prune import train_masks
+    n = sum(node_widths(tiny.config).values())
+    runs = [train_masks(tiny, _task(), PruneConfig(steps=4, batch_pairs=4, heldout_pairs=16, calib_pairs=8,
+                                                   k_coef=k, k_ref_nodes=ref), progress=False)[0]
+            for k, ref in ((0.05, 2 * n), (0.1, None), (0.05, None))]
+    assert all(torch.equal(runs[0][loc], runs[1][loc]) for loc in runs[0])
+    # and the penalty matters: half of it leaves other masks
+    assert not all(torch.equal(runs[0][loc], runs[2][loc]) for loc in runs[0])
