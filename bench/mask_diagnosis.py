@@ -4,7 +4,7 @@ ranking at k = kept x 1, 2, 4 and at a few fixed sizes. A loss that does not fal
 why a bisection over k can end far from the masks' own circuit.
 
 Usage: python bench/mask_diagnosis.py [--model data/models/paper-e1-sparse] [--task single_double_quote]
-       [--seeds 0 1] [--set k_coef=0.0015] [--out results/mask_diagnosis_paper-e1-sparse.txt]
+       [--seeds 0 1] [--set k_ref_nodes=null] [--out results/mask_diagnosis_paper-e1-sparse.txt]
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 import cspkit
 from cspkit import tasks
+from cspkit.ablation import node_widths
 from cspkit.config import override_configs
 from cspkit.files import atomic_write
 from cspkit.prune import PruneConfig, _Evaluator, _split, ranking, train_masks
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
     ap.add_argument("--set", action="append", default=[], metavar="key=value",
-                    help="a PruneConfig value other than the default, e.g. k_coef=0.0015")
+                    help="a PruneConfig value other than the default, e.g. k_ref_nodes=null (unscaled penalty)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write the lines to this file")
     args = ap.parse_args()
@@ -36,8 +37,10 @@ def main() -> None:
     cfg = override_configs({"prune": PruneConfig()}, args.set)["prune"]
     task = tasks.get(args.task)
     fit, heldout = _split(task, cfg)
-    lines = [f"{args.model}, task {args.task}, PruneConfig steps {cfg.steps}, k_coef {cfg.k_coef}, "
-             f"mean ablation, {args.threads} threads"]
+    n_nodes = sum(node_widths(model.config).values())
+    lines = [f"{args.model}, task {args.task}, PruneConfig steps {cfg.steps}, k_coef {cfg.k_coef}, k_ref_nodes "
+             f"{cfg.k_ref_nodes}: penalty {cfg.node_penalty(n_nodes):g} per node of {n_nodes}, mean ablation, "
+             f"{args.threads} threads"]
     for seed in args.seeds:
         t0 = time.time()
         taus, mean_taus = train_masks(model, task, cfg, "mean", seed, progress=False, pairs=fit)
