@@ -168,6 +168,12 @@ BRIDGE_PROFILES: dict[str, tuple[BridgeConfig, TrainConfig]] = {
     "small": (BridgeConfig(kl_sites=1, train_sparse=False),
               TrainConfig(max_steps=120, batch_size=8, lr=3e-3, warmup_frac=0.02, eval_interval=40,
                           eval_batches=4, ckpt_interval=40)),
+    # small-sparse fine-tuned jointly with the maps, as the paper trains them jointly (from
+    # scratch there): a closer bridge, but a new sparse model whose circuits must be found again
+    # (results/bridge_joint/, 22 minutes on 2 idle CPU cores)
+    "small-joint": (BridgeConfig(kl_sites=1, train_sparse=True),
+                    TrainConfig(max_steps=500, batch_size=8, lr=2e-3, warmup_frac=0.02, eval_interval=100,
+                                eval_batches=4, ckpt_interval=100)),
 }
 
 
