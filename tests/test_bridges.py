@@ -433,3 +433,11 @@ def test_cli_bridge_and_intervene(pair, tmp_path, capsys):
     from cspkit.plots import plot_bridge_quality, plot_steering
     assert len(plot_bridge_quality(rep).axes) == 2
     assert len(plot_steering({"a": res, "b": saved}).axes[0].lines) == 4
+
+
+def test_small_bridge_profiles_freeze_or_fine_tune_the_sparse_model(pair):
+    dense_dir, trained = pair
+    _, frozen, _ = bridges.configs_for("small", dense_dir, trained.dir)
+    _, joint, tcfg = bridges.configs_for("small-joint", dense_dir, trained.dir)
+    assert frozen.train_sparse is False and joint.train_sparse is True
+    assert tcfg.init_from == str(trained.dir) and tcfg.anneal_end == 0.0
