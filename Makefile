@@ -24,14 +24,15 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/train_overhead.py
 
-# results/frontier.json and .png: every task pruned with two seeds on the shipped small pair (CPU)
-# and the paper-shaped models (a GPU if there is one: about 5 minutes on an H100, hours on 2 cores)
+# results/frontier.json and .png: every task pruned with two seeds on the shipped small pair and
+# the paper-shaped models (default PruneConfig; hours on 2 cores, minutes on a GPU), then merged
 DEVICE ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+JOBS ?= 2
 frontier: $(VENV)/.installed
 	$(VENV)/bin/cspkit sweep --models data/models/small-sparse data/models/small-dense --tasks all --seeds 0 1 \
-		--jobs 2 --out results/sparse_vs_dense.json --controls single_double_quote,var_if
+		--jobs $(JOBS) --out results/sparse_vs_dense.json --controls single_double_quote,var_if
 	$(VENV)/bin/cspkit sweep --models data/models/paper-e1-sparse data/models/paper-e1-dense \
-		data/models/paper-e1-sparser data/models/paper-e2-sparse --tasks all --seeds 0 1 --jobs 6 \
-		--device $(DEVICE) --out results/sweep_paper.json
-	$(VENV)/bin/cspkit sweep-merge results/sparse_vs_dense.json results/sweep_paper.json \
+		data/models/paper-e1-sparser data/models/paper-e2-sparse --tasks all --seeds 0 1 --jobs $(JOBS) \
+		--device $(DEVICE) --out results/sweep_paper_scaled.json
+	$(VENV)/bin/cspkit sweep-merge results/sparse_vs_dense.json results/sweep_paper_scaled.json \
 		--out results/frontier.json --plot results/frontier.png
