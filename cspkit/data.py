@@ -112,18 +112,19 @@ def load_corpus(paths: list[str] | None = None, val_percent: float = 5.0) -> Cor
 
 
 def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
-                 tokenizer: str | None = None) -> dict:
+                 tokenizer: str | None = None, corpus: Corpus | None = None) -> dict:
     """Tokenize the corpus once into ``train.bin``/``val.bin`` (uint16) in the cache; return info.
 
     The cache key covers the tokenizer and every file's name and content, so a changed
     file or tokenizer rebuilds the shards. A single path holding an ``info.json`` is taken as
-    shards built before (by this function, elsewhere) and used as they are.
+    shards built before (by this function, elsewhere) and used as they are. ``corpus``: the
+    corpus of ``paths`` already loaded (with ``val_percent``), to save reading it again.
     """
     tok_path = tokenizer or str(TOKENIZER_PATH)
     if paths and len(paths) == 1 and (Path(paths[0]) / "info.json").is_file():
         return _prebuilt(Path(paths[0]), tok_path)
     enc = get_encoding(tok_path)
-    corpus = load_corpus(paths, val_percent)
+    corpus = corpus or load_corpus(paths, val_percent)
     h = hashlib.sha256(tokenizer_id(tok_path).encode())
     for f in corpus.train + corpus.val:
         h.update(f"{f.rel}\0{len(f.text)}\0".encode())

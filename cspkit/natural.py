@@ -55,43 +55,58 @@ def _valid(p: Pair) -> bool:
         return False
 
 
+def _check_miner(task: str) -> None:
+    if task != "single_double_quote" and task not in MINERS:
+        raise KeyError(f"no natural-example miner for {task!r}; available: "
+                       f"{', '.join(['single_double_quote', *MINERS])}")
+
+
+def _hits(task: str, lines: list[str]):
+    """(line index, side, match) for every line showing a side of the mined ``task``; for
+    single_double_quote, side a is a string closed by ``")`` and side b by ``')``."""
+    for i, line in enumerate(lines):
+        if task == "single_double_quote":
+            m = _QUOTE.match(line)
+            if m:
+                yield i, "a" if m["q"] == '"' else "b", m
+            continue
+        _, pat_a, pat_b = MINERS[task]
+        for side, pat in (("a", pat_a), ("b", pat_b)):
+            m = pat.match(line)
+            if m:
+                yield i, side, m
+
+
 def mine(task: str, paths: list[str] | None = None, max_pairs: int = 200, seed: int = 0,
          corpus: Corpus | None = None) -> Task:
     """A fixed-pair Task named ``<task>_natural`` from the validation files under ``paths``
     (default: the stdlib), or of an already loaded ``corpus``. Tasks with a miner:
     single_double_quote and those in MINERS."""
+    _check_miner(task)
     corpus = corpus or load_corpus(paths)
     files = [f.text.splitlines(keepends=True) for f in corpus.val]
     pairs: list[Pair] = []
     if task == "single_double_quote":
+        # either quote makes a true minimal pair: the same string opened the other way
         for lines in files:
-            for i, line in enumerate(lines):
-                m = _QUOTE.match(line)
-                if not m:
-                    continue
+            for i, _, m in _hits(task, lines):
                 ctx = _context(lines, i, m["head"])
                 p = Pair(f'{ctx}"{m["body"]}', f"{ctx}'{m['body']}", '")\n', "')\n")
                 if _valid(p):
                     pairs.append(p)
-    elif task in MINERS:
-        (ca, cb), pat_a, pat_b = MINERS[task]
+    else:
         found: dict[str, list[str]] = {"a": [], "b": []}
         for lines in files:
-            for i, line in enumerate(lines):
-                for side, pat in (("a", pat_a), ("b", pat_b)):
-                    m = pat.match(line)
-                    if m:
-                        found[side].append(_context(lines, i, m["head"]))
+            for i, side, m in _hits(task, lines):
+                found[side].append(_context(lines, i, m["head"]))
         rng = random.Random(seed)
         for side in found:
             rng.shuffle(found[side])
+        ca, cb = MINERS[task][0]
         for a, b in zip(found["a"], found["b"]):
             p = Pair(a, b, ca, cb)
             if _valid(p):
                 pairs.append(p)
-    else:
-        raise KeyError(f"no natural-example miner for {task!r}; available: "
-                       f"{', '.join(['single_double_quote', *MINERS])}")
     if not pairs:
         raise ValueError(f"no natural examples of {task} found in the validation files")
     rng = random.Random(seed)
@@ -106,23 +121,14 @@ def count_contexts(task: str, split: str = "train", corpus: Corpus | None = None
     """How many lines of the corpus split (default: the training files of the stdlib) show each
     side of a mined task, {"a": n, "b": n}: the evidence a model trained on that split saw.
     single_double_quote counts short string arguments closed by ``")`` (a) and ``')`` (b)."""
-    if task != "single_double_quote" and task not in MINERS:
-        raise KeyError(f"no natural-example miner for {task!r}; available: "
-                       f"{', '.join(['single_double_quote', *MINERS])}")
+    _check_miner(task)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     corpus = corpus or load_corpus(paths)
     counts = {"a": 0, "b": 0}
     for f in getattr(corpus, split):
-        for line in f.text.splitlines(keepends=True):
-            if task == "single_double_quote":
-                m = _QUOTE.match(line)
-                if m:
-                    counts["a" if m["q"] == '"' else "b"] += 1
-                continue
-            _, pat_a, pat_b = MINERS[task]
-            counts["a"] += bool(pat_a.match(line))
-            counts["b"] += bool(pat_b.match(line))
+        for _, side, _ in _hits(task, f.text.splitlines(keepends=True)):
+            counts[side] += 1
     return counts
 
 
@@ -133,10 +139,10 @@ def evidence(paths: list[str] | None = None) -> list[dict]:
     side (``count_contexts``). A task a model fails whose B side the corpus shows a few dozen
     times is data-starved, not beyond the architecture."""
     enc = get_encoding()
-    info = build_shards(paths)
+    corpus = load_corpus(paths)
+    info = build_shards(paths, corpus=corpus)
     shard = np.memmap(Path(info["dir"]) / "train.bin", dtype=np.uint16, mode="r")
     freq = np.bincount(shard, minlength=enc.n_vocab)
-    corpus = load_corpus(paths)
     rows = []
     for name in tasks_mod.names():
         t = tasks_mod.get(name)
@@ -158,10 +164,12 @@ def format_evidence(rows: list[dict]) -> str:
              "show side A / side B (mined tasks only)",
              f"{'task':28s} {'A':>14s} {'B':>14s} {'tokens A':>10s} {'tokens B':>10s} {'contexts A':>11s} "
              f"{'contexts B':>11s}"]
+
+    def show(cands: list[str]) -> str:
+        return repr(cands[0]) if len(cands) == 1 else f"{len(cands)} tokens"
+
     for r in rows:
-        show = lambda c: repr(c[0]) if len(c) == 1 else f"{len(c)} tokens"
         ctx = r["contexts"] or {}
         lines.append(f"{r['task']:28s} {show(r['candidates_a']):>14s} {show(r['candidates_b']):>14s} "
                      f"{r['tokens_a']:>10,} {r['tokens_b']:>10,} {ctx.get('a', '-'):>11} {ctx.get('b', '-'):>11}")
     return "\n".join(lines)
-
