@@ -113,7 +113,7 @@ def cmd_eval(args) -> None:
         model = load(path, device=args.device)
         out.append({"model": str(path), "results": [tasks.evaluate(model, n, args.split, n=args.n) for n in names]})
     for m in out:
-        m["solved"] = sum(r["accuracy"] >= 0.9 for r in m["results"])
+        m["solved"] = len(tasks.solved(m["results"]))
     res = {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out}
     _emit(args, res, tasks.format_scores(res))
 

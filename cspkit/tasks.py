@@ -561,6 +561,14 @@ def evaluate(model, task: str | Task, split: str = "test", n: int | None = None,
             "chance_loss": float(torch.log(torch.tensor(2.0)))}
 
 
+SOLVED_ACCURACY = 0.9  # a task counts as solved at this test accuracy (issue 3's bar)
+
+
+def solved(results: list[dict], accuracy: float = SOLVED_ACCURACY) -> list[str]:
+    """The tasks among ``evaluate`` results (one model's) scored at ``accuracy`` or better."""
+    return [r["task"] for r in results if r["accuracy"] >= accuracy]
+
+
 def format_scores(res: dict) -> str:
     """The table of ``cspkit eval --json`` output: a row per task, a column per model."""
     names = [r["task"] for r in res["models"][0]["results"]]
@@ -569,5 +577,5 @@ def format_scores(res: dict) -> str:
     for i, n in enumerate(names):
         lines.append(f"{n:28s}" + "".join(f" {m['results'][i]['loss']:>14.3f} / {m['results'][i]['accuracy']:.3f}"
                                           for m in res["models"]))
-    lines.append(f"{'solved (accuracy >= 0.9)':28s}" + "".join(f" {m['solved']:>22d}" for m in res["models"]))
+    lines.append(f"{f'solved (accuracy >= {SOLVED_ACCURACY})':28s}" + "".join(f" {m['solved']:>22d}" for m in res["models"]))
     return "\n".join(lines)
