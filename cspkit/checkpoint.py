@@ -116,6 +116,16 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(state)
 
 
+def _no_weights(path: Path, cfg: dict[str, Any]) -> str:
+    msg = f"{path} has no model.safetensors"
+    if path.name.startswith("paper-") and path.parent.parts[-2:] == ("data", "models"):
+        # the paper-shaped models' weights live in git history, not the checkout (data/ size cap)
+        msg += "; the paper-shaped models' weights are not in the checkout: `make paper-models` restores them"
+    if "command" in cfg:
+        msg += f"; or train it again: {cfg['command']}"
+    return msg
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None) -> GPT:
     """A GPT from a checkpoint directory, with ``.config`` and ``.encoding`` set, in eval mode."""
     path = Path(path)
@@ -128,7 +138,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer:
         raise ValueError(f"checkpoint {path} was trained with tokenizer {want}, but {tok_path} is {have}; "
                          "pass the matching tokenizer file (tokenizer=...)")
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} has no model.safetensors")
+        raise FileNotFoundError(_no_weights(path, cfg))
     model = GPT(from_dict(ModelConfig, cfg["model"], "model config"))
     load_state_into(model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"))
     model.encoding = get_encoding(tok_path)

@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -137,6 +138,16 @@ def test_missing_weights(saved):
     (out / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         cspkit.load(out)
+
+
+def test_missing_paper_weights_name_the_fix(saved, tmp_path):
+    _, out = saved
+    paper = tmp_path / "data" / "models" / "paper-e1-sparse"
+    shutil.copytree(out, paper)
+    (paper / "model.safetensors").unlink()
+    edit_config(paper, lambda c: c.update(command="cspkit train --profile paper-e1 --out x"))
+    with pytest.raises(FileNotFoundError, match=r"make paper-models.*cspkit train --profile paper-e1"):
+        cspkit.load(paper)
 
 
 def test_unknown_config_key(saved):
