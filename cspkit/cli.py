@@ -61,6 +61,8 @@ def cmd_sample(args) -> None:
 
 def cmd_tasks(args) -> None:
     from . import tasks
+    if args.corpus and not args.evidence:
+        raise ValueError("--corpus only applies with --evidence (cspkit tasks --evidence --corpus PATH ...)")
     if args.evidence:
         from . import natural
         rows = natural.evidence(args.corpus)
@@ -228,6 +230,14 @@ def cmd_bridge(args) -> None:
           f"-> {args.out}\n" + bridges.format_quality(q))
 
 
+def _shown(path) -> str:
+    """A path as the user would type it: relative to the working directory when under it."""
+    if path is None or not os.path.isabs(path):  # "pruned": found live, not read from a file
+        return str(path)
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def cmd_intervene(args) -> None:
     from . import bridges
     dense, sparse, bridge = bridges.load(args.bridge)
@@ -235,7 +245,7 @@ def cmd_intervene(args) -> None:
     if args.node == "auto":
         ch, circuit = bridges.circuit_channel(sparse, args.task, args.circuit, progress=not args.json, at=args.at)
         how = (f" (auto: of the {len(bridges.read_nodes(circuit))} read channels of the {circuit.n_nodes}-node "
-               f"circuit {circuit.source}, the one that best separates the two prompt classes)")
+               f"circuit {_shown(circuit.source)}, the one that best separates the two prompt classes)")
     else:
         ch, how = bridges.channel_stats(sparse, args.task, [args.node], at=args.at)[0], ""
     if args.site_channels:
@@ -245,7 +255,8 @@ def cmd_intervene(args) -> None:
         how += f", with all {len(ch)} of the circuit's read channels at its site, each by its own delta"
     r = bridges.flip_rates(dense, sparse, bridge, args.task, ch, args.strength, args.split, args.n, args.seed)
     if circuit is not None:
-        r["circuit"] = {"source": circuit.source, "nodes": circuit.n_nodes, "read_nodes": bridges.read_nodes(circuit)}
+        r["circuit"] = {"source": _shown(circuit.source), "nodes": circuit.n_nodes,
+                        "read_nodes": bridges.read_nodes(circuit)}
     if args.out:
         from .files import atomic_write
         args.out.parent.mkdir(parents=True, exist_ok=True)

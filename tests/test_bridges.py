@@ -391,7 +391,7 @@ def test_circuit_channel_picks_among_the_circuits_read_nodes(pair, tmp_path, mon
         bridges.circuit_channel(sparse, task, stranger)
 
 
-def test_cli_bridge_and_intervene(pair, tmp_path, capsys):
+def test_cli_bridge_and_intervene(pair, tmp_path, capsys, monkeypatch):
     dense_dir, trained = pair
     out = tmp_path / "cli"
     code = main(["bridge", "--dense", str(dense_dir), "--sparse", str(trained.dir), "--out", str(out),
@@ -411,8 +411,9 @@ def test_cli_bridge_and_intervene(pair, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert [r["strength"] for r in res["rows"]] == [0.5, 1.0] and res["node"] in ("0.attn.in[1]", "1.attn.in[7]")
     assert res["circuit"] == {"source": str(cfile), "nodes": 3, "read_nodes": ["0.attn.in[1]", "1.attn.in[7]"]}
+    monkeypatch.chdir(tmp_path)  # a circuit under the working directory is shown as the user would type it
     assert main([*args, "--node", "auto", "--circuit", str(cfile)]) == 0
-    assert "of the 2 read channels of the 3-node circuit" in capsys.readouterr().out
+    assert "of the 2 read channels of the 3-node circuit quote.json," in capsys.readouterr().out
     assert main([*args, "--node", "1.mlp.in[2]", "--site-channels", "--circuit", str(cfile), "--at", "last",
                  "--out", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out

@@ -65,6 +65,11 @@ def test_unknown_override_exits_2(tmp_path, corpus_dir, capsys):
     assert not out.exists()
 
 
+def test_tasks_corpus_without_evidence_exits_2(tmp_path, capsys):
+    assert main(["tasks", "--corpus", str(tmp_path)]) == 2
+    assert "--corpus only applies with --evidence" in capsys.readouterr().err
+
+
 def test_info_missing_dir_exits_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing-here")]) == 2
     assert "nothing-here" in capsys.readouterr().err
