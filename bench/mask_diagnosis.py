@@ -18,7 +18,7 @@ from cspkit import tasks
 from cspkit.ablation import node_widths
 from cspkit.config import override_configs
 from cspkit.files import atomic_write
-from cspkit.prune import PruneConfig, _Evaluator, _split, ranking, train_masks
+from cspkit.prune import PruneConfig, RankedLoss, split_pairs, ranking, train_masks
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     model = cspkit.load(args.model)
     cfg = override_configs({"prune": PruneConfig()}, args.set)["prune"]
     task = tasks.get(args.task)
-    fit, heldout = _split(task, cfg)
+    fit, heldout = split_pairs(task, cfg)
     n_nodes = sum(node_widths(model.config).values())
     lines = [f"{args.model}, task {args.task}, PruneConfig steps {cfg.steps}, k_coef {cfg.k_coef}, k_ref_nodes "
              f"{cfg.k_ref_nodes}: penalty {cfg.node_penalty(n_nodes):g} per node of {n_nodes}, mean ablation, "
@@ -45,7 +45,7 @@ def main() -> None:
         t0 = time.time()
         taus, mean_taus = train_masks(model, task, cfg, "mean", seed, progress=False, pairs=fit)
         flat = torch.cat([t.flatten() for t in taus.values()])
-        ev = _Evaluator(model, ranking(taus, mean_taus), fit[:cfg.calib_pairs], heldout, "mean", cfg.calib_steps)
+        ev = RankedLoss(model, ranking(taus, mean_taus), fit[:cfg.calib_pairs], heldout, "mean", cfg.calib_steps)
         kept = int((flat > 0).sum())
         ks = [k for k in (kept, 2 * kept, 4 * kept, *args.sizes) if 0 < k <= flat.numel()]
         lines.append(f"seed {seed}: {flat.numel()} nodes, kept (tau > 0) {kept}, pinned at +1 {int((flat >= 1).sum())}, "

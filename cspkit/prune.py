@@ -91,7 +91,9 @@ def gate(tau: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return _Heaviside.apply(tau, temperature)
 
 
-def _split(task, cfg: PruneConfig):
+def split_pairs(task, cfg: PruneConfig):
+    """The task's train pairs as pruning uses them: (pairs the masks train on, whose first
+    ``calib_pairs`` fit the calibration; the last ``heldout_pairs``, which every loss is measured on)."""
     pairs = task.pairs("train")
     if len(pairs) < cfg.heldout_pairs + 2:
         raise ValueError(f"task {task.name} has {len(pairs)} train pairs; pruning needs more than "
@@ -103,7 +105,7 @@ def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed
                 progress: bool = True, pairs=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Train one mask parameter per node; returns {location: final tau} and {location: tau
     averaged over the steps}, which ranks nodes that the clamp left tied at -1 or 1."""
-    fit = pairs if pairs is not None else _split(task, cfg)[0]
+    fit = pairs if pairs is not None else split_pairs(task, cfg)[0]
     batch = tasks_mod.encode_pairs(fit, model.config.block_size, model.encoding)
     n = len(fit)
     g = torch.Generator().manual_seed(seed)
@@ -187,8 +189,9 @@ def fit_calibration(two: torch.Tensor, label: torch.Tensor, steps: int = 16) -> 
     return scale, shift
 
 
-class _Evaluator:
-    """Calibrated held-out loss of the top-k nodes of an order, memoized over k."""
+class RankedLoss:
+    """``RankedLoss(...)(k)``: the calibrated held-out task loss with only the first k nodes of
+    ``order`` kept (the rest ablated), memoized over k; what bisection and the sweeps evaluate."""
 
     def __init__(self, model, order, calib, heldout, ablation, calib_steps):
         self.model, self.order, self.calib, self.heldout = model, order, calib, heldout
@@ -238,7 +241,7 @@ class TargetNotReached(ValueError):
         self.task, self.target, self.loss, self.k = task, target, loss, k
 
 
-def _circuit_size(ev: _Evaluator, n_total: int, target: float, full_loss: float, k_mask: int, task: str) -> int:
+def _circuit_size(ev: RankedLoss, n_total: int, target: float, full_loss: float, k_mask: int, task: str) -> int:
     if full_loss <= target:
         return bisect(ev, n_total, target, start=k_mask)
     if k_mask and ev(k_mask) <= target:    # only for require_full=False: the masks' set must do
@@ -256,12 +259,12 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
     cfg = config or PruneConfig()
     task_obj = tasks_mod.get(task)
     t0 = time.time()
-    fit, heldout = _split(task_obj, cfg)
+    fit, heldout = split_pairs(task_obj, cfg)
     torch.manual_seed(seed)
     widths = node_widths(model.config)
     n_total = sum(widths.values())
 
-    full = _Evaluator(model, [(l, i) for l, w in widths.items() for i in range(w)], fit[:cfg.calib_pairs],
+    full = RankedLoss(model, [(l, i) for l, w in widths.items() for i in range(w)], fit[:cfg.calib_pairs],
                       heldout, ablation, cfg.calib_steps)
     full_loss = full(n_total)
     if full_loss > target and require_full:
@@ -276,7 +279,7 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
     else:
         taus, mean_taus = train_masks(model, task_obj, cfg, ablation, seed, progress, pairs=fit)
         order = ranking(taus, mean_taus)
-        ev = _Evaluator(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
+        ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
         ev.seen[0], ev.seen[n_total] = full.seen[0], full.seen[n_total]
         k = _circuit_size(ev, n_total, target, full_loss, sum(int((t > 0).sum()) for t in taus.values()),
                           task_obj.name)
@@ -299,8 +302,8 @@ def loss_curve(circuit: Circuit, ks: list[int]) -> list[tuple[int, float]]:
     if taus is None:
         raise ValueError("loss_curve needs a circuit fresh from prune() (the ranking is not saved in files)")
     cfg = PruneConfig.from_dict(circuit.config)
-    fit, heldout = _split(circuit._task(), cfg)
-    ev = _Evaluator(circuit._need_model(), ranking(taus, circuit.mean_taus), fit[:cfg.calib_pairs], heldout,
+    fit, heldout = split_pairs(circuit._task(), cfg)
+    ev = RankedLoss(circuit._need_model(), ranking(taus, circuit.mean_taus), fit[:cfg.calib_pairs], heldout,
                     circuit.ablation, cfg.calib_steps)
     return [(k, ev(k)) for k in ks]
 

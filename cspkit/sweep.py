@@ -38,7 +38,7 @@ from .checkpoint import git_commit, load, read_config
 from .config import to_dict
 from .files import atomic_write
 from .model import GPT
-from .prune import PruneConfig, _Evaluator, _split, prune
+from .prune import PruneConfig, RankedLoss, split_pairs, prune
 
 FORMAT = "cspkit.sweep/1"
 
@@ -70,9 +70,9 @@ def model_key(path: str | os.PathLike) -> str:
 
 def full_model_loss(model: GPT, task, cfg: PruneConfig, ablation: str) -> float:
     """The full model's calibrated held-out task loss, measured on the pairs prune() measures it on."""
-    fit, heldout = _split(tasks_mod.get(task), cfg)
+    fit, heldout = split_pairs(tasks_mod.get(task), cfg)
     everything = [(loc, i) for loc, w in node_widths(model.config).items() for i in range(w)]
-    return _Evaluator(model, everything, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)(len(everything))
+    return RankedLoss(model, everything, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)(len(everything))
 
 
 class _Runner:

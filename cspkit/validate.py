@@ -19,7 +19,7 @@ from . import tasks as tasks_mod
 from .ablation import keep_gates, node_widths
 from .circuit import Circuit, compute_edges, masked_pair_logits, score
 from .model import GPT
-from .prune import (PruneConfig, TargetNotReached, _Evaluator, _split, bisect, fit_calibration, prune, ranking,
+from .prune import (PruneConfig, TargetNotReached, RankedLoss, split_pairs, bisect, fit_calibration, prune, ranking,
                     top_nodes)
 
 CHANCE = math.log(2)
@@ -99,7 +99,7 @@ class _Scorer:
         self.c, self.model = circuit, circuit._need_model()
         self.cfg = PruneConfig.from_dict(circuit.config) if circuit.config else PruneConfig()
         task = circuit._task()
-        fit, self.heldout = _split(task, self.cfg)
+        fit, self.heldout = split_pairs(task, self.cfg)
         self.calib = fit[:self.cfg.calib_pairs]
         self.test = task.pairs("test", n=n_test)
 
@@ -161,13 +161,13 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
                             statistics.mean(r["accuracy"] for r in rs), statistics.mean(r["raw_loss"] for r in rs),
                             note=f"{draws} draws, loss {min(losses):.3f} to {max(losses):.3f}"))
         elif step == "attribution":
-            fit, heldout = _split(task, sc.cfg)
+            fit, heldout = split_pairs(task, sc.cfg)
             order = ranking(attribution_scores(model, task, circuit.ablation, fit[:sc.cfg.calib_pairs]))
             same = top_nodes(order, circuit.n_nodes)
             r = sc(same)
             rows.append(Row("attribution top-k, same size", circuit.n_nodes, len(compute_edges(model, same)),
                             r["loss"], r["accuracy"], r["raw_loss"], note="|grad x (activation - ablated)|"))
-            ev = _Evaluator(model, order, sc.calib, heldout, circuit.ablation, sc.cfg.calib_steps)
+            ev = RankedLoss(model, order, sc.calib, heldout, circuit.ablation, sc.cfg.calib_steps)
             n_total = sum(widths.values())
             if ev(n_total) <= circuit.target:
                 k = bisect(ev, n_total, circuit.target, start=circuit.n_nodes)
