@@ -30,6 +30,14 @@ def make_corpus(dest: Path) -> Path:
     return dest
 
 
+def write_modules(dest: Path, n: int, body: str) -> Path:
+    """``n`` files ``mod{i}.py``, each ``# module {i}`` and then ``body``: a corpus with known counts."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (dest / f"mod{i}.py").write_text(f"# module {i}\n" + body)
+    return dest
+
+
 def tiny_overrides(corpus: Path, *extra: str) -> list[str]:
     """Overrides that shrink the ``tiny`` profile to a couple of seconds of training."""
     return [f'corpus=["{corpus}"]', f"val_percent={VAL_PERCENT}", "threads=1", "batch_size=4",

@@ -14,6 +14,8 @@ from cspkit.model import GPT
 from cspkit.natural import mine
 from cspkit.tokenizer import get_encoding
 
+from conftest import write_modules
+
 PAPER_TASKS = ["single_double_quote", "bracket_counting", "set_or_string", "set_or_string_fixedvarname",
                "final_kwarg", "class_init", "with_as", "bracket_brace", "with_open", "for_while", "else_elif",
                "fstring_brace", "if_ternary", "var_swap", "indent_for", "lambda_func", "if_equals",
@@ -150,12 +152,9 @@ def test_user_task_from_pairs_and_from_generator_work_end_to_end():
 
 
 def test_natural_quote_examples_are_mined_from_validation_files(tmp_path):
-    src = tmp_path / "code"
-    src.mkdir()
     body = "".join(f"def f{i}(x):\n    x = {i}\n    print(\"value is here\")\n    log('done now')\n"
                    for i in range(5))
-    for i in range(30):
-        (src / f"mod{i}.py").write_text(f"# module {i}\n" + body)
+    src = write_modules(tmp_path / "code", 30, body)
     t = mine("single_double_quote", [str(src)], max_pairs=50)
     pairs = t.pairs("test")
     assert pairs and all(p.cand_a == '")\n' and p.cand_b == "')\n" for p in pairs)
@@ -167,11 +166,8 @@ def test_natural_quote_examples_are_mined_from_validation_files(tmp_path):
 def test_count_contexts_counts_each_side_of_a_mined_task(tmp_path):
     from cspkit.data import load_corpus
     from cspkit.natural import count_contexts
-    src = tmp_path / "code"
-    src.mkdir()
     body = "x = [1, 2, 3]\ny = [[1, 2], [3, 4]]\nz = [a, b]\nprint(\"hi there\")\n"
-    for i in range(40):
-        (src / f"mod{i}.py").write_text(f"# module {i}\n" + body)
+    src = write_modules(tmp_path / "code", 40, body)
     corpus = load_corpus([str(src)])
     n_train, n_val = len(corpus.train), len(corpus.val)
     assert n_train + n_val == 40 and n_train > 0
@@ -185,10 +181,7 @@ def test_count_contexts_counts_each_side_of_a_mined_task(tmp_path):
 
 def test_evidence_counts_candidate_tokens_in_the_training_shard(tmp_path, capsys):
     from cspkit import cli
-    src = tmp_path / "code"
-    src.mkdir()
-    for i in range(40):
-        (src / f"mod{i}.py").write_text(f"# module {i}\ny = [[1, 2], [3, 4]]\nfor k in range(3):\n    pass\n")
+    src = write_modules(tmp_path / "code", 40, "y = [[1, 2], [3, 4]]\nfor k in range(3):\n    pass\n")
     cli.main(["tasks", "--evidence", "--corpus", str(src), "--json"])
     rows = {r["task"]: r for r in json.loads(capsys.readouterr().out)["evidence"]}
     assert set(rows) == set(tasks.names())
