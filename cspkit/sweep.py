@@ -217,10 +217,13 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         ratios = []
         for d in (m for m in models if res["models"][m]["dense"]):
             for sp in (m for m in models if not res["models"][m]["dense"]):
-                a, b = per_model[d]["gm_edges_common"]["per_seed"], per_model[sp]["gm_edges_common"]["per_seed"]
-                ratios.append({"dense": d, "sparse": sp, "val_loss": [res["models"][d]["val_loss"],
-                                                                      res["models"][sp]["val_loss"]], **_spread(
-                    {s: a[s] / b[s] if a[s] is not None and b[s] is not None else None for s in a}, floor=0.0)})
+                # over the tasks both models of the pair can do, so that a pair's ratio does not
+                # change with the other models in the file
+                both = [t for t in task_names if all(ok(m, t, s) for m in (d, sp) for s in seeds)]
+                per_seed = {str(s): _gmean([ok(d, t, s)["edges"] for t in both])
+                            / _gmean([ok(sp, t, s)["edges"] for t in both]) if both else None for s in seeds}
+                ratios.append({"dense": d, "sparse": sp, "tasks": both, "val_loss": [
+                    res["models"][d]["val_loss"], res["models"][sp]["val_loss"]], **_spread(per_seed, floor=0.0)})
         out["targets"][str(target)] = {"tasks_all_can_do": common, "models": per_model, "ratios": ratios}
     return out
 
@@ -395,7 +398,8 @@ def format_summary(res: dict[str, Any]) -> str:
         for r in s["ratios"]:
             per = ", ".join(f"seed {k}: {_num(v, '.2f')}" for k, v in r["per_seed"].items())
             vd, vs = r.get("val_loss") or (None, None)
-            lines.append(f"  ratio {_name(res, r['dense'])} / {_name(res, r['sparse'])} (common tasks): "
+            lines.append(f"  ratio {_name(res, r['dense'])} / {_name(res, r['sparse'])} (over the "
+                         f"{len(r['tasks'])} tasks both can do: {', '.join(r['tasks']) or 'none'}): "
                          f"{_num(r['gmean'], '.2f')}  [{_num(r['min'], '.2f')}, {_num(r['max'], '.2f')}]  ({per}; "
                          f"val loss {_num(vd, '.3f')} vs {_num(vs, '.3f')})")
     if res.get("controls"):

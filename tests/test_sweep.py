@@ -65,7 +65,7 @@ def test_every_run_is_pruned_or_reported(swept, pair):
             assert m["gm_edges"]["per_seed"][str(s)] == pytest.approx(gm)
             assert m["gm_edges_common"]["per_seed"][str(s)] == pytest.approx(gm)
     (ratio,) = easy["ratios"]
-    assert (ratio["dense"], ratio["sparse"]) == (dense, sparse)
+    assert (ratio["dense"], ratio["sparse"]) == (dense, sparse) and ratio["tasks"] == TASKS.split(",")
     for s, v in ratio["per_seed"].items():
         assert v == pytest.approx(easy["models"][dense]["gm_edges_common"]["per_seed"][s]
                                   / easy["models"][sparse]["gm_edges_common"]["per_seed"][s])
@@ -80,6 +80,22 @@ def test_every_run_is_pruned_or_reported(swept, pair):
     assert hard["ratios"][0]["gmean"] is None
     text = sweep_mod.format_summary(res)
     assert "cannot do: full model's loss" in text and "ratio tiny-dense / A" in text
+
+
+def test_a_pairs_ratio_is_over_its_own_tasks_whatever_else_is_in_the_file():
+    def run(model, task, seed, edges):
+        status = "ok" if edges is not None else "unsolved"
+        return {"model": model, "task": task, "target": 0.15, "seed": seed, "status": status,
+                "edges": edges, "full_loss": 0.1 if edges is not None else 0.5}
+    edges = {"D": {"t1": 100, "t2": 400}, "S": {"t1": 10, "t2": 10}, "W": {"t1": 20, "t2": None}}
+    res = {"grid": {"models": list(edges), "tasks": ["t1", "t2"], "seeds": [0], "targets": [0.15]},
+           "models": {m: {"dense": m == "D", "val_loss": 3.0} for m in edges},
+           "runs": [run(m, t, 0, e) for m, per in edges.items() for t, e in per.items()]}
+    summ = sweep_mod.summarize(res)["targets"]["0.15"]
+    assert summ["tasks_all_can_do"] == ["t1"]          # the frontier's common tasks: W cannot do t2
+    ratios = {r["sparse"]: r for r in summ["ratios"]}
+    assert ratios["S"]["tasks"] == ["t1", "t2"] and ratios["S"]["gmean"] == pytest.approx(20.0)  # sqrt(100*400)/10
+    assert ratios["W"]["tasks"] == ["t1"] and ratios["W"]["gmean"] == pytest.approx(5.0)
 
 
 def test_a_finished_sweep_recomputes_nothing_and_a_killed_one_only_the_rest(swept, pair, capsys, monkeypatch):
