@@ -354,6 +354,17 @@ def find_run(res: dict[str, Any], model: str | os.PathLike, task: str, seed: int
     raise KeyError(f"no run of {model} on {task} with seed {seed} at target {target} in these results")
 
 
+def find_ratio(res: dict[str, Any], dense: str | os.PathLike, sparse: str | os.PathLike,
+               target: float | None = None) -> dict[str, Any]:
+    """The summary's dense / sparse ratio of that pair at ``target`` (default: the first)."""
+    target = res["grid"]["targets"][0] if target is None else target
+    want = (model_key(dense), model_key(sparse))
+    for r in res["summary"]["targets"][str(float(target))]["ratios"]:
+        if (r["dense"], r["sparse"]) == want:
+            return r
+    raise KeyError(f"no ratio of {dense} over {sparse} at target {target} in these results")
+
+
 def _name(res: dict[str, Any], key: str) -> str:
     names = [v["name"] for v in res["models"].values()]
     name = res["models"][key]["name"]
