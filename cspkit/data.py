@@ -1,13 +1,20 @@
 """The corpus: local Python files -> deduplicated, split by file -> cached uint16 token shards.
 
 By default the corpus is the standard library of the running interpreter (site-packages
-excluded, so two machines with the same Python build the same corpus).
+excluded, so two machines with the same Python build the same corpus). Besides directories,
+files and globs, a corpus names two kinds of root that mean the same on every machine:
+``stdlib`` and ``package:NAME`` (the installed source of an importable package, numpy say).
+Their files are named by their import path (``json/decoder.py``, ``numpy/linalg/_linalg.py``),
+so the train/validation split of the stdlib is the same with or without packages beside it.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
+import platform
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -43,6 +50,20 @@ class Corpus:
     duplicates: int
 
 
+def _named_root(spec: str) -> Path | None:
+    """The directory a named root stands for, or None if ``spec`` is a path or glob."""
+    if spec == "stdlib":
+        return Path(default_roots()[0])
+    if not spec.startswith("package:"):
+        return None
+    name = spec.removeprefix("package:")
+    found = importlib.util.find_spec(name) if name and "." not in name else None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"corpus root {spec!r}: no installed package {name!r} with source "
+                                f"directory; install it or name a directory instead")
+    return Path(list(found.submodule_search_locations)[0])
+
+
 def _expand(spec: str) -> list[Path]:
     if any(ch in spec for ch in "*?["):
         hits = sorted(Path(p) for p in glob.glob(spec, recursive=True))
@@ -51,32 +72,55 @@ def _expand(spec: str) -> list[Path]:
         return hits
     p = Path(spec)
     if not p.exists():
-        raise FileNotFoundError(f"corpus path {spec!r} does not exist; pass a directory, a .py file or a glob")
+        raise FileNotFoundError(f"corpus path {spec!r} does not exist; pass a directory, a .py file, a glob, "
+                                f"'stdlib' or 'package:NAME'")
     return [p]
 
 
 def list_files(paths: list[str] | None = None) -> list[tuple[Path, str]]:
     """(absolute path, stable name) for every .py file under the given paths.
 
-    The stable name decides the train/validation split. Under one directory it is the path
-    relative to it; with several paths it is prefixed by the path as given, so that
-    ``json/__init__.py`` and ``http/__init__.py`` stay distinct.
+    The stable name decides the train/validation split. Under a named root it is the import
+    path; under one directory it is the path relative to it; with several paths it is prefixed
+    by the path as given, so that ``json/__init__.py`` and ``http/__init__.py`` stay distinct.
     """
-    specs = paths or default_roots()
-    out = []
+    specs = paths or ["stdlib"]
+    roots: list[tuple[Path, str]] = []     # (file or directory, prefix of its files' names)
     for spec in specs:
+        named = _named_root(spec)
+        if named is not None:
+            roots.append((named, "" if spec == "stdlib" else f"{named.name}/"))
+            continue
         for p in _expand(spec):
-            prefix = "" if len(specs) == 1 and p == Path(spec) else f"{p.as_posix()}/"
-            if p.is_file():
-                out.append((p.resolve(), p.as_posix() if prefix or len(specs) > 1 else p.name))
+            alone = len(specs) == 1 and p == Path(spec)
+            roots.append((p, "" if alone else f"{p.as_posix()}/"))
+    out = []
+    for p, prefix in roots:
+        if p.is_file():
+            out.append((p.resolve(), prefix.rstrip("/") if prefix else p.name))
+            continue
+        for f in sorted(p.rglob("*.py")):
+            rel = f.relative_to(p)
+            if "site-packages" in rel.parts or not f.is_file():
                 continue
-            for f in sorted(p.rglob("*.py")):
-                rel = f.relative_to(p)
-                if "site-packages" in rel.parts or not f.is_file():
-                    continue
-                out.append((f.resolve(), prefix + rel.as_posix()))
+            out.append((f.resolve(), prefix + rel.as_posix()))
     if not out:
         raise ValueError(f"no .py files found under {specs}; name directories or globs that contain Python source")
+    return out
+
+
+def sources(paths: list[str] | None = None) -> dict[str, str]:
+    """The version of every named root of a corpus, to record beside a model trained on it."""
+    out = {}
+    for spec in paths or ["stdlib"]:
+        if spec == "stdlib":
+            out[spec] = f"Python {platform.python_version()}"
+        elif spec.startswith("package:"):
+            name = spec.removeprefix("package:")
+            try:
+                out[spec] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                out[spec] = "unknown"
     return out
 
 

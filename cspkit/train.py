@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
-from .data import TokenData, build_shards
+from .data import TokenData, build_shards, sources
 from .files import atomic_path, atomic_write
 from .model import GPT
 from .sparsity import l0_fraction, project_model_
@@ -238,7 +238,8 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
             project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
 
     extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, "command": command, "corpus": {
-        k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}}
+        k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}
+        | {"sources": sources(tcfg.corpus)}}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         start_log(out, start)

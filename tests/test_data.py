@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import cspkit
-from cspkit.data import TokenData, build_shards, cache_dir, is_val, list_files, load_corpus
+from cspkit.data import TokenData, build_shards, cache_dir, is_val, list_files, load_corpus, sources
 from conftest import JSON_FILES, VAL_FILES, VAL_PERCENT
 
 
@@ -106,6 +107,25 @@ def test_list_files_accepts_files_and_globs(corpus_dir):
     rels = {f.rel for f in both.train + both.val}
     assert {f"{corpus_dir}/tool.py", f"{other}/tool.py"} <= rels
     assert len(rels) == len(JSON_FILES) + 1
+
+
+def test_named_roots_use_import_paths(tmp_path, monkeypatch):
+    pkg = tmp_path / "site" / "fakepkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = [[1, 2], [3, 4]]\n")
+    (pkg / "sub" / "mod.py").write_text("y = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert sorted(rel for _, rel in list_files(["package:fakepkg"])) == ["fakepkg/__init__.py", "fakepkg/sub/mod.py"]
+    # the stdlib keeps its names, so its split is the same with a package beside it
+    alone = {rel for _, rel in list_files()}
+    both = {rel for _, rel in list_files(["stdlib", "package:fakepkg"])}
+    assert both == alone | {"fakepkg/__init__.py", "fakepkg/sub/mod.py"}
+    assert sources(["stdlib", "package:fakepkg", str(tmp_path)]) == {
+        "stdlib": f"Python {platform.python_version()}", "package:fakepkg": "unknown"}
+    with pytest.raises(FileNotFoundError, match="no installed package 'nosuchpkg'"):
+        list_files(["package:nosuchpkg"])
+    with pytest.raises(FileNotFoundError, match="no installed package 'math'"):
+        list_files(["package:math"])   # a built-in module has no source directory
 
 
 def test_build_shards_contents_and_cache(corpus_dir):

@@ -86,6 +86,7 @@ def test_sparse_run_ends_at_requested_fractions(trained):
     cfg = ckpt.read_config(trained.dir)
     assert cfg["dense"] is False and cfg["train"] == json.loads(json.dumps(cfg["train"]))
     assert cfg["corpus"]["train_files"] == 4 and cfg["corpus"]["val_files"] == 1
+    assert cfg["corpus"]["sources"] == {}   # a directory has no version to record
 
 
 def test_dense_run_stays_dense(tmp_path, corpus_dir):
