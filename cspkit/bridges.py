@@ -258,12 +258,17 @@ def configs_for(profile_name: str, dense: str | os.PathLike, sparse: str | os.Pa
                 ) -> tuple[ModelConfig, BridgeConfig, TrainConfig]:
     """The configs of a bridge run: a bridge profile, then ``overrides`` (``bridge.X``, ``train.X``,
     and for a sparse model trained from scratch ``model.X``); returns (sparse model, bridge, train).
+    A profile that names no corpus takes the dense checkpoint's.
 
     With ``sparse`` (a checkpoint directory) the sparse model is fine-tuned: it starts from those
     weights (train.init_from) and keeps their sparsity from the first step (the checkpoint's L0
     fractions, no annealing). Without it, the sparse model is trained from scratch jointly with
     the bridge (the paper's way), in the dense model's shape and annealed like ``cspkit train``."""
     bcfg, tcfg = bridge_profile(profile_name)
+    if tcfg.corpus is None:
+        # the maps learn on the text the dense model learned on, not the profile's default
+        t = ckpt.read_config(dense).get("train", {})
+        tcfg = replace(tcfg, corpus=t.get("corpus"), val_percent=t.get("val_percent", tcfg.val_percent))
     if sparse is not None:
         src = ckpt.read_config(sparse)
         t = src.get("train", {})

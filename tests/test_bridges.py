@@ -166,6 +166,10 @@ def test_training_freezes_dense_and_round_trips(pair, tmp_path):
     out = tmp_path / "b"
     (dense, sparse, bridge), (mcfg, bcfg, tcfg) = run_bridge(pair, out)
     assert tcfg.init_from == str(trained.dir) and tcfg.anneal_end == 0.0
+    # the maps learn on the corpus the dense model was trained on, unless told otherwise
+    assert tcfg.corpus == ckpt.read_config(dense_dir)["train"]["corpus"] and tcfg.corpus is not None
+    _, _, other = bridges.configs_for("small", dense_dir, trained.dir, overrides=['train.corpus=["elsewhere"]'])
+    assert other.corpus == ["elsewhere"]
     assert tcfg.l0_frac == trained.tcfg.l0_frac
     # the dense model is frozen: no gradients, the weights of its checkpoint
     original = ckpt.load(dense_dir)
@@ -442,3 +446,7 @@ def test_small_bridge_profiles_freeze_or_fine_tune_the_sparse_model(pair):
     _, joint, tcfg = bridges.configs_for("small-joint", dense_dir, trained.dir)
     assert frozen.train_sparse is False and joint.train_sparse is True
     assert tcfg.init_from == str(trained.dir) and tcfg.anneal_end == 0.0
+    # the maps learn on the corpus the dense model was trained on, unless told otherwise
+    assert tcfg.corpus == ckpt.read_config(dense_dir)["train"]["corpus"] and tcfg.corpus is not None
+    _, _, other = bridges.configs_for("small", dense_dir, trained.dir, overrides=['train.corpus=["elsewhere"]'])
+    assert other.corpus == ["elsewhere"]
