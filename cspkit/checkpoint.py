@@ -118,9 +118,9 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
 
 def _no_weights(path: Path, cfg: dict[str, Any]) -> str:
     msg = f"{path} has no model.safetensors"
-    if path.name.startswith("paper-") and path.parent.parts[-2:] == ("data", "models"):
-        # the paper-shaped models' weights live in git history, not the checkout (data/ size cap)
-        msg += "; the paper-shaped models' weights are not in the checkout: `make paper-models` restores them"
+    if "weights_from" in cfg:
+        # shipped models whose weights live elsewhere (git history, for the data/ size cap) say where
+        msg += f"; its weights are not in the checkout: {cfg['weights_from']}"
     if "command" in cfg:
         msg += f"; or train it again: {cfg['command']}"
     return msg

@@ -142,10 +142,11 @@ def test_missing_weights(saved):
 
 def test_missing_paper_weights_name_the_fix(saved, tmp_path):
     _, out = saved
-    paper = tmp_path / "data" / "models" / "paper-e1-sparse"
+    paper = tmp_path / "paper-e1-sparse"
     shutil.copytree(out, paper)
     (paper / "model.safetensors").unlink()
-    edit_config(paper, lambda c: c.update(command="cspkit train --profile paper-e1 --out x"))
+    edit_config(paper, lambda c: c.update(command="cspkit train --profile paper-e1 --out x",
+                                          weights_from="`make paper-models` restores them"))
     with pytest.raises(FileNotFoundError, match=r"make paper-models.*cspkit train --profile paper-e1"):
         cspkit.load(paper)
 
