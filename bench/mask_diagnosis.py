@@ -48,7 +48,8 @@ def main() -> None:
         ev = RankedLoss(model, ranking(taus, mean_taus), fit[:cfg.calib_pairs], heldout, "mean", cfg.calib_steps)
         kept = int((flat > 0).sum())
         ks = [k for k in (kept, 2 * kept, 4 * kept, *args.sizes) if 0 < k <= flat.numel()]
-        lines.append(f"seed {seed}: {flat.numel()} nodes, kept (tau > 0) {kept}, pinned at +1 {int((flat >= 1).sum())}, "
+        lines.append(f"seed {seed}: {flat.numel()} nodes, kept (tau > 0) {kept}, "
+                     f"pinned at +1 {int((flat >= 1).sum())}, "
                      f"at -1 {int((flat <= -1).sum())}; held-out loss " + ", ".join(f"k={k}: {ev(k):.3f}" for k in ks)
                      + f" ({time.time() - t0:.0f} s)")
         print(lines[-1], flush=True)

@@ -171,7 +171,8 @@ def cmd_validate(args) -> None:
         from .files import atomic_write
         atomic_write(args.out, json.dumps(obj, indent=1) + "\n")
     _emit(args, obj, f"{circuit.task} circuit in {circuit.model_path} ({circuit.ablation} ablation); "
-                     "loss: calibrated task loss on the test split (raw: uncalibrated), chance 0.693\n" + format_table(rows))
+                     "loss: calibrated task loss on the test split (raw: uncalibrated), chance 0.693\n"
+                     + format_table(rows))
 
 
 def cmd_sweep(args) -> None:
@@ -193,7 +194,8 @@ def cmd_sweep_merge(args) -> None:
         from .files import atomic_path
         from .plots import plot_frontier
         with atomic_path(args.plot) as tmp:
-            plot_frontier(res, target=res["grid"]["targets"][0]).savefig(tmp, dpi=120, format=args.plot.suffix.lstrip(".") or "png")
+            fig = plot_frontier(res, target=res["grid"]["targets"][0])
+            fig.savefig(tmp, dpi=120, format=args.plot.suffix.lstrip(".") or "png")
     _emit(args, res, format_summary(res) + f"\n-> {args.out}" + (f", {args.plot}" if args.plot else ""))
 
 
@@ -389,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("sweep-merge", help="merge sweep results files (same ablation and pruning config)")
     mg.add_argument("files", type=Path, nargs="+", help="results files written by `cspkit sweep`")
     mg.add_argument("--out", type=Path, required=True)
-    mg.add_argument("--plot", type=Path, help="also draw the frontier (validation loss against circuit edges) at the first target, e.g. PNG")
+    mg.add_argument("--plot", type=Path, help="also draw the frontier (validation loss against circuit edges) "
+                    "at the first target, e.g. PNG")
     mg.add_argument("--json", action="store_true")
     mg.set_defaults(fn=cmd_sweep_merge)
 

@@ -147,7 +147,8 @@ class Explorer:
         with progress bars in the log, cache it and show it."""
         key = self.key()
         task, mode, value, ablation = key
-        self.status.value = f"computing the {html.escape(task)} circuit ({html.escape(mode)} {value}, {ablation} ablation)…"
+        self.status.value = (f"computing the {html.escape(task)} circuit "
+                             f"({html.escape(mode)} {value}, {ablation} ablation)…")
         self.log.clear_output()
         try:
             with self.log:
@@ -254,7 +255,8 @@ class Explorer:
             return
         kinds = [k for k, w in self.kinds.items() if w.value]
         layers = [l for l, w in self.layers.items() if w.value]
-        net = circuit_graph(self.circuit, self.n_pairs, kinds=kinds, layers=layers, ablated=self.off, height=self.height)
+        net = circuit_graph(self.circuit, self.n_pairs, kinds=kinds, layers=layers, ablated=self.off,
+                            height=self.height)
         self.graph.value = net.iframe()
 
     def _update_loss(self) -> None:
@@ -295,7 +297,8 @@ class Explorer:
         parts = [f"<h4 style='margin:4px 0'>{html.escape(name)}</h4>"
                  f"{KIND_NAMES[d['kind']]}, layer {d['layer']} · mean activation {d['mean']:+.4f} · "
                  f"ablation effect {d['effect']:+.4f} nats<br>"]
-        for title, edges in (("incoming", self.g.in_edges(name, data=True)), ("outgoing", self.g.out_edges(name, data=True))):
+        for title, edges in (("incoming", self.g.in_edges(name, data=True)),
+                             ("outgoing", self.g.out_edges(name, data=True))):
             rows = "".join(f"<tr><td>{html.escape(s if title == 'incoming' else t)}</td><td>{e['kind']}</td>"
                            f"<td style='text-align:right'>{_weight(e)}</td></tr>" for s, t, e in edges)
             parts.append(f"<div style='display:inline-block;vertical-align:top;margin-right:24px'><b>{title} edges</b>"

@@ -144,7 +144,8 @@ def plot_bridge_quality(q: dict[str, Any]) -> Figure:
     x = range(len(sites))
     fig = Figure(figsize=(11, 3.8))
     ax_fve, ax_kl = fig.subplots(1, 2)
-    for off, key, label in ((-0.2, "fve_enc", "encoder (dense -> sparse)"), (0.2, "fve_dec", "decoder (sparse -> dense)")):
+    for off, key, label in ((-0.2, "fve_enc", "encoder (dense -> sparse)"),
+                            (0.2, "fve_dec", "decoder (sparse -> dense)")):
         ax_fve.bar([i + off for i in x], [r[key] for r in q["sites"]], 0.4, label=label)
     ax_fve.axhline(0, color="gray", lw=1)
     ax_fve.set_xticks(list(x), sites)

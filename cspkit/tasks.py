@@ -577,5 +577,6 @@ def format_scores(res: dict) -> str:
     for i, n in enumerate(names):
         lines.append(f"{n:28s}" + "".join(f" {m['results'][i]['loss']:>14.3f} / {m['results'][i]['accuracy']:.3f}"
                                           for m in res["models"]))
-    lines.append(f"{f'solved (accuracy >= {SOLVED_ACCURACY})':28s}" + "".join(f" {m['solved']:>22d}" for m in res["models"]))
+    solved = f"solved (accuracy >= {SOLVED_ACCURACY})"
+    lines.append(f"{solved:28s}" + "".join(f" {m['solved']:>22d}" for m in res["models"]))
     return "\n".join(lines)

@@ -316,7 +316,8 @@ def _layout(g: nx.DiGraph):
                for (l, s), j in column.items()]
     bands = [{"x": -_MAX_SUB * _LANE / 2 - 20, "y": top[b] + (rows[b] - 1) * _ROW / 2, "label": b}
              for b in BANDS if rows[b]]
-    box = {"x0": -_MAX_SUB * _LANE / 2 - 90, "x1": max(len(column) - 1, 0) * _COL + 2 * _STAGE + _MAX_SUB * _LANE / 2 + 20,
+    box = {"x0": -_MAX_SUB * _LANE / 2 - 90,
+           "x1": max(len(column) - 1, 0) * _COL + 2 * _STAGE + _MAX_SUB * _LANE / 2 + 20,
            "y0": -80, "y1": max(y - _GAP, 0) + 40}
     return pos, (columns, bands, box)
 

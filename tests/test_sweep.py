@@ -211,7 +211,8 @@ def test_merging_split_sweeps_gives_the_whole_sweep(swept, pair, tmp_path, capsy
     assert code == 0
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     key = lambda r: (r["model"], r["task"], r["target"], r["seed"])  # noqa: E731
-    assert sorted((key(r), r.get("edges")) for r in merged["runs"]) == sorted((key(r), r.get("edges")) for r in res["runs"])
+    runs = lambda d: sorted((key(r), r.get("edges")) for r in d["runs"])
+    assert runs(merged) == runs(res)
     assert merged["summary"] == res["summary"]
     other = json.loads(parts[1].read_text())
     other["prune_config"]["steps"] = 5
