@@ -232,7 +232,7 @@ def _write(path: Path, res: dict[str, Any]) -> None:
     g = res["grid"]  # every run is in the grid: it is the union of all that was asked
     res["runs"].sort(key=lambda r: (g["models"].index(r["model"]), g["tasks"].index(r["task"]), r["target"], r["seed"]))
     res["summary"] = summarize(res)
-    res["git_commit"] = git_commit()
+    res["git_commit"] = git_commit()  # of the last write; each run records its own
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(res, indent=1) + "\n")
 
@@ -255,7 +255,10 @@ def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: boo
         for m in models.values():
             node_means(m)  # computed here once and cached beside the weights, not by every worker at once
 
+    commit = git_commit()  # per run: a file's runs may come from several commits
+
     def record(row: dict[str, Any]) -> None:
+        row = {**row, "git_commit": commit}
         res["runs"] = [r for r in res["runs"] if _key(r) != _key(row)] + [row]
         _write(out, res)
         bar.update()

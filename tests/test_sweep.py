@@ -46,7 +46,7 @@ def test_every_run_is_pruned_or_reported(swept, pair):
     res = json.loads(swept.read_text())
     assert len(res["runs"]) == 2 * 2 * 2 * 2
     for r in res["runs"]:
-        assert r["full_loss"] > 0
+        assert r["full_loss"] > 0 and r["git_commit"] == res["git_commit"]
         if r["target"] == 10.0:
             assert r["status"] == "ok" and r["nodes"] >= 0 and r["loss"] <= 10.0 and r["seconds"] >= 0
         else:
