@@ -2,7 +2,7 @@
 
 The sparse step is the dense step plus the top-k projection of every matrix at the final
 L0. Steps of the two models alternate, and each time is the median over the steps.
-Usage: python bench/train_overhead.py [--profile small] [--steps 12] [--warmup 3]
+Usage: python bench/train_overhead.py [--profile small] [--steps 12] [--warmup 3] [--out results/train_overhead.json]
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from cspkit.files import atomic_write
 from cspkit.model import GPT
 from cspkit.train import config_for, decayed, schedule, train_step
 
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", type=Path, help="also write the result as JSON (the same run as the printed one)")
     args = ap.parse_args()
     mcfg, tcfg = config_for(args.profile)
     runners = {"dense": Runner(mcfg, replace(tcfg, dense=True)), "sparse": Runner(mcfg, tcfg)}
@@ -59,6 +62,8 @@ def main() -> None:
     out = {"profile": args.profile, "threads": torch.get_num_threads(), "tokens_per_step":
            tcfg.batch_size * mcfg.block_size, "dense_s": round(dense, 4), "sparse_s": round(sparse, 4),
            "ratio_sparse_over_dense": round(sparse / dense, 3), "goal": 1.10}
+    if args.out:
+        atomic_write(args.out, (json.dumps(out) + "\n").encode())
     if args.json:
         print(json.dumps(out))
     else:
