@@ -14,15 +14,19 @@ $(VENV)/.installed: pyproject.toml
 # JupyterLab refuses to run as root unless told; containers often run as root
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test bench frontier paper-models
+.PHONY: lab test bench frontier paper-models small-results
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) notebooks/
 
 test: $(VENV)/.installed
 	$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
 
+# stdout to a file, written only when the command succeeds
+save = > $(1).tmp && mv $(1).tmp $(1)
+
+# on idle cores: the step-time ratio, as text and JSON from one run
 bench: $(VENV)/.installed
-	$(PY) bench/train_overhead.py
+	$(PY) bench/train_overhead.py --out results/train_overhead.json $(call save,results/train_overhead.txt)
 
 # results/frontier.json and .png: every task pruned with two seeds on the shipped small pair and
 # the paper-shaped models (default PruneConfig; hours on 2 cores, minutes on a GPU), then merged
@@ -35,6 +39,35 @@ frontier: $(VENV)/.installed paper-models
 		data/models/paper-e1-sparser data/models/paper-e2-sparse --tasks all --seeds 0 1 --jobs $(JOBS) \
 		--device $(DEVICE) --out results/sweep_paper_scaled.json
 	$(VENV)/bin/cspkit sweep-merge results/sparse_vs_dense.json results/sweep_paper_scaled.json \
+		--out results/frontier.json --plot results/frontier.png
+
+# Everything in results/ measured on the shipped small pair, in dependency order: task scores,
+# circuits and their validation, the pruning bench, the bridge and its steering, and the
+# sparse-vs-dense sweep (about six hours on 2 idle CPU cores, three of them the sweep). Run it
+# after replacing either model: circuit, bridge and sweep files name the weights they belong to.
+CS := $(VENV)/bin/cspkit
+SMALL := data/models/small-sparse
+CIRCUITS := results/circuits/small-sparse
+small-results: $(VENV)/.installed
+	$(CS) eval --model $(SMALL) --model data/models/small-dense --task all $(call save,results/task_scores.txt)
+	$(CS) eval --model $(SMALL) --model data/models/small-dense --task all --json $(call save,results/task_scores.json)
+	for t in single_double_quote bracket_counting indent_for; do \
+		$(CS) prune --model $(SMALL) --task $$t --out $(CIRCUITS)/$$t.json || exit 1; done
+	for t in single_double_quote bracket_counting; do $(CS) validate --circuit $(CIRCUITS)/$$t.json \
+		--out results/validation/small-sparse_$$t.json $(call save,results/validation/small-sparse_$$t.txt) || exit 1; done
+	$(PY) bench/prune_speed.py --threads 2 $(call save,results/prune_speed.txt)
+	rm -rf data/models/small-bridge
+	$(CS) bridge --dense data/models/small-dense --sparse $(SMALL) --out data/models/small-bridge --profile small
+	$(CS) bridge-report --bridge data/models/small-bridge --out results/bridge_quality.txt
+	$(CS) intervene --bridge data/models/small-bridge --node auto --task single_double_quote \
+		--circuit $(CIRCUITS)/single_double_quote.json --out results/intervene_quote.json $(call save,results/intervene_quote.txt)
+	$(CS) intervene --bridge data/models/small-bridge --node auto --task single_double_quote --site-channels \
+		--strength 0.25 0.5 1 2 4 --circuit $(CIRCUITS)/single_double_quote.json --out results/intervene_quote_site.json \
+		$(call save,results/intervene_quote_site.txt)
+	rm -f results/sparse_vs_dense.json
+	$(CS) sweep --models $(SMALL) data/models/small-dense --tasks all --seeds 0 1 --jobs 2 \
+		--out results/sparse_vs_dense.json --controls single_double_quote,var_if
+	$(CS) sweep-merge results/sparse_vs_dense.json results/sweep_paper_scaled.json \
 		--out results/frontier.json --plot results/frontier.png
 
 # The paper-shaped models' weights (47 MB) are not in the checkout, to keep data/ under 40 MB;
