@@ -22,7 +22,7 @@ import networkx as nx
 import torch
 
 from . import tasks as tasks_mod
-from .ablation import ablation_values, fingerprint, gate_hooks, keep_gates, node_widths
+from .ablation import ABLATIONS, ablation_values, fingerprint, gate_hooks, keep_gates, node_widths
 from .files import atomic_write
 from .model import GPT, node_name, parse_node
 
@@ -114,6 +114,10 @@ class Circuit:
     def n_edges(self) -> int:
         return len(self.edges)
 
+    def size_label(self) -> str:
+        """How the circuit was sized: ``target 0.15`` or ``k = 20``."""
+        return f"target {self.target}" if self.target is not None else f"k = {self.config.get('k')}"
+
     def node_names(self) -> list[str]:
         return [node_name(loc, i) for loc, idx in self.nodes.items() for i in idx]
 
@@ -159,6 +163,11 @@ class Circuit:
         d["calibration"] = tuple(d["calibration"])
         d["edges"] = [(s, t, w) for s, t, w in d["edges"]]
         d["trace"] = [(int(k), v) for k, v in d["trace"]]
+        k = (d.get("config") or {}).get("k")
+        if not (d.get("target") is None or isinstance(d["target"], (int, float))) or \
+                not (k is None or isinstance(k, int)) or d.get("ablation") not in ABLATIONS:
+            raise ValueError(f"circuit file has a malformed target {d.get('target')!r}, k {k!r} or ablation "
+                             f"{d.get('ablation')!r}; write it again with `cspkit prune --out`")
         c = cls(**d)
         if model is not None:
             c.attach(model)

@@ -2,7 +2,7 @@
 the node statistics and live re-evaluation of a circuit.
 
 Choose a task, a target loss (or a number of nodes k) and an ablation; a circuit is looked up
-among the ones given (e.g. the precomputed ``results/circuits/``), the ones computed in this
+among the ones given (e.g. ``results/circuits/small-sparse``), the ones computed in this
 session and the on-disk cache, and drawn; "compute" finds it with ``cspkit.prune`` when there is
 none. Filters narrow the graph to some location types and layers. Choosing a node shows its
 edges and per-token activation heatmaps on the task's prompts and on the corpus contexts where
@@ -11,8 +11,10 @@ without a browser, so tests drive the widgets from Python.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import re
 from pathlib import Path
 
 import ipywidgets as W
@@ -23,7 +25,7 @@ from . import tasks as tasks_mod
 from .ablation import ABLATIONS, fingerprint, keep_gates, node_widths
 from .circuit import Circuit, compute_edges, masked_pair_logits
 from .config import to_dict
-from .model import GPT, parse_node
+from .model import GPT, node_name, parse_node
 from .viz import KIND_NAMES, PLACES, annotated_graph, circuit_graph, corpus_stats, heatmap_html, token_html
 
 
@@ -41,6 +43,10 @@ class Explorer:
         self.tasks = {t.name: t for t in map(tasks_mod.get, [tasks] if isinstance(tasks, str) else tasks)}
         if not self.tasks:
             raise ValueError("explore needs at least one task, e.g. explore(model, ['single_double_quote'])")
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
+        if not 1e-3 <= target <= 10.0:
+            raise ValueError(f"target {target} is outside 0.001 to 10 (a task loss in nats; chance is 0.693)")
         self.fingerprint = fingerprint(model)
         self.cache_dir = self._default_cache() if cache else None
         self.circuits: dict[tuple, Circuit] = {}
@@ -50,9 +56,13 @@ class Explorer:
             if isinstance(c, Circuit):
                 self.add(c)
             elif Path(c).is_dir():  # the circuits in it of the tasks shown
-                for f in sorted(Path(c).glob("*.json")):
-                    if json.loads(f.read_text()).get("task") in self.tasks:
-                        self.add(Circuit.load(f, model=model))
+                found = [d for d in (json.loads(f.read_text()) for f in sorted(Path(c).glob("*.json")))
+                         if d.get("task") in self.tasks]
+                if not found:
+                    raise ValueError(f"{c} holds no circuit files of {', '.join(self.tasks)}; pass the folder "
+                                     "that holds them, e.g. results/circuits/small-sparse")
+                for d in found:
+                    self.add(Circuit.from_dict(d, model=model))
             else:
                 self.add(Circuit.load(c, model=model))
         self.circuit: Circuit | None = None
@@ -129,10 +139,15 @@ class Explorer:
         return circuit
 
     def _cache_file(self, key: tuple) -> Path | None:
+        """The cached circuit of a key: named by the task's prompts too (a task redefined under
+        the same name is another task) and the pruning seed."""
         if self.cache_dir is None:
             return None
         task, mode, value, ablation = key
-        return self.cache_dir / f"{task}-{ablation}-{mode}{value}.json"
+        pairs = self.tasks[task].pairs("train", n=8)
+        h = hashlib.sha256(json.dumps([(p.prompt_a, p.cand_a, p.prompt_b, p.cand_b) for p in pairs]).encode())
+        name = re.sub(r"[^\w.-]", "_", task)
+        return self.cache_dir / f"{name}-{h.hexdigest()[:8]}-{ablation}-{mode}{value}-s{self.seed}.json"
 
     def lookup(self, key: tuple) -> Circuit | None:
         """The circuit for a key from memory or the on-disk cache, or None."""
@@ -157,7 +172,7 @@ class Explorer:
                     self.taus[(task, ablation)] = (c.taus, c.mean_taus)
                 else:
                     c = self._top_k(task, value, ablation)
-        except ValueError as e:
+        except Exception as e:
             self.status.value = f"<span style='color:#c53030'>{html.escape(str(e))}</span>"
             raise
         self.add(c)
@@ -204,7 +219,8 @@ class Explorer:
             if c is not self.circuit:
                 self.show(c)
             return
-        self.circuit = None
+        self.circuit = self.g = self.base_loss = self.current_loss = None
+        self.off = set()
         self.graph.value = self.loss.value = self.details.value = ""
         self.node.options = [("(choose a node)", None)]
         self.status.value = (f"No {html.escape(key[0])} circuit at {key[1]} {key[2]} with {key[3]} ablation yet: "
@@ -228,13 +244,17 @@ class Explorer:
     # ------------------------------------------------------------------ drawing
     def show(self, circuit: Circuit) -> None:
         """Draw a circuit and reset the node selection."""
-        self.circuit, self.off = circuit, set()
         self.status.value = "computing node statistics (corpus activations, ablation effects)…"
-        with self.log:
-            corpus_stats(self.model)
-            self.g = annotated_graph(circuit, self.n_pairs, progress=True)
+        try:
+            with self.log:
+                corpus_stats(self.model)
+                g = annotated_graph(circuit, self.n_pairs, progress=True)
+            base = circuit.evaluate("test", n=self.n_pairs)["loss"]
+        except Exception as e:  # the explorer keeps showing the previous circuit, whole
+            self.status.value = f"<span style='color:#c53030'>{html.escape(str(e))}</span>"
+            raise
         self.log.clear_output()
-        self.base_loss = circuit.evaluate("test", n=self.n_pairs)["loss"]
+        self.circuit, self.g, self.base_loss, self.off = circuit, g, base, set()
         self._busy = True
         try:
             self.node.options = [("(choose a node)", None)] + [(n, n) for n in circuit.node_names()]
@@ -242,8 +262,8 @@ class Explorer:
             self.node_off.value = False
         finally:
             self._busy = False
-        size = f"target {circuit.target}" if circuit.target is not None else f"k = {circuit.config.get('k')}"
-        self.status.value = (f"<b>{html.escape(circuit.task)}</b> ({size}, {circuit.ablation} ablation): "
+        self.status.value = (f"<b>{html.escape(circuit.task)}</b> ({html.escape(circuit.size_label())}, "
+                             f"{html.escape(circuit.ablation)} ablation): "
                              f"{circuit.n_nodes} nodes, {circuit.n_edges} edges, task loss {circuit.loss:.3f}")
         self.details.value = ""
         self.draw()
@@ -264,7 +284,8 @@ class Explorer:
         line = f"task loss on {self.n_pairs} test pairs: circuit {self.base_loss:.4f}"
         self.current_loss = self.base_loss
         if self.off:
-            keep = {loc: [i for i in idx if f"{loc}[{i}]" not in self.off] for loc, idx in self.circuit.nodes.items()}
+            keep = {loc: [i for i in idx if node_name(loc, i) not in self.off]
+                    for loc, idx in self.circuit.nodes.items()}
             self.current_loss = self.circuit.evaluate("test", n=self.n_pairs, nodes=keep)["loss"]
             line += (f"; with {len(self.off)} node{'s' * (len(self.off) > 1)} off "
                      f"({html.escape(', '.join(sorted(self.off)))}): {self.current_loss:.4f} "
@@ -318,10 +339,10 @@ class Explorer:
         batch = tasks_mod.encode_pairs(pairs, self.model.config.block_size, self.model.encoding)
         acts = self._activations(batch["tokens"], name)
         enc = self.model.encoding
-        scale = float(acts.abs().max()) or 1.0
+        shown = [(max(0, last + 1 - tail), last) for last in batch["last"].tolist()]   # not the padding
+        scale = max(float(acts[r, lo:last + 1].abs().max()) for r, (lo, last) in enumerate(shown)) or 1.0
         rows = []
-        for r, last in enumerate(batch["last"].tolist()):
-            lo = max(0, last + 1 - tail)
+        for r, (lo, last) in enumerate(shown):
             toks = [enc.decode([t]) for t in batch["tokens"][r, lo:last + 1].tolist()]
             p = pairs[r % len(pairs)]
             cand = p.cand_a if r < len(pairs) else p.cand_b

@@ -14,6 +14,7 @@ Every string from the vocabulary is HTML-escaped. Notebooks show it in a sandbox
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from . import tasks as tasks_mod
 from .ablation import ablation_values, fingerprint, gate_hooks, keep_gates, node_means, node_widths
 from .circuit import Circuit, score
-from .files import atomic_write
+from .files import atomic_path, atomic_write
 from .model import GPT, node_name, parse_node
 
 # Location type -> (band, sublayer, stage, lane): the band is the row of the drawing; the
@@ -86,11 +87,13 @@ def ablation_effects(circuit: Circuit, n_pairs: int = 16, split: str = "test", c
     results are cached per circuit."""
     model = _need_model(circuit)
     task = circuit.task_obj if circuit.task_obj is not None else tasks_mod.get(circuit.task)
-    key = (circuit.model_fingerprint or fingerprint(model), id(task), circuit.ablation, tuple(circuit.calibration),
-           json.dumps(circuit.nodes, sort_keys=True), n_pairs, split)
+    batch = tasks_mod.encode_pairs(task.pairs(split, n=n_pairs), model.config.block_size, model.encoding)
+    # keyed by the prompts and candidates themselves: a task redefined under the same name differs
+    prompts = hashlib.sha256(batch["tokens"].numpy().tobytes() + batch["cands"].numpy().tobytes()).hexdigest()
+    key = (circuit.model_fingerprint or fingerprint(model), prompts, circuit.ablation, tuple(circuit.calibration),
+           json.dumps(circuit.nodes, sort_keys=True))
     if key in _EFFECTS:
         return _EFFECTS[key]
-    batch = tasks_mod.encode_pairs(task.pairs(split, n=n_pairs), model.config.block_size, model.encoding)
     tokens, P = batch["tokens"].to(model.device), batch["tokens"].shape[0]
     values = ablation_values(model, circuit.ablation, tokens)
     keep = keep_gates(model.config, circuit.nodes, model.device)
@@ -347,6 +350,7 @@ class CircuitNetwork(Network):
 
     def write_html(self, name, local: bool = True, notebook: bool = False, open_browser: bool = False) -> Path:
         """The standalone page, written as UTF-8 (pyvis writes in the locale's encoding)."""
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(name, self.generate_html())
         return Path(name)
 
@@ -371,8 +375,11 @@ class CircuitNetwork(Network):
     def write_graphml(self, path) -> Path:
         g = self.graph.copy()
         g.graph = {k: v for k, v in g.graph.items() if v is not None}  # GraphML has no null (a k circuit's target)
-        nx.write_graphml(g, str(path))
-        return Path(path)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            nx.write_graphml(g, str(tmp))
+        return path
 
 
 def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, ablated=(),
@@ -380,21 +387,29 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     """A circuit as a CircuitNetwork (a pyvis Network). ``kinds`` (location types such as
     ``"mlp.neuron"``) and ``layers`` keep only those nodes; ``ablated`` node names are drawn
     greyed out; ``n_pairs`` test pairs measure the ablation effects (node sizes)."""
-    g = annotated_graph(circuit, n_pairs, progress)
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    layers = [layers] if isinstance(layers, int) else layers
     bad = set(kinds or ()) - set(PLACES)
     if bad:
         raise ValueError(f"unknown location types {sorted(bad)}; choose from {', '.join(PLACES)}")
+    n_layer = _need_model(circuit).config.n_layer
+    bad = [l for l in layers or () if not (isinstance(l, int) and 0 <= l < n_layer)]
+    if bad:
+        raise ValueError(f"layers {bad} are not layers of this model; choose from 0 to {n_layer - 1}")
+    off = {node_name(*_node(a)) for a in ablated}
+    unknown = sorted(off - set(circuit.node_names()))
+    if unknown:
+        raise ValueError(f"ablated nodes {unknown} are not in the circuit; name nodes of circuit.node_names()")
+    g = annotated_graph(circuit, n_pairs, progress)
     keep = [n for n, d in g.nodes(data=True)
             if (kinds is None or d["kind"] in kinds) and (layers is None or d["layer"] in layers)]
     shown = g.subgraph(keep).copy()
     pos, layout = _layout(shown)
-    size = f"target {circuit.target}" if circuit.target is not None else f"k = {circuit.config.get('k')}"
     title = (f"{circuit.task}: {circuit.n_nodes} nodes, {circuit.n_edges} edges, task loss {circuit.loss:.3f} "
-             f"({size}), {circuit.ablation} ablation"
+             f"({circuit.size_label()}), {circuit.ablation} ablation"
              + (f"; showing {shown.number_of_nodes()} nodes" if len(keep) < g.number_of_nodes() else ""))
     net = CircuitNetwork(shown, title, layout, height)
     peak = max((abs(d["effect"]) for _, d in g.nodes(data=True)), default=0.0) or 1.0
-    off = set(ablated)
     for n, d in shown.nodes(data=True):
         x, y = pos[n]
         color = "#d9d9d9" if n in off else KIND_COLORS[d["kind"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -158,6 +159,22 @@ def test_graphml_round_trips_through_networkx(circuit, tmp_path):
     assert back.graph["task"] == circuit.task
 
 
+def test_graph_files_are_written_whole_or_not_at_all(circuit, tmp_path, monkeypatch):
+    net = viz.circuit_graph(circuit, n_pairs=4)
+    out = tmp_path / "new" / "dir"
+    assert net.write_html(out / "c.html").is_file() and net.write_graphml(out / "c.graphml").is_file()
+    before = (out / "c.graphml").read_bytes()
+
+    def crash(g, path):
+        Path(path).write_text("<graphml half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(viz.nx, "write_graphml", crash)
+    with pytest.raises(OSError, match="disk full"):
+        net.write_graphml(out / "c.graphml")
+    assert (out / "c.graphml").read_bytes() == before and sorted(f.name for f in out.iterdir()) == ["c.graphml", "c.html"]
+
+
 def test_filters_and_ablated_nodes(circuit):
     net = viz.circuit_graph(circuit, n_pairs=4, kinds=["attn.q", "attn.k", "attn.v"], layers=[1])
     ids = {n["id"] for n in net.nodes}
@@ -168,6 +185,16 @@ def test_filters_and_ablated_nodes(circuit):
     assert grey[off] == "#d9d9d9" and list(grey.values()).count("#d9d9d9") == 1
     with pytest.raises(ValueError, match="unknown location types"):
         viz.circuit_graph(circuit, n_pairs=4, kinds=["mlp.neurons"])
+    # one kind or one layer may be given bare; bad layers and unknown ablated nodes are named
+    one = viz.circuit_graph(circuit, n_pairs=4, kinds="attn.q", layers=1)
+    assert {n["id"] for n in one.nodes} == {n for n in circuit.node_names() if n.startswith("1.attn.q[")}
+    with pytest.raises(ValueError, match=r"layers \[5\] are not layers"):
+        viz.circuit_graph(circuit, n_pairs=4, layers=[0, 5])
+    with pytest.raises(ValueError, match=r"not in the circuit"):
+        viz.circuit_graph(circuit, n_pairs=4, ablated=["0.mlp.neuron[99999]"])
+    loc, i = parse_node(off)
+    tup = {n["id"]: n["color"]["background"] for n in viz.circuit_graph(circuit, n_pairs=4, ablated=[(loc, i)]).nodes}
+    assert tup == grey
 
 
 def test_graph_needs_the_model(circuit):
@@ -216,7 +243,7 @@ def test_explorer_filters_redraw(explorer, circuit):
     explorer.kinds["mlp.neuron"].value = False
     explorer.layers[1].value = False
     page = explorer.graph.value
-    assert "2.mlp.neuron[" not in page
+    assert "0.mlp.neuron[" not in page and "1.attn" not in page
     shown = re.findall(r"&quot;id&quot;: &quot;([^&]*)&quot;", page)
     assert set(shown) == {n for n in circuit.node_names() if n.startswith("0.") and "neuron" not in n}
 
@@ -271,10 +298,12 @@ def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
     assert len(saved) == 1
     again = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero")
     assert again.circuit is not None and again.circuit.nodes == ex.circuit.nodes and len(calls) == 1  # from disk
+    other_seed = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero", seed=1)
+    assert other_seed.circuit is None   # a circuit pruned with seed 0 is not another seed's
 
     ex.mode.value = "k"
     ex.k.value = 5
-    assert ex.circuit is None
+    assert ex.circuit is None and ex.g is None and ex.base_loss is None and not ex.off   # nothing stale
     ex.compute.click()  # reuses the masks of the pruning above: top 5 of the ranking
     assert ex.circuit.n_nodes == 5 and ex.circuit.config["k"] == 5 and len(calls) == 1
     assert ex.circuit.nodes == {"0.attn.in": [0, 1, 2, 3, 4]}  # the highest taus
@@ -294,6 +323,18 @@ def test_explorer_loads_a_directory_and_reports_errors(model, circuit, tmp_path,
     assert list(ex.circuits) == [("single_double_quote", "target", 0.15, "mean")] and ex.circuit.nodes == circuit.nodes
     with pytest.raises(FileNotFoundError, match="cspkit prune"):
         viz.explore(model, ["single_double_quote"], circuits=[tmp_path / "missing.json"], cache=False)
+    with pytest.raises(ValueError, match="holds no circuit files of with_as"):
+        viz.explore(model, ["with_as"], circuits=[tmp_path], cache=False)
+    with pytest.raises(ValueError, match="unknown ablation 'Mean'"):
+        viz.explore(model, ["single_double_quote"], ablation="Mean", cache=False)
+    with pytest.raises(ValueError, match="target 20"):
+        viz.explore(model, ["single_double_quote"], target=20, cache=False)
+    # a circuit file cannot carry markup into the explorer's status line through its size or ablation
+    hostile = json.loads((tmp_path / "quote.json").read_text())
+    hostile.update(target="<img src=x onerror=alert(1)>", config={**hostile["config"], "k": 5})
+    (tmp_path / "hostile.json").write_text(json.dumps(hostile))
+    with pytest.raises(ValueError, match="malformed target"):
+        viz.explore(model, ["single_double_quote"], circuits=[tmp_path / "hostile.json"], cache=False)
 
     from cspkit import prune
 
