@@ -22,8 +22,8 @@ import torch
 
 from . import prune as prune_mod
 from . import tasks as tasks_mod
-from .ablation import ABLATIONS, fingerprint, keep_gates, node_widths
-from .circuit import Circuit, compute_edges, masked_pair_logits
+from .ablation import ABLATIONS, fingerprint, node_widths
+from .circuit import Circuit, compute_edges
 from .config import to_dict
 from .model import GPT, node_name, parse_node
 from .viz import KIND_NAMES, PLACES, annotated_graph, circuit_graph, corpus_stats, heatmap_html, token_html
@@ -191,20 +191,21 @@ class Explorer:
             pass  # the status line already says what went wrong and what to change
 
     def _top_k(self, task: str, k: int, ablation: str) -> Circuit:
-        """The k highest-ranked nodes of the pruning masks, calibrated as prune calibrates."""
+        """The k highest-ranked nodes of the pruning masks, calibrated and scored as prune does
+        (on the held-out train pairs), so that its loss compares with a target circuit's."""
         cfg = prune_mod.PruneConfig()
         t = self.tasks[task]
         if (task, ablation) not in self.taus:
             self.taus[(task, ablation)] = prune_mod.train_masks(self.model, t, cfg, ablation, self.seed)
-        nodes = prune_mod.top_nodes(prune_mod.ranking(*self.taus[(task, ablation)]), k)
-        gates = keep_gates(self.model.config, nodes, self.model.device)
-        two, label = masked_pair_logits(self.model, t.pairs("train", n=cfg.calib_pairs), gates, ablation)
-        c = Circuit(task=task, nodes=nodes, edges=compute_edges(self.model, nodes), target=None, loss=0.0,
-                    ablation=ablation, calibration=prune_mod.fit_calibration(two, label, cfg.calib_steps),
-                    model_path=getattr(self.model, "path", None), model_fingerprint=self.fingerprint, seed=self.seed,
-                    config={"k": k, **to_dict(cfg)}, model=self.model, task_obj=t)
-        c.loss = c.evaluate("test")["loss"]
-        return c
+        order = prune_mod.ranking(*self.taus[(task, ablation)])
+        fit, heldout = prune_mod.split_pairs(t, cfg)
+        ranked = prune_mod.RankedLoss(self.model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
+        loss = ranked(k)
+        nodes = prune_mod.top_nodes(order, k)
+        return Circuit(task=task, nodes=nodes, edges=compute_edges(self.model, nodes), target=None, loss=loss,
+                       ablation=ablation, calibration=ranked.seen[k][1], model_path=getattr(self.model, "path", None),
+                       model_fingerprint=self.fingerprint, seed=self.seed, config={"k": k, **to_dict(cfg)},
+                       model=self.model, task_obj=t)
 
     def _on_choice(self, change=None):
         if self._busy:
@@ -264,7 +265,7 @@ class Explorer:
             self._busy = False
         self.status.value = (f"<b>{html.escape(circuit.task)}</b> ({html.escape(circuit.size_label())}, "
                              f"{html.escape(circuit.ablation)} ablation): "
-                             f"{circuit.n_nodes} nodes, {circuit.n_edges} edges, task loss {circuit.loss:.3f}")
+                             f"{circuit.n_nodes} nodes, {circuit.n_edges} edges, held-out task loss {circuit.loss:.3f}")
         self.details.value = ""
         self.draw()
         self._update_loss()

@@ -314,6 +314,12 @@ def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
     fresh.compute.click()   # no masks yet: trains them (cspkit.prune.train_masks), keeps the top 3
     c = fresh.circuit
     assert c.n_nodes == 3 and c.target is None and 0 <= c.loss < 10 and c.calibration != (1.0, 0.0)
+    # scored as prune scores a target circuit: calibrated loss on the held-out train pairs
+    from cspkit.ablation import keep_gates
+    from cspkit.circuit import masked_pair_logits, score
+    held = prune.split_pairs(cspkit.tasks.get("single_double_quote"), prune.PruneConfig())[1]
+    two, label = masked_pair_logits(model, held, keep_gates(model.config, c.nodes, model.device), c.ablation)
+    assert score(two, label, c.calibration)["loss"] == pytest.approx(c.loss, abs=1e-5)
     assert "k = 3" in fresh.graph.value
 
 def test_explorer_loads_a_directory_and_reports_errors(model, circuit, tmp_path, monkeypatch):
