@@ -277,7 +277,7 @@ class Explorer:
         kinds = [k for k, w in self.kinds.items() if w.value]
         layers = [l for l, w in self.layers.items() if w.value]
         net = circuit_graph(self.circuit, self.n_pairs, kinds=kinds, layers=layers, ablated=self.off,
-                            height=self.height)
+                            height=self.height, graph=self.g)
         self.graph.value = net.iframe()
 
     def _update_loss(self) -> None:

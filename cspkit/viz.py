@@ -383,10 +383,11 @@ class CircuitNetwork(Network):
 
 
 def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, ablated=(),
-                  height: str = "640px", progress: bool = False) -> CircuitNetwork:
+                  height: str = "640px", progress: bool = False, graph: nx.DiGraph | None = None) -> CircuitNetwork:
     """A circuit as a CircuitNetwork (a pyvis Network). ``kinds`` (location types such as
     ``"mlp.neuron"``) and ``layers`` keep only those nodes; ``ablated`` node names are drawn
-    greyed out; ``n_pairs`` test pairs measure the ablation effects (node sizes)."""
+    greyed out; ``n_pairs`` test pairs measure the ablation effects (node sizes). ``graph``: the
+    circuit's ``annotated_graph`` already computed (the explorer redraws from it)."""
     kinds = [kinds] if isinstance(kinds, str) else kinds
     layers = [layers] if isinstance(layers, int) else layers
     bad = set(kinds or ()) - set(PLACES)
@@ -400,7 +401,7 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     unknown = sorted(off - set(circuit.node_names()))
     if unknown:
         raise ValueError(f"ablated nodes {unknown} are not in the circuit; name nodes of circuit.node_names()")
-    g = annotated_graph(circuit, n_pairs, progress)
+    g = graph if graph is not None else annotated_graph(circuit, n_pairs, progress)
     keep = [n for n, d in g.nodes(data=True)
             if (kinds is None or d["kind"] in kinds) and (layers is None or d["layer"] in layers)]
     shown = g.subgraph(keep).copy()

@@ -239,7 +239,11 @@ def test_explorer_draws_and_switches_task(explorer, circuit):
     assert explorer.circuit is circuit and explorer.target.value == 0.15
 
 
-def test_explorer_filters_redraw(explorer, circuit):
+def test_explorer_filters_redraw(explorer, circuit, monkeypatch):
+    def again(*args, **kwargs):
+        raise AssertionError("a filter change recomputed the annotated graph")
+
+    monkeypatch.setattr(viz, "annotated_graph", again)   # redrawing reuses the explorer's graph
     explorer.kinds["mlp.neuron"].value = False
     explorer.layers[1].value = False
     page = explorer.graph.value
