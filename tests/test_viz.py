@@ -132,7 +132,9 @@ def test_token_heatmap_escapes_and_matches_the_cache(model):
         viz.token_heatmap(model, text, "neuron 3")
 
 
-def test_ablation_effects_equal_one_evaluation_per_node(circuit):
+@pytest.mark.parametrize("ablation", ["mean", "zero", "resample"])
+def test_ablation_effects_equal_one_evaluation_per_node(circuit, ablation):
+    circuit = Circuit.from_dict({**circuit.to_dict(), "ablation": ablation}, model=circuit.model)
     effects = viz.ablation_effects(circuit, n_pairs=6, chunk=3)
     assert set(effects) == set(circuit.node_names())
     base = circuit.evaluate("test", n=6)["loss"]
