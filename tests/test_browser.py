@@ -143,7 +143,7 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
     port, token = _free_port(), os.urandom(16).hex()
     start = time.time()
     proc = _start_lab(tmp_path, port, token)
-    requests, sockets = [], []
+    requests, sockets, graph_errors = [], [], []
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM),
@@ -152,6 +152,9 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
             context.on("request", lambda r: requests.append(r.url))
             page = context.new_page()
             page.on("websocket", lambda ws: sockets.append(ws.url))
+            # errors inside the graph pages (srcdoc iframes): a blocked script (CSP) or a JS exception
+            page.on("console", lambda m: graph_errors.append(m.text)
+                    if m.type == "error" and m.location.get("url", "").startswith("about:srcdoc") else None)
             page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={token}")
             page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && "
                                    "window.jupyterapp.shell.currentWidget.sessionContext.session && "
@@ -191,5 +194,6 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
     away = [u for u in requests + sockets
             if urlparse(u).scheme not in ("data", "blob", "about") and urlparse(u).hostname not in local]
     assert not away, away
+    assert not graph_errors, graph_errors
     assert hashlib.sha256(NOTEBOOK.read_bytes()).hexdigest() == before, "the test changed the notebook file"
     print(f"notebook ran in JupyterLab in {ran:.0f} s; {len(requests)} requests, all to localhost")
