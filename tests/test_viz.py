@@ -88,6 +88,20 @@ def test_node_and_edge_counts_equal_the_circuits(circuit):
     assert max(y for n, (_, y) in pos.items() if "attn.v" in n) < min(y for n, (_, y) in pos.items() if "out[" in n)
 
 
+def test_corpus_extremes_point_at_the_activations(model, circuit):
+    stats = viz.corpus_stats(model)
+    for name in circuit.node_names()[::5]:
+        loc, i = parse_node(name)
+        for sign in (1, -1):
+            found = stats.extremes(name, sign, n=3)
+            for w, t, v in found:
+                _, cache = model.run_with_cache(stats.tokens[w:w + 1], names=[loc])
+                assert float(cache[loc][0, t, i]) == pytest.approx(v, abs=1e-5), (name, w, t)
+            if found:   # strongest first, and nothing stronger anywhere in the windows
+                _, cache = model.run_with_cache(stats.tokens, names=[loc])
+                assert sign * found[0][2] == pytest.approx(float((sign * cache[loc][..., i]).max()), abs=1e-5)
+
+
 def test_hostile_tokens_are_escaped(model, circuit):
     stats = viz.corpus_stats(model)
     real = stats.strings
