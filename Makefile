@@ -47,17 +47,18 @@ frontier: $(VENV)/.installed paper-models
 # after replacing either model: circuit, bridge and sweep files name the weights they belong to.
 CS := $(VENV)/bin/cspkit
 SMALL := data/models/small-sparse
+DENSE := data/models/small-dense
 CIRCUITS := results/circuits/small-sparse
 small-results: $(VENV)/.installed
-	$(CS) eval --model $(SMALL) --model data/models/small-dense --task all $(call save,results/task_scores.txt)
-	$(CS) eval --model $(SMALL) --model data/models/small-dense --task all --json $(call save,results/task_scores.json)
+	$(CS) eval --model $(SMALL) --model $(DENSE) --task all $(call save,results/task_scores.txt)
+	$(CS) eval --model $(SMALL) --model $(DENSE) --task all --json $(call save,results/task_scores.json)
 	for t in single_double_quote bracket_counting indent_for; do \
 		$(CS) prune --model $(SMALL) --task $$t --out $(CIRCUITS)/$$t.json || exit 1; done
 	for t in single_double_quote bracket_counting; do $(CS) validate --circuit $(CIRCUITS)/$$t.json \
 		--out results/validation/small-sparse_$$t.json $(call save,results/validation/small-sparse_$$t.txt) || exit 1; done
 	$(PY) bench/prune_speed.py --threads 2 $(call save,results/prune_speed.txt)
 	rm -rf data/models/small-bridge
-	$(CS) bridge --dense data/models/small-dense --sparse $(SMALL) --out data/models/small-bridge --profile small
+	$(CS) bridge --dense $(DENSE) --sparse $(SMALL) --out data/models/small-bridge --profile small
 	$(CS) bridge-report --bridge data/models/small-bridge --out results/bridge_quality.txt
 	$(CS) intervene --bridge data/models/small-bridge --node auto --task single_double_quote \
 		--circuit $(CIRCUITS)/single_double_quote.json --out results/intervene_quote.json $(call save,results/intervene_quote.txt)
@@ -65,7 +66,7 @@ small-results: $(VENV)/.installed
 		--strength 0.25 0.5 1 2 4 --circuit $(CIRCUITS)/single_double_quote.json --out results/intervene_quote_site.json \
 		$(call save,results/intervene_quote_site.txt)
 	rm -f results/sparse_vs_dense.json
-	$(CS) sweep --models $(SMALL) data/models/small-dense --tasks all --seeds 0 1 --jobs 2 \
+	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs 2 \
 		--out results/sparse_vs_dense.json --controls single_double_quote,var_if
 	$(CS) sweep-merge results/sparse_vs_dense.json results/sweep_paper_scaled.json \
 		--out results/frontier.json --plot results/frontier.png

@@ -265,9 +265,10 @@ def configs_for(profile_name: str, dense: str | os.PathLike, sparse: str | os.Pa
     fractions, no annealing). Without it, the sparse model is trained from scratch jointly with
     the bridge (the paper's way), in the dense model's shape and annealed like ``cspkit train``."""
     bcfg, tcfg = bridge_profile(profile_name)
+    dense_cfg = ckpt.read_config(dense)
     if tcfg.corpus is None:
         # the maps learn on the text the dense model learned on, not the profile's default
-        t = ckpt.read_config(dense).get("train", {})
+        t = dense_cfg.get("train", {})
         tcfg = replace(tcfg, corpus=t.get("corpus"), val_percent=t.get("val_percent", tcfg.val_percent))
     if sparse is not None:
         src = ckpt.read_config(sparse)
@@ -278,7 +279,7 @@ def configs_for(profile_name: str, dense: str | os.PathLike, sparse: str | os.Pa
         if model_keys:
             raise ValueError(f"{model_keys}: model overrides apply only to a sparse model trained from scratch; "
                              "a fine-tuned one keeps the shape of its checkpoint")
-    mcfg = from_dict(ModelConfig, ckpt.read_config(sparse if sparse is not None else dense)["model"], "model config")
+    mcfg = from_dict(ModelConfig, (src if sparse is not None else dense_cfg)["model"], "model config")
     if seed is not None:
         tcfg = replace(tcfg, seed=seed)
     if max_steps is not None:

@@ -11,7 +11,6 @@ without a browser, so tests drive the widgets from Python.
 """
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import re
@@ -49,6 +48,8 @@ class Explorer:
             raise ValueError(f"target {target} is outside 0.001 to 10 (a task loss in nats; chance is 0.693)")
         self.fingerprint = fingerprint(model)
         self.cache_dir = self._default_cache() if cache else None
+        # what each task is, for the cache's file names (a task redefined under a name is another)
+        self.digests = {name: tasks_mod.pairs_digest(t.pairs("train", n=8)) for name, t in self.tasks.items()}
         self.circuits: dict[tuple, Circuit] = {}
         # (task, ablation) -> the pruning masks (final taus, taus averaged over training), for k circuits
         self.taus: dict[tuple[str, str], tuple[dict, dict]] = {}
@@ -144,10 +145,8 @@ class Explorer:
         if self.cache_dir is None:
             return None
         task, mode, value, ablation = key
-        pairs = self.tasks[task].pairs("train", n=8)
-        h = hashlib.sha256(json.dumps([(p.prompt_a, p.cand_a, p.prompt_b, p.cand_b) for p in pairs]).encode())
         name = re.sub(r"[^\w.-]", "_", task)
-        return self.cache_dir / f"{name}-{h.hexdigest()[:8]}-{ablation}-{mode}{value}-s{self.seed}.json"
+        return self.cache_dir / f"{name}-{self.digests[task][:8]}-{ablation}-{mode}{value}-s{self.seed}.json"
 
     def lookup(self, key: tuple) -> Circuit | None:
         """The circuit for a key from memory or the on-disk cache, or None."""
@@ -173,7 +172,7 @@ class Explorer:
                 else:
                     c = self._top_k(task, value, ablation)
         except Exception as e:
-            self.status.value = f"<span style='color:#c53030'>{html.escape(str(e))}</span>"
+            self._error(e)
             raise
         self.add(c)
         f = self._cache_file(key)
@@ -183,6 +182,9 @@ class Explorer:
         self.log.clear_output()
         self.show(c)
         return c
+
+    def _error(self, e: Exception) -> None:
+        self.status.value = f"<span style='color:#c53030'>{html.escape(str(e))}</span>"
 
     def _on_compute(self) -> None:
         try:
@@ -252,7 +254,7 @@ class Explorer:
                 g = annotated_graph(circuit, self.n_pairs, progress=True)
             base = circuit.evaluate("test", n=self.n_pairs)["loss"]
         except Exception as e:  # the explorer keeps showing the previous circuit, whole
-            self.status.value = f"<span style='color:#c53030'>{html.escape(str(e))}</span>"
+            self._error(e)
             raise
         self.log.clear_output()
         self.circuit, self.g, self.base_loss, self.off = circuit, g, base, set()

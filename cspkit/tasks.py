@@ -248,6 +248,14 @@ def token_id(tok: str, task: str = "?", enc: tiktoken.Encoding | None = None) ->
     return ids[0]
 
 
+def pairs_digest(pairs: Sequence[Pair]) -> str:
+    """A short hash of the prompts and candidates: what a task is, whatever its name."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update("\0".join((p.prompt_a, p.cand_a, p.prompt_b, p.cand_b, "")).encode())
+    return h.hexdigest()[:16]
+
+
 def check_pair(p: Pair, task: str = "?") -> None:
     """Both candidates are single tokens, distinct, and follow each prompt on a token boundary."""
     enc = get_encoding()

@@ -14,7 +14,6 @@ Every string from the vocabulary is HTML-escaped. Notebooks show it in a sandbox
 """
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
@@ -87,13 +86,13 @@ def ablation_effects(circuit: Circuit, n_pairs: int = 16, split: str = "test", c
     results are cached per circuit."""
     model = _need_model(circuit)
     task = circuit.task_obj if circuit.task_obj is not None else tasks_mod.get(circuit.task)
-    batch = tasks_mod.encode_pairs(task.pairs(split, n=n_pairs), model.config.block_size, model.encoding)
+    pairs = task.pairs(split, n=n_pairs)
     # keyed by the prompts and candidates themselves: a task redefined under the same name differs
-    prompts = hashlib.sha256(batch["tokens"].numpy().tobytes() + batch["cands"].numpy().tobytes()).hexdigest()
-    key = (circuit.model_fingerprint or fingerprint(model), prompts, circuit.ablation, tuple(circuit.calibration),
-           json.dumps(circuit.nodes, sort_keys=True))
+    key = (circuit.model_fingerprint or fingerprint(model), tasks_mod.pairs_digest(pairs), circuit.ablation,
+           tuple(circuit.calibration), json.dumps(circuit.nodes, sort_keys=True))
     if key in _EFFECTS:
         return _EFFECTS[key]
+    batch = tasks_mod.encode_pairs(pairs, model.config.block_size, model.encoding)
     tokens, P = batch["tokens"].to(model.device), batch["tokens"].shape[0]
     values = ablation_values(model, circuit.ablation, tokens)
     keep = keep_gates(model.config, circuit.nodes, model.device)
