@@ -206,9 +206,11 @@ class Circuit:
     def _task(self):
         return self.task_obj if self.task_obj is not None else tasks_mod.get(self.task)
 
-    def _need_model(self) -> GPT:
+    def require_model(self, purpose: str = "evaluating it") -> GPT:
+        """The attached model, or an error that says what needs it and how to attach one."""
         if self.model is None:
-            raise ValueError("this circuit has no model attached; Circuit.load(path, model) or circuit.attach(model)")
+            raise ValueError(f"this circuit has no model attached, and {purpose} needs the model; "
+                             "Circuit.load(path, model) or circuit.attach(model)")
         return self.model
 
     def evaluate(self, split: str = "test", n: int | None = None, invert: bool = False,
@@ -216,7 +218,7 @@ class Circuit:
         """Task loss (calibrated and raw) and accuracy of the model with only the circuit kept,
         the rest ablated; ``invert`` ablates only the circuit; ``nodes`` evaluates another node set
         under the same ablation and calibration."""
-        model = self._need_model()
+        model = self.require_model()
         pairs = self._task().pairs(split, n=n)
         keep = self.nodes if nodes is None else nodes
         gates = keep_gates(model.config, keep, model.device, invert=invert)

@@ -303,8 +303,8 @@ def loss_curve(circuit: Circuit, ks: list[int]) -> list[tuple[int, float]]:
         raise ValueError("loss_curve needs a circuit fresh from prune() (the ranking is not saved in files)")
     cfg = PruneConfig.from_dict(circuit.config)
     fit, heldout = split_pairs(circuit._task(), cfg)
-    ev = RankedLoss(circuit._need_model(), ranking(taus, circuit.mean_taus), fit[:cfg.calib_pairs], heldout,
-                    circuit.ablation, cfg.calib_steps)
+    ev = RankedLoss(circuit.require_model("its loss curve"), ranking(taus, circuit.mean_taus), fit[:cfg.calib_pairs],
+                    heldout, circuit.ablation, cfg.calib_steps)
     return [(k, ev(k)) for k in ks]
 
 

@@ -96,7 +96,7 @@ class _Scorer:
     """Calibration on the circuit's calibration pairs, loss on the test split."""
 
     def __init__(self, circuit: Circuit, n_test: int | None):
-        self.c, self.model = circuit, circuit._need_model()
+        self.c, self.model = circuit, circuit.require_model("validating it")
         self.cfg = PruneConfig.from_dict(circuit.config) if circuit.config else PruneConfig()
         task = circuit._task()
         fit, self.heldout = split_pairs(task, self.cfg)
@@ -130,7 +130,7 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
              stochastic: tuple[float, ...] = (0.25, 0.5, 0.75), prune_controls: bool = True,
              progress: bool = True) -> list[Row]:
     """The table of controls for a circuit (rows in the order a reviewer reads them)."""
-    model = circuit._need_model()
+    model = circuit.require_model("validating it")
     task = circuit._task()
     widths = node_widths(model.config)
     everything = {loc: list(range(w)) for loc, w in widths.items()}

@@ -66,13 +66,6 @@ def _node(node) -> tuple[str, int]:
     return loc, int(i)
 
 
-def _need_model(circuit: Circuit) -> GPT:
-    if circuit.model is None:
-        raise ValueError("this circuit has no model attached, and drawing it needs the model's activations; "
-                         "Circuit.load(path, model) or circuit.attach(model)")
-    return circuit.model
-
-
 _EFFECTS: dict[tuple, dict[str, float]] = {}
 
 
@@ -84,7 +77,7 @@ def ablation_effects(circuit: Circuit, n_pairs: int = 16, split: str = "test", c
     pairs of ``split``, with the circuit's ablation and calibration. Positive: the circuit needs
     the node. ``chunk`` nodes share one forward pass (the prompts repeated once per node);
     results are cached per circuit."""
-    model = _need_model(circuit)
+    model = circuit.require_model("drawing it")
     task = circuit.task_obj if circuit.task_obj is not None else tasks_mod.get(circuit.task)
     pairs = task.pairs(split, n=n_pairs)
     # keyed by the prompts and candidates themselves: a task redefined under the same name differs
@@ -254,7 +247,7 @@ def annotated_graph(circuit: Circuit, n_pairs: int = 16, progress: bool = False)
     effect (``effect``, measured on ``n_pairs`` test pairs, kept as the graph's ``effect_pairs``)
     and the corpus tokens where it is most positive and most negative (``top_tokens`` and
     ``bottom_tokens``, JSON lists of [token, activation])."""
-    model = _need_model(circuit)
+    model = circuit.require_model("drawing it")
     g = circuit.to_networkx()
     means = node_means(model)
     effects = ablation_effects(circuit, n_pairs, progress=progress)
@@ -392,7 +385,7 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     bad = set(kinds or ()) - set(PLACES)
     if bad:
         raise ValueError(f"unknown location types {sorted(bad)}; choose from {', '.join(PLACES)}")
-    n_layer = _need_model(circuit).config.n_layer
+    n_layer = circuit.require_model("drawing it").config.n_layer
     bad = [l for l in layers or () if not (isinstance(l, int) and 0 <= l < n_layer)]
     if bad:
         raise ValueError(f"layers {bad} are not layers of this model; choose from 0 to {n_layer - 1}")

@@ -215,8 +215,10 @@ def test_filters_and_ablated_nodes(circuit):
 
 def test_graph_needs_the_model(circuit):
     bare = Circuit.from_dict(circuit.to_dict())
-    with pytest.raises(ValueError, match="no model attached"):
+    with pytest.raises(ValueError, match="no model attached, and drawing it needs"):
         viz.circuit_graph(bare)
+    with pytest.raises(ValueError, match="no model attached, and evaluating it needs"):
+        bare.evaluate()
 
 
 def test_cli_writes_html_and_graphml(model, circuit, trained, tmp_path, capsys):
