@@ -75,7 +75,9 @@ class TrainConfig:
     init_from: str | None = None      # checkpoint dir whose weights start the run (continued training)
     seed: int = 0
     corpus: list[str] | None = None   # directories / files / globs / stdlib / package:NAME; None = stdlib
+    corpus_weights: list[float] | None = None  # share of windows drawn from each corpus entry; None: by size
     val_percent: float = 5.0
+    eval_tasks: list[str] | None = None  # tasks (cspkit.tasks) scored on their test split at every eval
     device: str = "auto"
     threads: int | None = None        # torch CPU threads (None: torch's default)
 
@@ -83,6 +85,13 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if isinstance(self.corpus, str):  # one path, not a sequence of characters
             self.corpus = [self.corpus]
+        if self.corpus_weights is not None:
+            self.corpus_weights = [float(w) for w in self.corpus_weights]
+            n = len(self.corpus or ["stdlib"])
+            if len(self.corpus_weights) != n or any(w < 0 for w in self.corpus_weights) \
+                    or not sum(self.corpus_weights) > 0:
+                raise ValueError(f"corpus_weights={self.corpus_weights} needs {n} non-negative numbers, one per "
+                                 f"corpus entry {self.corpus or ['stdlib']}, not all zero")
         if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
         if not 0 <= self.anneal_start <= self.anneal_end <= 1:
@@ -146,13 +155,15 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "tiny": (ModelConfig(n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, block_size=64),
              TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
                          ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
-    # the shipped models: about four hours on 2 CPU cores. No attention sink (it costs a third of
+    # the shipped models: about an hour on 2 CPU cores. No attention sink (it costs a third of
     # the step time on CPU); matrices keep 1/16 of their entries, embeddings and biases 1/4.
-    # numpy's source joins the stdlib because the stdlib closes a nested list literal 41 times:
-    # too few to learn bracket_counting (results/corpus_numpy/).
+    # numpy's and sympy's source join the stdlib, and 35 percent of the windows each come from them,
+    # because the stdlib closes a nested list literal 41 times: too few to learn bracket_counting
+    # (results/corpus_numpy/). The two tasks the circuits start from are scored at every eval.
     "small": (ModelConfig(sink=False),
-              TrainConfig(max_steps=9600, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200,
-                          corpus=["stdlib", "package:numpy"])),
+              TrainConfig(max_steps=3000, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200,
+                          corpus=["stdlib", "package:numpy", "package:sympy"], corpus_weights=[0.3, 0.35, 0.35],
+                          eval_tasks=["single_double_quote", "bracket_counting"])),
     **{f"paper-e{e}": _paper(e) for e in (1, 2, 4, 8)},
 }
 

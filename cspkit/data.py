@@ -40,6 +40,7 @@ class CorpusFile:
     path: str       # absolute path
     rel: str        # path relative to its root: the stable name used for the split
     text: str
+    root: int = 0   # index of the corpus entry (directory, glob, named root) it came from
 
 
 @dataclass
@@ -84,26 +85,31 @@ def list_files(paths: list[str] | None = None) -> list[tuple[Path, str]]:
     path; under one directory it is the path relative to it; with several paths it is prefixed
     by the path as given, so that ``json/__init__.py`` and ``http/__init__.py`` stay distinct.
     """
+    return [(path, rel) for path, rel, _ in _files_by_entry(paths)]
+
+
+def _files_by_entry(paths: list[str] | None) -> list[tuple[Path, str, int]]:
+    """list_files, with the index of the corpus entry each file came from."""
     specs = paths or ["stdlib"]
-    roots: list[tuple[Path, str]] = []     # (file or directory, prefix of its files' names)
-    for spec in specs:
+    roots: list[tuple[Path, str, int]] = []     # (file or directory, prefix of its files' names, entry)
+    for i, spec in enumerate(specs):
         named = _named_root(spec)
         if named is not None:
-            roots.append((named, "" if spec == "stdlib" else f"{named.name}/"))
+            roots.append((named, "" if spec == "stdlib" else f"{named.name}/", i))
             continue
         for p in _expand(spec):
             alone = len(specs) == 1 and p == Path(spec)
-            roots.append((p, "" if alone else f"{p.as_posix()}/"))
+            roots.append((p, "" if alone else f"{p.as_posix()}/", i))
     out = []
-    for p, prefix in roots:
+    for p, prefix, i in roots:
         if p.is_file():
-            out.append((p.resolve(), prefix.rstrip("/") if prefix else p.name))
+            out.append((p.resolve(), prefix.rstrip("/") if prefix else p.name, i))
             continue
         for f in sorted(p.rglob("*.py")):
             rel = f.relative_to(p)
             if "site-packages" in rel.parts or not f.is_file():
                 continue
-            out.append((f.resolve(), prefix + rel.as_posix()))
+            out.append((f.resolve(), prefix + rel.as_posix(), i))
     if not out:
         raise ValueError(f"no .py files found under {specs}; name directories or globs that contain Python source")
     return out
@@ -134,7 +140,7 @@ def load_corpus(paths: list[str] | None = None, val_percent: float = 5.0) -> Cor
     seen: set[str] = set()
     train, val = [], []
     skipped = dups = 0
-    for path, rel in sorted(list_files(paths), key=lambda x: (x[1], str(x[0]))):
+    for path, rel, root in sorted(_files_by_entry(paths), key=lambda x: (x[1], str(x[0]))):
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
@@ -145,7 +151,7 @@ def load_corpus(paths: list[str] | None = None, val_percent: float = 5.0) -> Cor
             dups += digest in seen
             continue
         seen.add(digest)
-        (val if is_val(rel, val_percent) else train).append(CorpusFile(str(path), rel, text))
+        (val if is_val(rel, val_percent) else train).append(CorpusFile(str(path), rel, text, root))
     if not val and len(train) > 1:
         # a small corpus can get no validation file by chance: hold out the last one
         val.append(train.pop())
@@ -173,7 +179,7 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
     for f in corpus.train + corpus.val:
         h.update(f"{f.rel}\0{len(f.text)}\0".encode())
         h.update(hashlib.sha256(f.text.encode()).digest())
-    h.update(f"val={val_percent}".encode())
+    h.update(f"val={val_percent} entries={len(paths or [None])} spans".encode())
     out = cache_dir() / "shards" / h.hexdigest()[:16]
     info_path = out / "info.json"
     if info_path.exists():
@@ -181,7 +187,7 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
     out.mkdir(parents=True, exist_ok=True)
     eot = enc.eot_token
     info = {"dir": str(out), "tokenizer": tokenizer_id(tok_path), "skipped_non_utf8": corpus.skipped_non_utf8,
-            "duplicates": corpus.duplicates}
+            "duplicates": corpus.duplicates, "entries": len(paths or [None]), "spans": {}}
     for split, files in (("train", corpus.train), ("val", corpus.val)):
         ids = enc.encode_ordinary_batch([f.text for f in files], num_threads=os.cpu_count() or 1)
         arr = np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.uint16,
@@ -189,8 +195,22 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
         atomic_write(out / f"{split}.bin", arr.tobytes())
         info[f"{split}_files"] = len(files)
         info[f"{split}_tokens"] = int(arr.size)
+        info["spans"][split] = _spans(files, [len(d) + 1 for d in ids])
     atomic_write(info_path, json.dumps(info, indent=1).encode())
     return info
+
+
+def _spans(files: list[CorpusFile], sizes: list[int]) -> list[list[int]]:
+    """[start, end, entry] token ranges of a shard, consecutive files of one corpus entry merged."""
+    spans: list[list[int]] = []
+    pos = 0
+    for f, n in zip(files, sizes):
+        if spans and spans[-1][2] == f.root and spans[-1][1] == pos:
+            spans[-1][1] += n
+        else:
+            spans.append([pos, pos + n, f.root])
+        pos += n
+    return spans
 
 
 def _prebuilt(d: Path, tok_path: str) -> dict:
@@ -206,22 +226,59 @@ class TokenData:
     """Random windows from a shard, chosen by a generator seeded per (seed, step, rank).
 
     Seeding per step makes a resumed run read exactly the batches an uninterrupted one would.
+    ``weights`` (one per corpus entry, as TrainConfig.corpus_weights) draws each window from
+    entry i with probability weights[i] / sum(weights), uniformly within it; without them a
+    window starts anywhere, so each entry is read in proportion to its size. A window may run
+    on past its entry's last file into the next file of the shard.
     """
 
-    def __init__(self, info: dict, split: str):
+    def __init__(self, info: dict, split: str, weights: list[float] | None = None):
         path = Path(info["dir"]) / f"{split}.bin"
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
         if self.tokens.size < 2:
             raise ValueError(f"{split} shard {path} is empty; the corpus needs more files for a {split} split")
+        self.mix = None if weights is None else self._mixture(info, split, weights)
+
+    @staticmethod
+    def _mixture(info: dict, split: str, weights: list[float]) -> tuple[torch.Tensor, list[tuple[np.ndarray, ...]]]:
+        """(probability per entry, per entry its [start, end] token ranges and their cumulative lengths)."""
+        if "spans" not in info:
+            raise ValueError(f"shards in {info['dir']} record no corpus entries (built by an older cspkit); "
+                             "rebuild them from the source files to use corpus_weights")
+        if len(weights) != info["entries"] or any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"corpus_weights {weights} must be {info['entries']} non-negative numbers, one per "
+                             "corpus entry, not all zero")
+        ranges = [np.array([s[:2] for s in info["spans"][split] if s[2] == i], dtype=np.int64).reshape(-1, 2)
+                  for i in range(len(weights))]
+        # an entry with no files in this split (no validation file, say) is left out of its mixture
+        w = torch.tensor([float(wi) if r.size else 0.0 for wi, r in zip(weights, ranges)], dtype=torch.float64)
+        if not w.sum() > 0:
+            raise ValueError(f"no corpus entry with a positive weight has {split} files")
+        return w / w.sum(), [(r, np.cumsum(r[:, 1] - r[:, 0])) for r in ranges]
 
     def batch(self, batch_size: int, block_size: int, seed: int, step: int, rank: int = 0):
         n = self.tokens.size - block_size - 1
         if n <= 0:
             raise ValueError(f"shard has {self.tokens.size} tokens, fewer than block_size {block_size} + 1")
         g = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF)
-        starts = torch.randint(0, n, (batch_size,), generator=g).tolist()
+        if self.mix is None:
+            starts = torch.randint(0, n, (batch_size,), generator=g).tolist()
+        else:
+            starts = self._mixed_starts(batch_size, n, g)
         # (batch, block_size + 1) -> inputs and next-token targets
         rows = np.stack([self.tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
         x = torch.from_numpy(rows[:, :-1])
         y = torch.from_numpy(rows[:, 1:])
         return x, y
+
+    def _mixed_starts(self, batch_size: int, n: int, g: torch.Generator) -> list[int]:
+        probs, ranges = self.mix
+        entries = torch.multinomial(probs, batch_size, replacement=True, generator=g).tolist()
+        offsets = torch.rand(batch_size, generator=g, dtype=torch.float64).tolist()
+        starts = []
+        for e, u in zip(entries, offsets):
+            r, ends = ranges[e]                             # ends: tokens of entry e up to each range's end
+            k = int(u * ends[-1])
+            j = int(np.searchsorted(ends, k, side="right"))
+            starts.append(min(int(r[j, 0] + k - (ends[j - 1] if j else 0)), n - 1))
+        return starts

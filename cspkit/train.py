@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
+from . import checkpoint as ckpt, tasks
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .data import TokenData, build_shards, sources
 from .files import atomic_path, atomic_write
@@ -79,6 +79,16 @@ def evaluate_loss(model: GPT, data: TokenData, t: TrainConfig, block_size: int) 
         losses.append(float(model(x.to(model.device), y.to(model.device))[1]))
     model.train()
     return sum(losses) / len(losses)
+
+
+def evaluate_tasks(model: GPT, names: list[str] | None) -> dict[str, float]:
+    """Task loss and accuracy on each task's test split, as log fields ``task/NAME/loss`` and ``.../accuracy``."""
+    out = {}
+    for name in names or []:
+        r = tasks.evaluate(model, name, split="test")
+        out[f"task/{name}/loss"], out[f"task/{name}/accuracy"] = r["loss"], r["accuracy"]
+    model.train()
+    return out
 
 
 def optimizer_step(opt: torch.optim.Optimizer, s: dict[str, float], tcfg: TrainConfig,
@@ -216,7 +226,8 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
         dist.barrier()
     if rank != 0:
         info = build_shards(tcfg.corpus, tcfg.val_percent)
-    train_data, val_data = TokenData(info, "train"), TokenData(info, "val")
+    train_data = TokenData(info, "train", tcfg.corpus_weights)
+    val_data = TokenData(info, "val", tcfg.corpus_weights)
 
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg).to(device)
@@ -260,7 +271,14 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
         return train_step(model, opt, x.to(device), y.to(device), s, tcfg, params, decay, world), {}
 
     model.train()
-    fit(tcfg, start, step_fn, lambda: {"val_loss": evaluate_loss(model, val_data, tcfg, mcfg.block_size)},
+    for name in tcfg.eval_tasks or []:
+        tasks.get(name)  # an unknown name fails now, not at the first evaluation
+
+    def eval_fn() -> dict[str, float]:
+        return {"val_loss": evaluate_loss(model, val_data, tcfg, mcfg.block_size),
+                **evaluate_tasks(model, tcfg.eval_tasks)}
+
+    fit(tcfg, start, step_fn, eval_fn,
         save_all, out if rank == 0 else None, tcfg.batch_size * mcfg.block_size * world,
         progress=progress and rank == 0)
     if world > 1:  # every rank applied the same updates, so the weights must agree exactly
