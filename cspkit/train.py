@@ -210,6 +210,8 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
     """Train (or resume) a model into the checkpoint directory ``out``; returns the model.
     ``command`` (the command line that started it) is recorded in config.json."""
     out = Path(out)
+    for name in tcfg.eval_tasks or []:
+        tasks.get(name)  # an unknown name fails before any file is written, not at the first evaluation
     rank, world = _dist_info()
     device = pick_device(tcfg.device)
     if world > 1 and not dist.is_initialized():
@@ -271,9 +273,6 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
         return train_step(model, opt, x.to(device), y.to(device), s, tcfg, params, decay, world), {}
 
     model.train()
-    for name in tcfg.eval_tasks or []:
-        tasks.get(name)  # an unknown name fails now, not at the first evaluation
-
     def eval_fn() -> dict[str, float]:
         return {"val_loss": evaluate_loss(model, val_data, tcfg, mcfg.block_size),
                 **evaluate_tasks(model, tcfg.eval_tasks)}

@@ -85,6 +85,9 @@ def test_override_corpus_as_plain_path():
     ("pos_emb=rotary", ["pos_emb", "rotary"]),
     ("afrac_locations=[\"attn.z\"]", ["attn.z"]),
     ("anneal_start=0.9", ["anneal_start"]),
+    ("corpus_weights=[1,2]", ["corpus_weights", "one per corpus entry", "stdlib"]),
+    ("corpus_weights=[-1]", ["non-negative"]),
+    ("corpus_weights=[0]", ["not all zero"]),
 ])
 def test_apply_overrides_rejects(item, words):
     with pytest.raises(ValueError) as e:

@@ -12,7 +12,7 @@ import torch
 
 import cspkit
 from cspkit.data import TokenData, build_shards, cache_dir, is_val, list_files, load_corpus, sources
-from conftest import JSON_FILES, VAL_FILES, VAL_PERCENT
+from conftest import JSON_FILES, VAL_FILES, VAL_PERCENT, write_modules
 
 
 def test_cache_dir_follows_env(tmp_path):
@@ -218,3 +218,44 @@ def test_token_data_deterministic_across_processes(corpus_dir):
     r = subprocess.run([sys.executable, "-c", code, json.dumps(info)], capture_output=True, text=True,
                        env=env, timeout=600, check=True)
     assert r.stdout.strip() == str(TokenData(info, "train").batch(2, 8, 3, 5, 1)[0].tolist())
+
+
+def test_shards_record_each_entry_and_weights_pick_windows(tmp_path):
+    """Spans cover the shard entry by entry; windows come from each entry at its weight's share."""
+    a = write_modules(tmp_path / "a", 6, "alpha = 1\n" * 40)
+    b = write_modules(tmp_path / "b", 6, "beta = [[2]]\n" * 40)
+    info = build_shards([str(a), str(b)], 0)
+    assert info["entries"] == 2
+    spans = info["spans"]["train"]
+    assert spans[0][0] == 0 and spans[-1][1] == info["train_tokens"]
+    assert all(s[1] == t[0] for s, t in zip(spans, spans[1:]))  # contiguous, no gap
+    shard = np.fromfile(Path(info["dir"]) / "train.bin", dtype=np.uint16)
+    enc = cspkit.get_encoding()
+    for start, end, entry in spans:
+        text = enc.decode(shard[start:end].tolist())
+        assert ("beta" in text) == (entry == 1) and ("alpha" in text) == (entry == 0)
+    only_b = set(enc.encode_ordinary("beta = [[2]]\n")) - set(enc.encode_ordinary("alpha = 1\n# module 0\n"))
+
+    def share_of_b(weights):
+        x, _ = TokenData(info, "train", weights).batch(400, 8, seed=0, step=0)
+        return np.mean([bool(only_b & set(row.tolist())) for row in x])
+
+    assert share_of_b([1, 0]) < 0.05  # a window may run on past an entry's last file
+    assert share_of_b([0, 1]) > 0.95
+    assert 0.7 < share_of_b([1, 3]) < 0.8
+    # weighted batches are a function of (seed, step, rank), as unweighted ones: resume relies on it
+    assert torch.equal(TokenData(info, "train", [1, 3]).batch(4, 8, 0, 3)[0],
+                       TokenData(info, "train", [1, 3]).batch(4, 8, 0, 3)[0])
+    assert not torch.equal(TokenData(info, "train", [1, 3]).batch(4, 8, 0, 4)[0],
+                           TokenData(info, "train", [1, 3]).batch(4, 8, 0, 3)[0])
+
+
+def test_corpus_weights_errors(tmp_path):
+    a = write_modules(tmp_path / "a", 3, "x = 1\n")
+    info = build_shards([str(a)], 0)
+    for bad in ([1, 1], [-1], [0]):
+        with pytest.raises(ValueError, match="one per corpus entry"):
+            TokenData(info, "train", bad)
+    old = {k: v for k, v in info.items() if k not in ("spans", "entries")}
+    with pytest.raises(ValueError, match="rebuild them"):
+        TokenData(old, "train", [1])

@@ -191,3 +191,19 @@ def test_ddp_two_processes_keep_ranks_identical(tmp_path):
     assert [row["step"] for row in log] == [6]
     assert log[-1]["tokens"] == 6 * 4 * 32 * 2  # steps x batch_size x block_size x 2 processes
     assert "val_loss" in log[-1]
+
+
+def test_eval_tasks_are_logged_at_every_eval(tmp_path, corpus_dir):
+    from cspkit import tasks
+    mcfg, tcfg = tiny_train_config(corpus_dir, "max_steps=20", 'eval_tasks=["single_double_quote"]')
+    model = train(mcfg, tcfg, tmp_path / "run", progress=False)
+    evals = [r for r in ckpt.read_log(tmp_path / "run") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    want = tasks.evaluate(model, "single_double_quote", split="test")
+    assert evals[-1]["task/single_double_quote/loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert evals[-1]["task/single_double_quote/accuracy"] == want["accuracy"]
+    assert not any("task/" in k for r in ckpt.read_log(tmp_path / "run") if "val_loss" not in r for k in r)
+    mcfg, tcfg = tiny_train_config(corpus_dir, 'eval_tasks=["no_such_task"]')
+    with pytest.raises(KeyError, match="no_such_task"):
+        train(mcfg, tcfg, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
