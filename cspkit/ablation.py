@@ -49,12 +49,14 @@ def fingerprint(model: GPT) -> str:
 def compute_means(model: GPT, n_tokens: int = 65536, seed: int = 0, corpus: list[str] | None = None,
                   batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Mean of every node over ``n_tokens`` tokens of random training windows of ``corpus``
-    (default: the corpus the checkpoint was trained on, else the standard library)."""
+    (default: the corpus the checkpoint was trained on, mixed by its corpus_weights, else the
+    standard library)."""
     from .data import TokenData, build_shards
     ckpt = getattr(model, "checkpoint", None) or {}
     train_cfg = ckpt.get("train") or {}
+    weights = train_cfg.get("corpus_weights") if corpus is None else None
     corpus = corpus if corpus is not None else train_cfg.get("corpus")
-    data = TokenData(build_shards(corpus, train_cfg.get("val_percent", 5.0)), "train")
+    data = TokenData(build_shards(corpus, train_cfg.get("val_percent", 5.0)), "train", weights)
     T = model.config.block_size
     sums = {loc: torch.zeros(w, dtype=torch.float64) for loc, w in node_widths(model.config).items()}
     seen, step = 0, 0

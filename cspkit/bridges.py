@@ -269,7 +269,11 @@ def configs_for(profile_name: str, dense: str | os.PathLike, sparse: str | os.Pa
     if tcfg.corpus is None:
         # the maps learn on the text the dense model learned on, not the profile's default
         t = dense_cfg.get("train", {})
-        tcfg = replace(tcfg, corpus=t.get("corpus"), val_percent=t.get("val_percent", tcfg.val_percent))
+        tcfg = replace(tcfg, corpus=t.get("corpus"), corpus_weights=t.get("corpus_weights"),
+                       val_percent=t.get("val_percent", tcfg.val_percent))
+    keys = {o.split("=", 1)[0].removeprefix("train.") for o in overrides or []}
+    if "corpus" in keys and "corpus_weights" not in keys:
+        tcfg = replace(tcfg, corpus_weights=None)  # the dense model's mixture is of its own corpus
     if sparse is not None:
         src = ckpt.read_config(sparse)
         t = src.get("train", {})
@@ -315,7 +319,8 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
         raise ValueError(f"the dense model's block_size {dense.config.block_size} is shorter than the sparse "
                          f"model's {mcfg.block_size}, the length bridge training uses")
     info = build_shards(tcfg.corpus, tcfg.val_percent)
-    train_data, val_data = TokenData(info, "train"), TokenData(info, "val")
+    train_data = TokenData(info, "train", tcfg.corpus_weights)
+    val_data = TokenData(info, "val", tcfg.corpus_weights)
 
     torch.manual_seed(tcfg.seed)
     sparse = GPT(mcfg).to(device)
@@ -434,7 +439,7 @@ def quality(dense: GPT, sparse: GPT, bridge: Bridge, tokens: torch.Tensor, batch
 
 def val_tokens(tcfg: TrainConfig, block_size: int, batches: int | None = None) -> torch.Tensor:
     """``batches`` (default eval_batches) validation batches of the run's corpus, stacked (N, T)."""
-    data = TokenData(build_shards(tcfg.corpus, tcfg.val_percent), "val")
+    data = TokenData(build_shards(tcfg.corpus, tcfg.val_percent), "val", tcfg.corpus_weights)
     return torch.cat([data.batch(tcfg.batch_size, block_size, seed=-1, step=i)[0]
                       for i in range(batches or tcfg.eval_batches)])
 

@@ -440,6 +440,23 @@ def test_cli_bridge_and_intervene(pair, tmp_path, capsys, monkeypatch):
     assert len(plot_steering({"a": res, "b": saved}).axes[0].lines) == 4
 
 
+def test_bridge_reads_the_dense_models_corpus_mixture(pair, tmp_path):
+    dense_dir, trained = pair
+    cfg = ckpt.read_config(dense_dir)
+    mixed = tmp_path / "mixed-dense"
+    mixed.mkdir()
+    cfg["train"].update(corpus=["stdlib", "package:numpy"], corpus_weights=[1.0, 3.0])
+    (mixed / "config.json").write_text(json.dumps(cfg))
+    _, _, tcfg = bridges.configs_for("small", mixed, trained.dir)
+    assert (tcfg.corpus, tcfg.corpus_weights) == (["stdlib", "package:numpy"], [1.0, 3.0])
+    # another corpus drops the dense model's mixture, unless weights for it are given too
+    _, _, other = bridges.configs_for("small", mixed, trained.dir, overrides=['train.corpus=["elsewhere"]'])
+    assert (other.corpus, other.corpus_weights) == (["elsewhere"], None)
+    _, _, both = bridges.configs_for("small", mixed, trained.dir,
+                                     overrides=['corpus=["a", "b"]', "corpus_weights=[1, 1]"])
+    assert both.corpus_weights == [1.0, 1.0]
+
+
 def test_small_bridge_profiles_freeze_or_fine_tune_the_sparse_model(pair):
     dense_dir, trained = pair
     _, frozen, _ = bridges.configs_for("small", dense_dir, trained.dir)

@@ -11,6 +11,7 @@ from cspkit import tasks
 from cspkit.ablation import ablation_values, gate_hooks, keep_gates, node_means, node_widths, resample_shift
 from cspkit.model import GPT, parse_node
 from cspkit.prune import PruneConfig, bisect, fit_calibration, gate, prune, ranking, top_nodes
+from conftest import make_corpus
 
 FAST = PruneConfig(steps=6, batch_pairs=8, heldout_pairs=16, calib_pairs=16)
 
@@ -219,3 +220,22 @@ def test_scaled_penalty_trains_the_same_masks_as_the_equal_unscaled_one(tiny):
     assert all(torch.equal(runs[0][loc], runs[1][loc]) for loc in runs[0])
     # and the penalty matters: half of it leaves other masks
     assert not all(torch.equal(runs[0][loc], runs[2][loc]) for loc in runs[0])
+
+
+def test_means_follow_the_checkpoints_corpus_mixture(tiny_cfg, corpus_dir, tmp_path, monkeypatch):
+    from cspkit import ablation, data
+    other = make_corpus(tmp_path / "other")
+    seen = []
+
+    class Spy(data.TokenData):
+        def __init__(self, info, split, weights=None):
+            seen.append(weights)
+            super().__init__(info, split, weights)
+
+    monkeypatch.setattr(data, "TokenData", Spy)
+    model = GPT(tiny_cfg)
+    model.checkpoint = {"train": {"corpus": [str(corpus_dir), str(other)], "corpus_weights": [1.0, 3.0],
+                                  "val_percent": 0}}
+    ablation.compute_means(model, n_tokens=64, batch_size=2)
+    ablation.compute_means(model, n_tokens=64, corpus=[str(corpus_dir)], batch_size=2)  # another corpus: by size
+    assert seen == [[1.0, 3.0], None]
