@@ -238,6 +238,8 @@ class TokenData:
         if self.tokens.size < 2:
             raise ValueError(f"{split} shard {path} is empty; the corpus needs more files for a {split} split")
         self.mix = None if weights is None else self._mixture(info, split, weights)
+        spans = np.array(info.get("spans", {}).get(split, []), dtype=np.int64).reshape(-1, 3)
+        self._span_ends, self._span_entries = spans[:, 1], spans[:, 2]
 
     @staticmethod
     def _mixture(info: dict, split: str, weights: list[float]) -> tuple[torch.Tensor, list[tuple[np.ndarray, ...]]]:
@@ -256,15 +258,24 @@ class TokenData:
             raise ValueError(f"no corpus entry with a positive weight has {split} files")
         return w / w.sum(), [(r, np.cumsum(r[:, 1] - r[:, 0])) for r in ranges]
 
-    def batch(self, batch_size: int, block_size: int, seed: int, step: int, rank: int = 0):
+    def starts(self, batch_size: int, block_size: int, seed: int, step: int, rank: int = 0) -> list[int]:
+        """Where in the shard each window of ``batch`` begins."""
         n = self.tokens.size - block_size - 1
         if n <= 0:
             raise ValueError(f"shard has {self.tokens.size} tokens, fewer than block_size {block_size} + 1")
         g = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF)
         if self.mix is None:
-            starts = torch.randint(0, n, (batch_size,), generator=g).tolist()
-        else:
-            starts = self._mixed_starts(batch_size, n, g)
+            return torch.randint(0, n, (batch_size,), generator=g).tolist()
+        return self._mixed_starts(batch_size, n, g)
+
+    def entry_of(self, positions: list[int]) -> list[int]:
+        """The corpus entry (index into the corpus list) that each shard position belongs to."""
+        if not self._span_ends.size:
+            raise ValueError("these shards record no corpus entries (built by an older cspkit); rebuild them")
+        return self._span_entries[np.searchsorted(self._span_ends, positions, side="right")].tolist()
+
+    def batch(self, batch_size: int, block_size: int, seed: int, step: int, rank: int = 0):
+        starts = self.starts(batch_size, block_size, seed, step, rank)
         # (batch, block_size + 1) -> inputs and next-token targets
         rows = np.stack([self.tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
         x = torch.from_numpy(rows[:, :-1])

@@ -234,15 +234,18 @@ def test_shards_record_each_entry_and_weights_pick_windows(tmp_path):
     for start, end, entry in spans:
         text = enc.decode(shard[start:end].tolist())
         assert ("beta" in text) == (entry == 1) and ("alpha" in text) == (entry == 0)
-    only_b = set(enc.encode_ordinary("beta = [[2]]\n")) - set(enc.encode_ordinary("alpha = 1\n# module 0\n"))
 
     def share_of_b(weights):
-        x, _ = TokenData(info, "train", weights).batch(400, 8, seed=0, step=0)
-        return np.mean([bool(only_b & set(row.tolist())) for row in x])
+        d = TokenData(info, "train", weights)
+        return np.mean(d.entry_of(d.starts(400, 8, seed=0, step=0)))
 
-    assert share_of_b([1, 0]) < 0.05  # a window may run on past an entry's last file
-    assert share_of_b([0, 1]) > 0.95
+    assert share_of_b([1, 0]) == 0 and share_of_b([0, 1]) == 1
     assert 0.7 < share_of_b([1, 3]) < 0.8
+    assert 0.4 < share_of_b(None) < 0.6          # by size: the two entries are about as long
+    d = TokenData(info, "train", [1, 3])
+    x, y = d.batch(50, 8, seed=0, step=2)
+    for row, last, start in zip(x, y[:, -1], d.starts(50, 8, seed=0, step=2)):  # the batch reads those windows
+        assert row.tolist() + [int(last)] == shard[start:start + 9].tolist()
     # weighted batches are a function of (seed, step, rank), as unweighted ones: resume relies on it
     assert torch.equal(TokenData(info, "train", [1, 3]).batch(4, 8, 0, 3)[0],
                        TokenData(info, "train", [1, 3]).batch(4, 8, 0, 3)[0])
