@@ -112,3 +112,20 @@ def test_config_for():
     base_m, base_t = profile("tiny")
     assert m.n_layer == base_m.n_layer and t.batch_size == base_t.batch_size
     assert config_for("tiny")[1].dense is False
+
+
+@pytest.mark.parametrize("name", ["small-sparse", "small-dense"])
+def test_shipped_model_is_its_recorded_command_under_todays_profile(name):
+    """Each shipped small model's config.json equals what its recorded ``cspkit train`` command
+    configures now: the profile and the models it ships cannot drift apart."""
+    import shlex
+    from cspkit.checkpoint import models_dir, read_config
+    from cspkit.cli import build_parser
+    cfg = read_config(models_dir(__file__) / name)
+    args = build_parser().parse_args(shlex.split(cfg["command"])[1:])
+    m, t = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
+                      overrides=args.overrides)
+    assert from_dict(ModelConfig, cfg["model"]) == m
+    runtime = ("device", "threads")
+    saved = {k: v for k, v in cfg["train"].items() if k not in runtime}
+    assert saved == {k: v for k, v in to_dict(t).items() if k not in runtime and (k in saved or v is not None)}
