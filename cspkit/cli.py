@@ -113,11 +113,18 @@ def cmd_eval(args) -> None:
     out = []
     for path in args.model:
         model = load(path, device=args.device)
-        out.append({"model": str(path), "results": [tasks.evaluate(model, n, args.split, n=args.n) for n in names]})
+        results = [tasks.evaluate(model, n, args.split, n=args.n) for n in names]
+        if args.detail:
+            for r in results:
+                p = tasks.get(r["task"]).pairs(args.split, n=1)[0]
+                r["example"] = [(prompt, want, tasks.next_tokens(model, prompt))
+                                for prompt, want in ((p.prompt_a, p.cand_a), (p.prompt_b, p.cand_b))]
+        out.append({"model": str(path), "results": results})
     for m in out:
         m["solved"] = len(tasks.solved(m["results"]))
     res = {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out}
-    _emit(args, res, tasks.format_scores(res))
+    human = tasks.format_scores(res) + ("\n\n" + tasks.format_detail(res) if args.detail else "")
+    _emit(args, res, human)
 
 
 def cmd_prune(args) -> None:
@@ -346,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["train", "test"], default="test")
     e.add_argument("--n", type=int, help="pairs per task (default: the task's split size)")
     e.add_argument("--device", default="cpu", help="torch device the models run on, e.g. cuda")
+    e.add_argument("--detail", action="store_true",
+                   help="also how each model decides: logit margins per side and the top next tokens of one pair")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 

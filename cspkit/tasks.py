@@ -548,25 +548,44 @@ def task_loss(two: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, task: str | Task, split: str = "test", n: int | None = None, batch_size: int = 64,
              seed: int = 0) -> dict:
-    """Task loss, per-prompt accuracy and pair accuracy (both prompts right) of any GPT."""
+    """Task loss, per-prompt accuracy and pair accuracy (both prompts right) of any GPT, and how
+    it decides: the mean logit margin (right minus wrong candidate) on the A-prompts and on the
+    B-prompts, and the mean probability of the right candidate over the whole vocabulary."""
     t = get(task)
     pairs = t.pairs(split, n=n, seed=seed)
     batch = encode_pairs(pairs, model.config.block_size, getattr(model, "encoding", None))
     N = batch["tokens"].shape[0]
-    two = []
+    two, lse = [], []
     model.eval()
     for s in range(0, N, batch_size):
         sl = slice(s, s + batch_size)
         logits = model(batch["tokens"][sl].to(model.device))
         two.append(pair_logits(logits, {"last": batch["last"][sl], "cands": batch["cands"][sl]}).float().cpu())
-    two = torch.cat(two)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        lse.append(logits[rows, batch["last"][sl].to(logits.device)].float().logsumexp(-1).cpu())
+    two, lse = torch.cat(two), torch.cat(lse)
     label = batch["label"]
     right = two.argmax(-1) == label
+    rows = torch.arange(N)
+    margin = two[rows, label] - two[rows, 1 - label]                    # (2N,) a-prompts, then b-prompts
     half = len(pairs)
     return {"task": t.name, "split": split, "pairs": half, "loss": float(task_loss(two, label)),
             "accuracy": float(right.float().mean()),
             "pair_accuracy": float((right[:half] & right[half:]).float().mean()),
+            "margin_a": float(margin[:half].mean()), "margin_b": float(margin[half:].mean()),
+            "p_right": float((two[rows, label] - lse).exp().mean()),
             "chance_loss": float(torch.log(torch.tensor(2.0)))}
+
+
+@torch.no_grad()
+def next_tokens(model, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The model's ``k`` likeliest next tokens after ``prompt``, with their probabilities."""
+    enc = getattr(model, "encoding", None) or get_encoding()
+    ids = torch.tensor([enc.encode_ordinary(prompt)[-model.config.block_size:]], device=model.device)
+    model.eval()
+    p = model(ids)[0, -1].float().softmax(-1)
+    top = p.topk(k)
+    return [(enc.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]
 
 
 SOLVED_ACCURACY = 0.9  # a task counts as solved at this test accuracy (issue 3's bar)
@@ -575,6 +594,22 @@ SOLVED_ACCURACY = 0.9  # a task counts as solved at this test accuracy (issue 3'
 def solved(results: list[dict], accuracy: float = SOLVED_ACCURACY) -> list[str]:
     """The tasks among ``evaluate`` results (one model's) scored at ``accuracy`` or better."""
     return [r["task"] for r in results if r["accuracy"] >= accuracy]
+
+
+def format_detail(res: dict) -> str:
+    """How each model decides each task (``cspkit eval --detail``): margins per side, the right
+    candidate's share of the whole vocabulary, and the top next tokens of one test pair."""
+    lines = [f"{res['split']} split; margin: logit of the right candidate minus the wrong one, mean over the "
+             "A-prompts and over the B-prompts; p(right): its probability over the whole vocabulary"]
+    for m in res["models"]:
+        lines.append(f"{m['model']}")
+        for r in m["results"]:
+            lines.append(f"  {r['task']:28s} margin A {r['margin_a']:+6.2f}  B {r['margin_b']:+6.2f}  "
+                         f"p(right) {r['p_right']:.3f}")
+            for side, (prompt, want, top) in zip("AB", r.get("example", [])):
+                shown = ", ".join(f"{tok!r} {p:.2f}" for tok, p in top)
+                lines.append(f"      {side}: ...{prompt[-40:]!r} wants {want!r}; top: {shown}")
+    return "\n".join(lines)
 
 
 def format_scores(res: dict) -> str:

@@ -85,3 +85,15 @@ def test_train_json(tmp_path, corpus_dir, capsys):
     cfg = ckpt.read_config(out)
     assert cfg["seed"] == 3 and cfg["train"]["max_steps"] == 4
     assert res["val_loss"] == pytest.approx(ckpt.read_log(out)[-1]["val_loss"])
+
+
+def test_eval_detail_shows_margins_and_next_tokens(trained, capsys):
+    from cspkit import tasks
+    assert main(["eval", "--model", str(trained.dir), "--task", "bracket_counting", "--n", "8", "--detail"]) == 0
+    text = capsys.readouterr().out
+    r = tasks.evaluate(ckpt.load(trained.dir), "bracket_counting", n=8)
+    assert f"margin A {r['margin_a']:+6.2f}  B {r['margin_b']:+6.2f}" in text
+    assert "wants ']]'; top: " in text and "wants ']\\n'; top: " in text
+    assert main(["eval", "--model", str(trained.dir), "--task", "bracket_counting", "--n", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["models"][0]["results"][0]
+    assert "example" not in res and res["p_right"] == pytest.approx(r["p_right"])

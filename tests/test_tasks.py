@@ -129,6 +129,13 @@ def test_model_that_always_prefers_a_scores_half():
     assert r["pair_accuracy"] == 0.0
     expected = (math.log(1 + math.exp(-5)) + math.log(1 + math.exp(5))) / 2
     assert r["loss"] == pytest.approx(expected, rel=1e-5)
+    # it is right by 5 logits on the A-prompts and wrong by 5 on the B-prompts; the right candidate
+    # has e^5 / (e^5 + 2047) of the vocabulary on A and 1 / (e^5 + 2047) on B
+    assert (r["margin_a"], r["margin_b"]) == (pytest.approx(5.0), pytest.approx(-5.0))
+    z = math.exp(5) + 2047
+    assert r["p_right"] == pytest.approx((math.exp(5) / z + 1 / z) / 2, rel=1e-5)
+    top = tasks.next_tokens(model, "for x in", k=3)
+    assert top[0] == (t.candidates[0], pytest.approx(math.exp(5) / z)) and len(top) == 3
 
 
 def test_user_task_from_pairs_and_from_generator_work_end_to_end():
