@@ -1,5 +1,5 @@
-"""Matplotlib figures for the notebooks: training curves, the LR / L0 schedule, weight density,
-task scores, the loss-against-circuit-size frontier, bridge quality and steering."""
+"""Matplotlib figures for the notebooks: training curves, task loss during training, the LR / L0
+schedule, weight density, task scores, the loss-against-circuit-size frontier, bridge quality and steering."""
 from __future__ import annotations
 
 from typing import Any
@@ -28,6 +28,28 @@ def plot_training(logs: dict[str, list[dict[str, Any]]]) -> Figure:
     ax_loss.set(xlabel="tokens", ylabel="loss (nats / token)", title="loss")
     ax_l0.set(xlabel="step", ylabel="fraction of matrix entries kept", ylim=(0, 1.05), title="L0 (at evals)")
     for ax in (ax_loss, ax_l0):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_task_curves(logs: dict[str, list[dict[str, Any]]], target: float = 0.15) -> Figure:
+    """Task loss against tokens for the tasks a run scored while training (its ``eval_tasks``: the
+    ``task/NAME/loss`` fields of its log), one panel per task, with chance and the circuit target."""
+    names = sorted({k.split("/")[1] for rows in logs.values() for r in rows for k in r if k.startswith("task/")})
+    if not names:
+        raise ValueError("no run in these logs scored tasks while training; train with eval_tasks=[...]")
+    fig = Figure(figsize=(5.5 * len(names), 3.8))
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        for label, rows in logs.items():
+            pts = [(r["tokens"], r[f"task/{name}/loss"]) for r in rows if f"task/{name}/loss" in r]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=label)
+        ax.axhline(0.693, color="gray", ls="--", lw=1, label="chance")
+        ax.axhline(target, color="black", ls=":", lw=1, label=f"target {target}")
+        ax.set(xlabel="tokens", ylabel="task loss (test split)", title=name, ylim=(0, None))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -207,3 +207,14 @@ def test_eval_tasks_are_logged_at_every_eval(tmp_path, corpus_dir):
     with pytest.raises(KeyError, match="no_such_task"):
         train(mcfg, tcfg, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_plot_task_curves_draws_each_scored_task(trained):
+    from cspkit.plots import plot_task_curves
+    rows = [{"step": 10, "tokens": 40, "task/a/loss": 0.6, "task/b/loss": 0.5},
+            {"step": 20, "tokens": 80, "task/a/loss": 0.4, "task/b/loss": 0.3}, {"step": 25, "tokens": 100}]
+    fig = plot_task_curves({"run": rows, "other": rows[:1]})
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
+    assert list(fig.axes[0].lines[0].get_ydata()) == [0.6, 0.4] and len(fig.axes[0].lines[1].get_ydata()) == 1
+    with pytest.raises(ValueError, match="eval_tasks"):
+        plot_task_curves({"untasked": ckpt.read_log(trained.dir)})
