@@ -148,7 +148,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer:
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    f = Path(path) / "log.jsonl"
+    """The rows of a run's ``log.jsonl``: ``path`` is its checkpoint directory or the file itself."""
+    f = Path(path) if Path(path).is_file() else Path(path) / "log.jsonl"
     if not f.is_file():
         return []
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
