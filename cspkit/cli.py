@@ -107,7 +107,7 @@ def cmd_viz(args) -> None:
 def cmd_eval(args) -> None:
     from . import tasks
     from .checkpoint import load
-    names = tasks.names() if args.task == "all" else [args.task]
+    names = tasks.names() if args.task == "all" else args.task.split(",")
     for n in names:
         tasks.get(n)
     out = []
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="task loss and accuracy of a model")
     e.add_argument("--model", type=Path, required=True, action="append",
                    help="a checkpoint directory; repeat to compare models side by side")
-    e.add_argument("--task", default="all", help="a task name or 'all'")
+    e.add_argument("--task", default="all", help="a task name, several joined by commas, or 'all'")
     e.add_argument("--split", choices=["train", "test"], default="test")
     e.add_argument("--n", type=int, help="pairs per task (default: the task's split size)")
     e.add_argument("--device", default="cpu", help="torch device the models run on, e.g. cuda")

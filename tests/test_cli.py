@@ -97,3 +97,8 @@ def test_eval_detail_shows_margins_and_next_tokens(trained, capsys):
     assert main(["eval", "--model", str(trained.dir), "--task", "bracket_counting", "--n", "8", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["models"][0]["results"][0]
     assert "example" not in res and res["p_right"] == pytest.approx(r["p_right"])
+    assert main(["eval", "--model", str(trained.dir), "--task", "bracket_counting,var_if", "--n", "4", "--json"]) == 0
+    assert [r["task"] for r in json.loads(capsys.readouterr().out)["models"][0]["results"]] == [
+        "bracket_counting", "var_if"]
+    assert main(["eval", "--model", str(trained.dir), "--task", "bracket_counting,nope"]) == 2
+    assert "known tasks" in capsys.readouterr().err
