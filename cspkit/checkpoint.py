@@ -153,3 +153,8 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not f.is_file():
         return []
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def eval_rows(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a log written at evaluations (those with a validation loss)."""
+    return [r for r in log if "val_loss" in r]

@@ -51,6 +51,13 @@ class ModelConfig:
             raise ValueError(f"afrac={self.afrac} must be in (0, 1] or None")
 
 
+def check_corpus_weights(weights: list[float], n: int, entries: str) -> None:
+    """Refuse weights that are not one non-negative number per corpus entry, some positive."""
+    if len(weights) != n or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"corpus_weights={weights} needs {n} non-negative numbers, one per corpus entry "
+                         f"{entries}, not all zero")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 2400
@@ -87,11 +94,7 @@ class TrainConfig:
             self.corpus = [self.corpus]
         if self.corpus_weights is not None:
             self.corpus_weights = [float(w) for w in self.corpus_weights]
-            n = len(self.corpus or ["stdlib"])
-            if len(self.corpus_weights) != n or any(w < 0 for w in self.corpus_weights) \
-                    or not sum(self.corpus_weights) > 0:
-                raise ValueError(f"corpus_weights={self.corpus_weights} needs {n} non-negative numbers, one per "
-                                 f"corpus entry {self.corpus or ['stdlib']}, not all zero")
+            check_corpus_weights(self.corpus_weights, len(self.corpus or ["stdlib"]), f"{self.corpus or ['stdlib']}")
         if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
         if not 0 <= self.anneal_start <= self.anneal_end <= 1:

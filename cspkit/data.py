@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import check_corpus_weights
 from .files import atomic_write
 from .tokenizer import get_encoding, tokenizer_id, DEFAULT_PATH as TOKENIZER_PATH
 
@@ -237,25 +238,28 @@ class TokenData:
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
         if self.tokens.size < 2:
             raise ValueError(f"{split} shard {path} is empty; the corpus needs more files for a {split} split")
-        self.mix = None if weights is None else self._mixture(info, split, weights)
-        spans = np.array(info.get("spans", {}).get(split, []), dtype=np.int64).reshape(-1, 3)
-        self._span_ends, self._span_entries = spans[:, 1], spans[:, 2]
+        self.dir, self.split = info["dir"], split
+        # (start, end, entry) rows; None for shards built before cspkit recorded entries
+        spans = info.get("spans", {}).get(split)
+        self.spans = None if spans is None else np.array(spans, dtype=np.int64).reshape(-1, 3)
+        self.mix = None if weights is None else self._mixture(weights, info.get("entries"))
 
-    @staticmethod
-    def _mixture(info: dict, split: str, weights: list[float]) -> tuple[torch.Tensor, list[tuple[np.ndarray, ...]]]:
+    def _need_spans(self) -> np.ndarray:
+        if self.spans is None:
+            raise ValueError(f"shards in {self.dir} record no corpus entries (built by an older cspkit); "
+                             "rebuild them from the source files to use corpus_weights or entry_of")
+        return self.spans
+
+    def _mixture(self, weights: list[float], n_entries: int | None
+                 ) -> tuple[torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
         """(probability per entry, per entry its [start, end] token ranges and their cumulative lengths)."""
-        if "spans" not in info:
-            raise ValueError(f"shards in {info['dir']} record no corpus entries (built by an older cspkit); "
-                             "rebuild them from the source files to use corpus_weights")
-        if len(weights) != info["entries"] or any(w < 0 for w in weights) or not sum(weights) > 0:
-            raise ValueError(f"corpus_weights {weights} must be {info['entries']} non-negative numbers, one per "
-                             "corpus entry, not all zero")
-        ranges = [np.array([s[:2] for s in info["spans"][split] if s[2] == i], dtype=np.int64).reshape(-1, 2)
-                  for i in range(len(weights))]
+        spans = self._need_spans()
+        check_corpus_weights(weights, n_entries, f"of the shards in {self.dir}")
+        ranges = [spans[spans[:, 2] == i, :2] for i in range(len(weights))]
         # an entry with no files in this split (no validation file, say) is left out of its mixture
         w = torch.tensor([float(wi) if r.size else 0.0 for wi, r in zip(weights, ranges)], dtype=torch.float64)
         if not w.sum() > 0:
-            raise ValueError(f"no corpus entry with a positive weight has {split} files")
+            raise ValueError(f"no corpus entry with a positive weight has {self.split} files")
         return w / w.sum(), [(r, np.cumsum(r[:, 1] - r[:, 0])) for r in ranges]
 
     def starts(self, batch_size: int, block_size: int, seed: int, step: int, rank: int = 0) -> list[int]:
@@ -270,9 +274,8 @@ class TokenData:
 
     def entry_of(self, positions: list[int]) -> list[int]:
         """The corpus entry (index into the corpus list) that each shard position belongs to."""
-        if not self._span_ends.size:
-            raise ValueError("these shards record no corpus entries (built by an older cspkit); rebuild them")
-        return self._span_entries[np.searchsorted(self._span_ends, positions, side="right")].tolist()
+        spans = self._need_spans()
+        return spans[np.searchsorted(spans[:, 1], positions, side="right"), 2].tolist()
 
     def batch(self, batch_size: int, block_size: int, seed: int, step: int, rank: int = 0):
         starts = self.starts(batch_size, block_size, seed, step, rank)

@@ -8,6 +8,7 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .checkpoint import eval_rows
 from .config import TrainConfig
 from .sparsity import density_report
 from .train import schedule
@@ -19,7 +20,7 @@ def plot_training(logs: dict[str, list[dict[str, Any]]]) -> Figure:
     fig = Figure(figsize=(11, 3.8))
     ax_loss, ax_l0 = fig.subplots(1, 2)
     for label, rows in logs.items():
-        evals = [r for r in rows if "val_loss" in r]
+        evals = eval_rows(rows)
         (line,) = ax_loss.plot([r["tokens"] for r in rows], [r["train_loss"] for r in rows],
                                lw=1, alpha=0.4, label=f"{label} train")
         ax_loss.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-",
