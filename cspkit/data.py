@@ -3,9 +3,11 @@
 By default the corpus is the standard library of the running interpreter (site-packages
 excluded, so two machines with the same Python build the same corpus). Besides directories,
 files and globs, a corpus names two kinds of root that mean the same on every machine:
-``stdlib`` and ``package:NAME`` (the installed source of an importable package, numpy say).
+``stdlib`` and ``package:NAME`` (the installed source of an importable package, numpy say),
+or part of one, ``package:NAME/GLOB`` (``package:numpy/**/tests``: numpy's test directories).
 Their files are named by their import path (``json/decoder.py``, ``numpy/linalg/_linalg.py``),
-so the train/validation split of the stdlib is the same with or without packages beside it.
+so the train/validation split of the stdlib is the same with or without packages beside it,
+and a file of a package falls on the same side of the split whichever part of it is named.
 """
 from __future__ import annotations
 
@@ -52,18 +54,27 @@ class Corpus:
     duplicates: int
 
 
-def _named_root(spec: str) -> Path | None:
-    """The directory a named root stands for, or None if ``spec`` is a path or glob."""
+def _named_root(spec: str) -> tuple[Path, list[Path]] | None:
+    """(the directory a named root stands for, the files or directories it names in it), or
+    None if ``spec`` is a path or glob."""
     if spec == "stdlib":
-        return Path(default_roots()[0])
+        root = Path(default_roots()[0])
+        return root, [root]
     if not spec.startswith("package:"):
         return None
-    name = spec.removeprefix("package:")
+    name, _, part = spec.removeprefix("package:").partition("/")
     found = importlib.util.find_spec(name) if name and "." not in name else None
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(f"corpus root {spec!r}: no installed package {name!r} with source "
                                 f"directory; install it or name a directory instead")
-    return Path(list(found.submodule_search_locations)[0])
+    root = Path(list(found.submodule_search_locations)[0])
+    if not part:
+        return root, [root]
+    hits = sorted(Path(p) for p in glob.glob(str(root / part), recursive=True))
+    if not hits:
+        raise FileNotFoundError(f"corpus root {spec!r}: {part!r} matches nothing under {root}; "
+                                f"give a path or glob relative to the package, such as 'package:{name}/**/tests'")
+    return root, hits
 
 
 def _expand(spec: str) -> list[Path]:
@@ -92,22 +103,25 @@ def list_files(paths: list[str] | None = None) -> list[tuple[Path, str]]:
 def _files_by_entry(paths: list[str] | None) -> list[tuple[Path, str, int]]:
     """list_files, with the index of the corpus entry each file came from."""
     specs = paths or ["stdlib"]
-    roots: list[tuple[Path, str, int]] = []     # (file or directory, prefix of its files' names, entry)
+    # (file or directory, the directory its files' names start from, prefix of those names, entry)
+    roots: list[tuple[Path, Path, str, int]] = []
     for i, spec in enumerate(specs):
         named = _named_root(spec)
         if named is not None:
-            roots.append((named, "" if spec == "stdlib" else f"{named.name}/", i))
+            base, hits = named
+            roots += [(p, base, "" if spec == "stdlib" else f"{base.name}/", i) for p in hits]
             continue
         for p in _expand(spec):
             alone = len(specs) == 1 and p == Path(spec)
-            roots.append((p, "" if alone else f"{p.as_posix()}/", i))
+            roots.append((p, p, "" if alone else f"{p.as_posix()}/", i))
     out = []
-    for p, prefix, i in roots:
+    for p, base, prefix, i in roots:
         if p.is_file():
-            out.append((p.resolve(), prefix.rstrip("/") if prefix else p.name, i))
+            name = p.relative_to(base).as_posix() if p != base else ""
+            out.append((p.resolve(), prefix + name if name else prefix.rstrip("/") or p.name, i))
             continue
         for f in sorted(p.rglob("*.py")):
-            rel = f.relative_to(p)
+            rel = f.relative_to(base)
             if "site-packages" in rel.parts or not f.is_file():
                 continue
             out.append((f.resolve(), prefix + rel.as_posix(), i))
@@ -123,7 +137,7 @@ def sources(paths: list[str] | None = None) -> dict[str, str]:
         if spec == "stdlib":
             out[spec] = f"Python {platform.python_version()}"
         elif spec.startswith("package:"):
-            name = spec.removeprefix("package:")
+            name = spec.removeprefix("package:").partition("/")[0]
             try:
                 out[spec] = importlib.metadata.version(name)
             except importlib.metadata.PackageNotFoundError:

@@ -122,6 +122,14 @@ def test_named_roots_use_import_paths(tmp_path, monkeypatch):
     assert both == alone | {"fakepkg/__init__.py", "fakepkg/sub/mod.py"}
     assert sources(["stdlib", "package:fakepkg", str(tmp_path)]) == {
         "stdlib": f"Python {platform.python_version()}", "package:fakepkg": "unknown"}
+    # part of a package keeps the package's names, so each file stays on its side of the split
+    (pkg / "sub" / "tests").mkdir()
+    (pkg / "sub" / "tests" / "test_mod.py").write_text("assert [[1], [2]]\n")
+    assert [rel for _, rel in list_files(["package:fakepkg/**/tests"])] == ["fakepkg/sub/tests/test_mod.py"]
+    assert [rel for _, rel in list_files(["package:fakepkg/sub/mod.py"])] == ["fakepkg/sub/mod.py"]
+    assert sources(["package:fakepkg/**/tests"]) == {"package:fakepkg/**/tests": "unknown"}
+    with pytest.raises(FileNotFoundError, match="'nothing' matches nothing under .*package:fakepkg/\\*\\*/tests"):
+        list_files(["package:fakepkg/nothing"])
     with pytest.raises(FileNotFoundError, match="no installed package 'nosuchpkg'"):
         list_files(["package:nosuchpkg"])
     with pytest.raises(FileNotFoundError, match="no installed package 'math'"):
