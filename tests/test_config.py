@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -114,14 +115,18 @@ def test_config_for():
     assert config_for("tiny")[1].dense is False
 
 
-@pytest.mark.parametrize("name", ["small-sparse", "small-dense"])
-def test_shipped_model_is_its_recorded_command_under_todays_profile(name):
-    """Each shipped small model's config.json equals what its recorded ``cspkit train`` command
-    configures now: the profile and the models it ships cannot drift apart."""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", ["data/models/small-sparse/config.json", "data/models/small-dense/config.json",
+                                  "results/corpus_tests/sparse_config.json", "results/corpus_tests/more_config.json"])
+def test_model_is_its_recorded_command_under_todays_profile(path):
+    """Each shipped small model's config.json, and each config a result names its command for,
+    equals what its recorded ``cspkit train`` command configures now: the profile and the
+    models or results it made cannot drift apart."""
     import shlex
-    from cspkit.checkpoint import models_dir, read_config
     from cspkit.cli import build_parser
-    cfg = read_config(models_dir(__file__) / name)
+    cfg = json.loads((ROOT / path).read_text())
     args = build_parser().parse_args(shlex.split(cfg["command"])[1:])
     m, t = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                       overrides=args.overrides)
