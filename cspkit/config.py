@@ -161,8 +161,9 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # the shipped models: about an hour on 2 CPU cores. No attention sink (it costs a third of
     # the step time on CPU); matrices keep 1/16 of their entries, embeddings and biases 1/4.
     # The standard library alone closes a nested list literal 41 times, too few for
-    # bracket_counting: results/corpus_numpy/ and results/corpus_mix/ add numpy's and sympy's
-    # source (corpus, corpus_weights) and score the tasks during training (eval_tasks).
+    # bracket_counting: results/corpus_numpy/, results/corpus_mix/ and results/corpus_tests/ add
+    # numpy's and sympy's source or tests (corpus, corpus_weights) and score the tasks during
+    # training (eval_tasks).
     "small": (ModelConfig(sink=False),
               TrainConfig(max_steps=2400, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200)),
     **{f"paper-e{e}": _paper(e) for e in (1, 2, 4, 8)},
