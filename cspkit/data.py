@@ -117,8 +117,11 @@ def _files_by_entry(paths: list[str] | None) -> list[tuple[Path, str, int]]:
     out = []
     for p, base, prefix, i in roots:
         if p.is_file():
-            name = p.relative_to(base).as_posix() if p != base else ""
-            out.append((p.resolve(), prefix + name if name else prefix.rstrip("/") or p.name, i))
+            if p != base:   # a file a package glob matched: named by its import path
+                name = prefix + p.relative_to(base).as_posix()
+            else:           # a file named as such: by its path as given, or alone by its name
+                name = prefix.rstrip("/") or p.name
+            out.append((p.resolve(), name, i))
             continue
         for f in sorted(p.rglob("*.py")):
             rel = f.relative_to(base)
