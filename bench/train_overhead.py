@@ -3,6 +3,7 @@
 The sparse step is the dense step plus the top-k projection of every matrix at the final
 L0. Steps of the two models alternate, and each time is the median over the steps.
 Usage: python bench/train_overhead.py [--profile small] [--steps 12] [--warmup 3] [--out results/train_overhead.json]
+       [key=value ...]   (overrides of the profile, as cspkit train takes them: d_model=512 l0_frac=0.015625)
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the result as JSON (the same run as the printed one)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the profile's config")
     args = ap.parse_args()
-    mcfg, tcfg = config_for(args.profile)
+    mcfg, tcfg = config_for(args.profile, overrides=args.overrides)
     runners = {"dense": Runner(mcfg, replace(tcfg, dense=True)), "sparse": Runner(mcfg, tcfg)}
     times: dict[str, list[float]] = {k: [] for k in runners}
     # alternate the two, step by step, so that load from elsewhere falls on both alike
@@ -59,15 +61,16 @@ def main() -> None:
             if i >= args.warmup:
                 times[k].append(t)
     dense, sparse = median(times["dense"]), median(times["sparse"])
-    out = {"profile": args.profile, "threads": torch.get_num_threads(), "tokens_per_step":
-           tcfg.batch_size * mcfg.block_size, "dense_s": round(dense, 4), "sparse_s": round(sparse, 4),
-           "ratio_sparse_over_dense": round(sparse / dense, 3), "goal": 1.10}
+    out = {"profile": args.profile, "overrides": args.overrides, "threads": torch.get_num_threads(),
+           "tokens_per_step": tcfg.batch_size * mcfg.block_size, "dense_s": round(dense, 4),
+           "sparse_s": round(sparse, 4), "ratio_sparse_over_dense": round(sparse / dense, 3), "goal": 1.10}
     if args.out:
         atomic_write(args.out, (json.dumps(out) + "\n").encode())
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"profile {args.profile}, {out['threads']} threads, {out['tokens_per_step']} tokens/step: "
+        shape = " ".join([args.profile, *args.overrides])
+        print(f"profile {shape}, {out['threads']} threads, {out['tokens_per_step']} tokens/step: "
               f"dense {dense:.3f} s/step, sparse {sparse:.3f} s/step, "
               f"ratio sparse/dense {sparse / dense:.3f} (goal <= 1.10)")
 
