@@ -54,6 +54,12 @@ class Corpus:
     duplicates: int
 
 
+def _package_spec(spec: str) -> tuple[str, str]:
+    """``package:NAME/GLOB`` -> (NAME, GLOB); GLOB is empty for the whole package."""
+    name, _, part = spec.removeprefix("package:").partition("/")
+    return name, part
+
+
 def _named_root(spec: str) -> tuple[Path, list[Path]] | None:
     """(the directory a named root stands for, the files or directories it names in it), or
     None if ``spec`` is a path or glob."""
@@ -62,7 +68,7 @@ def _named_root(spec: str) -> tuple[Path, list[Path]] | None:
         return root, [root]
     if not spec.startswith("package:"):
         return None
-    name, _, part = spec.removeprefix("package:").partition("/")
+    name, part = _package_spec(spec)
     found = importlib.util.find_spec(name) if name and "." not in name else None
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(f"corpus root {spec!r}: no installed package {name!r} with source "
@@ -140,9 +146,8 @@ def sources(paths: list[str] | None = None) -> dict[str, str]:
         if spec == "stdlib":
             out[spec] = f"Python {platform.python_version()}"
         elif spec.startswith("package:"):
-            name = spec.removeprefix("package:").partition("/")[0]
             try:
-                out[spec] = importlib.metadata.version(name)
+                out[spec] = importlib.metadata.version(_package_spec(spec)[0])
             except importlib.metadata.PackageNotFoundError:
                 out[spec] = "unknown"
     return out

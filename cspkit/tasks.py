@@ -532,11 +532,14 @@ def encode_pairs(pairs: list[Pair], block_size: int = 256,
     return {"tokens": tokens, "last": last, "cands": cands, "label": label}
 
 
+def last_logits(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(N, T, vocab) logits -> (N, vocab) logits at each prompt's last token."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+
+
 def pair_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(N, T, vocab) logits -> (N, 2) logits of the two candidates at each prompt's last token."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    last = logits[rows, batch["last"].to(logits.device)]                 # (N, vocab)
-    return last.gather(1, batch["cands"].to(logits.device))
+    return last_logits(logits, batch["last"]).gather(1, batch["cands"].to(logits.device))
 
 
 def task_loss(two: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -559,10 +562,9 @@ def evaluate(model, task: str | Task, split: str = "test", n: int | None = None,
     model.eval()
     for s in range(0, N, batch_size):
         sl = slice(s, s + batch_size)
-        logits = model(batch["tokens"][sl].to(model.device))
-        two.append(pair_logits(logits, {"last": batch["last"][sl], "cands": batch["cands"][sl]}).float().cpu())
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        lse.append(logits[rows, batch["last"][sl].to(logits.device)].float().logsumexp(-1).cpu())
+        at_last = last_logits(model(batch["tokens"][sl].to(model.device)), batch["last"][sl]).float()
+        two.append(at_last.gather(1, batch["cands"][sl].to(at_last.device)).cpu())
+        lse.append(at_last.logsumexp(-1).cpu())
     two, lse = torch.cat(two), torch.cat(lse)
     label = batch["label"]
     right = two.argmax(-1) == label

@@ -1,11 +1,11 @@
 import json
-from pathlib import Path
 
 import pytest
 
 from cspkit.config import (LOCATION_TYPES, PROFILES, ModelConfig, TrainConfig, apply_overrides, from_dict, profile,
                            to_dict)
 from cspkit.train import config_for
+from conftest import REPO
 
 
 def test_from_dict_rejects_unknown_keys_with_suggestions():
@@ -115,9 +115,6 @@ def test_config_for():
     assert config_for("tiny")[1].dense is False
 
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 @pytest.mark.parametrize("path", ["data/models/small-sparse/config.json", "data/models/small-dense/config.json",
                                   "results/corpus_tests/sparse_config.json", "results/corpus_tests/more_config.json"])
 def test_model_is_its_recorded_command_under_todays_profile(path):
@@ -126,7 +123,7 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     models or results it made cannot drift apart."""
     import shlex
     from cspkit.cli import build_parser
-    cfg = json.loads((ROOT / path).read_text())
+    cfg = json.loads((REPO / path).read_text())
     args = build_parser().parse_args(shlex.split(cfg["command"])[1:])
     m, t = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                       overrides=args.overrides)
