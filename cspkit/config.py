@@ -87,6 +87,9 @@ class TrainConfig:
     eval_tasks: list[str] | None = None  # tasks (cspkit.tasks) scored on their test split at every eval
     device: str = "auto"
     threads: int | None = None        # torch CPU threads (None: torch's default)
+    # "bf16": the forward pass under bfloat16 autocast (weights, gradients, Adam and the projection
+    # stay fp32); None: fp32 throughout. None by default so that older configs resume unchanged.
+    autocast: str | None = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -99,6 +102,8 @@ class TrainConfig:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
         if not 0 <= self.anneal_start <= self.anneal_end <= 1:
             raise ValueError("need 0 <= anneal_start <= anneal_end <= 1")
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"autocast={self.autocast!r} is not supported; choose None (fp32) or 'bf16'")
 
 
 @dataclass

@@ -113,7 +113,8 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
                tcfg: TrainConfig, params: list[torch.nn.Parameter], decay: list[torch.nn.Parameter],
                world: int = 1) -> torch.Tensor:
     """One optimizer step of the recipe; ``s`` is ``schedule(step, tcfg)``. Returns the loss."""
-    _, loss = model(x, y)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=tcfg.autocast == "bf16"):
+        _, loss = model(x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     optimizer_step(opt, s, tcfg, [params], decay, world)

@@ -89,6 +89,7 @@ def test_override_corpus_as_plain_path():
     ("corpus_weights=[1,2]", ["corpus_weights", "one per corpus entry", "stdlib"]),
     ("corpus_weights=[-1]", ["non-negative"]),
     ("corpus_weights=[0]", ["not all zero"]),
+    ("autocast=fp16", ["autocast='fp16'", "'bf16'"]),
 ])
 def test_apply_overrides_rejects(item, words):
     with pytest.raises(ValueError) as e:

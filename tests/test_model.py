@@ -207,3 +207,19 @@ def test_generate_greedy_is_argmax(tiny_cfg):
     assert torch.equal(out[:, :5], x)
     with torch.no_grad():
         assert out[0, 5].item() == model(x)[0, -1].argmax().item()
+
+
+def test_bf16_autocast_forward_is_close_to_fp32(tiny_cfg):
+    """Under CPU bf16 autocast the matmuls run in bfloat16 and attention in fp32: the logits stay
+    within bfloat16's rounding of the fp32 ones, and gradients reach the fp32 weights."""
+    for sink in (False, True):
+        model = make(replace(tiny_cfg, sink=sink, afrac=None))
+        x = tokens(tiny_cfg)
+        ref, _ = model(x, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, loss = model(x, x)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters()
+                   if p.requires_grad and p.dim() == 2)

@@ -218,3 +218,25 @@ def test_plot_task_curves_draws_each_scored_task(trained):
     assert list(fig.axes[0].lines[0].get_ydata()) == [0.6, 0.4] and len(fig.axes[0].lines[1].get_ydata()) == 1
     with pytest.raises(ValueError, match="eval_tasks"):
         plot_task_curves({"untasked": ckpt.read_log(trained.dir)})
+
+
+def test_bf16_autocast_run_keeps_fp32_weights_and_exact_sparsity(tmp_path, corpus_dir):
+    """autocast=bf16 runs the forward in bfloat16 but keeps weights, Adam and the projection in
+    fp32: the run ends with fp32 weights at the requested nonzeros, its loss falls as the fp32
+    run's does, and the config records the setting so a resume cannot silently drop it."""
+    runs = {}
+    for name, extra in (("fp32", ()), ("bf16", ("autocast=bf16",))):
+        mcfg, tcfg = tiny_train_config(corpus_dir, "max_steps=20", *extra)
+        runs[name] = train(mcfg, tcfg, tmp_path / name, progress=False)
+    bf16 = runs["bf16"]
+    for name, (p, group) in bf16.sparse_parameters().items():
+        assert p.dtype == torch.float32, name
+        if p.dim() == 2:
+            frac = tcfg.l0_frac if group == "matrix" else tcfg.l0_frac_embed
+            assert int((p != 0).sum()) == n_keep(p.numel(), frac), name
+    logs = {k: ckpt.read_log(tmp_path / k) for k in runs}
+    assert logs["bf16"][-1]["val_loss"] < logs["bf16"][0]["train_loss"] - 0.5
+    assert logs["bf16"][-1]["val_loss"] == pytest.approx(logs["fp32"][-1]["val_loss"], abs=0.15)
+    assert ckpt.read_config(tmp_path / "bf16")["train"]["autocast"] == "bf16"
+    with pytest.raises(ValueError, match="autocast"):
+        _check_resumable(tmp_path / "bf16", mcfg, replace(tcfg, autocast=None))
