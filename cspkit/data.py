@@ -2,9 +2,11 @@
 
 By default the corpus is the standard library of the running interpreter (site-packages
 excluded, so two machines with the same Python build the same corpus). Besides directories,
-files and globs, a corpus names two kinds of root that mean the same on every machine:
-``stdlib`` and ``package:NAME`` (the installed source of an importable package, numpy say),
-or part of one, ``package:NAME/GLOB`` (``package:numpy/**/tests``: numpy's test directories).
+files and globs, a corpus names three kinds of root that mean the same on every machine:
+``stdlib``; ``package:NAME`` (the installed source of an importable package, numpy say),
+or part of one, ``package:NAME/GLOB`` (``package:numpy/**/tests``: numpy's test directories);
+and ``tasks:train``, code made of the 20 tasks' idioms from their train split (written into
+the cache by ``cspkit.tasks.corpus_files``, named ``tasks/0000.py`` ...).
 Their files are named by their import path (``json/decoder.py``, ``numpy/linalg/_linalg.py``),
 so the train/validation split of the stdlib is the same with or without packages beside it,
 and a file of a package falls on the same side of the split whichever part of it is named.
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from .config import check_corpus_weights
-from .files import atomic_write
+from .files import atomic_dir, atomic_write
 from .tokenizer import get_encoding, tokenizer_id, DEFAULT_PATH as TOKENIZER_PATH
 
 
@@ -60,11 +62,32 @@ def _package_spec(spec: str) -> tuple[str, str]:
     return name, part
 
 
+def _task_root(spec: str) -> Path:
+    """The directory of ``tasks:train`` (cspkit.tasks.corpus_files), written once into the cache
+    under a digest of the task generators' source and of the tokenizer they check names against."""
+    from . import tasks
+    split = spec.removeprefix("tasks:")
+    if split != "train":
+        raise ValueError(f"corpus root {spec!r}: only 'tasks:train' exists; the test split of the tasks "
+                         "is what they are scored on, so it is never trained on")
+    h = hashlib.sha256(Path(tasks.__file__).read_bytes())
+    h.update(tokenizer_id(str(TOKENIZER_PATH)).encode())
+    root = cache_dir() / "tasks-corpus" / h.hexdigest()[:16] / "tasks"
+    if not root.is_dir():
+        with atomic_dir(root) as tmp:
+            for name, text in tasks.corpus_files(split).items():
+                (tmp / name).write_text(text)
+    return root
+
+
 def _named_root(spec: str) -> tuple[Path, list[Path]] | None:
     """(the directory a named root stands for, the files or directories it names in it), or
     None if ``spec`` is a path or glob."""
     if spec == "stdlib":
         root = Path(default_roots()[0])
+        return root, [root]
+    if spec.startswith("tasks:"):
+        root = _task_root(spec)
         return root, [root]
     if not spec.startswith("package:"):
         return None
@@ -92,7 +115,7 @@ def _expand(spec: str) -> list[Path]:
     p = Path(spec)
     if not p.exists():
         raise FileNotFoundError(f"corpus path {spec!r} does not exist; pass a directory, a .py file, a glob, "
-                                f"'stdlib' or 'package:NAME'")
+                                f"'stdlib', 'package:NAME' or 'tasks:train'")
     return [p]
 
 
@@ -145,6 +168,8 @@ def sources(paths: list[str] | None = None) -> dict[str, str]:
     for spec in paths or ["stdlib"]:
         if spec == "stdlib":
             out[spec] = f"Python {platform.python_version()}"
+        elif spec.startswith("tasks:"):
+            out[spec] = f"task generators {_task_root(spec).parent.name}"
         elif spec.startswith("package:"):
             try:
                 out[spec] = importlib.metadata.version(_package_spec(spec)[0])

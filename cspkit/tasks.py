@@ -508,6 +508,33 @@ def _while_return(rng, split):
     return Pair(f"{body}    while True", f"{body}    return True", ":\n", "\n")
 
 
+PAPER_TASKS = tuple(_REGISTRY)  # the 20 of METHOD.md; user tasks registered later are not among them
+
+
+def corpus_files(split: str = "train", n_files: int = 200, pairs_per_file: int = 5) -> dict[str, str]:
+    """Python text made of the paper tasks' own idioms, for a training corpus (``tasks:train``).
+
+    The paper trains on code written to be full of simple idioms; this imitates it from the
+    train split's templates and names, so the test split stays unseen. Each file holds, for
+    every task in a shuffled order, ``pairs_per_file`` pairs, each prompt followed by its right
+    candidate (and a newline where the candidate does not end the line). Deterministic.
+    """
+    if split != "train":
+        raise ValueError(f"corpus_files(split={split!r}): only the train split may be trained on; "
+                         "the test split is what the tasks are scored on")
+    out = {}
+    for i in range(n_files):
+        rng = random.Random(f"corpus/{split}/{i}")
+        parts = []
+        for name in rng.sample(PAPER_TASKS, len(PAPER_TASKS)):
+            for _ in range(pairs_per_file):
+                p = _REGISTRY[name].generator(rng, split)
+                for prompt, cand in rng.sample([(p.prompt_a, p.cand_a), (p.prompt_b, p.cand_b)], 2):
+                    parts.append(prompt + cand + ("" if cand.endswith("\n") else "\n"))
+        out[f"{i:04d}.py"] = "\n\n".join(parts)
+    return out
+
+
 # --------------------------------------------------------------------------- evaluation
 def _encode_batch(prompts: list[str], block_size: int, enc: tiktoken.Encoding) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids (N, T) and the index of each prompt's last token (N,)."""

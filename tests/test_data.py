@@ -1,6 +1,7 @@
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -270,3 +271,26 @@ def test_corpus_weights_errors(tmp_path):
     old = {k: v for k, v in info.items() if k not in ("spans", "entries")}
     with pytest.raises(ValueError, match="rebuild them"):
         TokenData(old, "train", [1])
+
+
+def test_tasks_train_root_holds_the_train_idioms_and_never_the_test_split():
+    """``tasks:train`` is code made of the tasks' train-split pairs, each prompt followed by its
+    right candidate; deterministic; no test-split prompt appears in it, and tasks:test is refused."""
+    files = cspkit.tasks.corpus_files("train", n_files=3, pairs_per_file=2)
+    assert files == cspkit.tasks.corpus_files("train", n_files=3, pairs_per_file=2)
+    assert list(files) == ["0000.py", "0001.py", "0002.py"]
+    text = "".join(files.values())
+    # every nested literal of bracket_counting is closed by its right candidate, ]]
+    closers = re.findall(r"\[\[[0-9, ]+\], \[[0-9, ]+(.*)\n", text)
+    assert len(closers) == 3 * 2 and set(closers) == {"]]"}
+    for name in cspkit.tasks.PAPER_TASKS:
+        for p in cspkit.tasks.get(name).pairs("test", 16):
+            assert p.prompt_a not in text and p.prompt_b not in text, name
+    assert len(cspkit.tasks.PAPER_TASKS) == 20
+    with pytest.raises(ValueError, match="only the train split"):
+        cspkit.tasks.corpus_files("test")
+    rel = [rel for _, rel in list_files(["stdlib", "tasks:train"]) if rel.startswith("tasks/")]
+    assert rel == [f"tasks/{i:04d}.py" for i in range(200)]
+    assert sources(["tasks:train"])["tasks:train"].startswith("task generators ")
+    with pytest.raises(ValueError, match="only 'tasks:train' exists"):
+        list_files(["tasks:test"])
