@@ -108,22 +108,38 @@ def cmd_eval(args) -> None:
     from . import tasks
     from .checkpoint import load
     names = tasks.names() if args.task == "all" else args.task.split(",")
-    for n in names:
-        tasks.get(n)
+    scored = {n: tasks.get(n) for n in names}
+    unmined: list[str] = []
+    if args.natural:
+        from . import natural
+        from .checkpoint import read_config
+        from .data import load_corpus
+        train = read_config(args.model[0])["train"]
+        # the natural examples are real code: template-made entries (tasks:train) are left out
+        paths = [p for p in train.get("corpus") or ["stdlib"] if not p.startswith("tasks:")]
+        corpus = load_corpus(paths, train.get("val_percent", 5.0))
+        for n in natural.TASKS:
+            try:
+                scored[f"{n}_natural"] = natural.mine(n, corpus=corpus)
+            except ValueError as e:   # no example of it in these validation files
+                unmined.append(str(e))
     out = []
     for path in args.model:
         model = load(path, device=args.device)
-        results = [tasks.evaluate(model, n, args.split, n=args.n) for n in names]
+        results = [tasks.evaluate(model, t, args.split, n=args.n) for t in scored.values()]
         if args.detail:
             for r in results:
-                p = tasks.get(r["task"]).pairs(args.split, n=1)[0]
+                p = scored[r["task"]].pairs(args.split, n=1)[0]
                 r["example"] = [(prompt, want, tasks.next_tokens(model, prompt))
                                 for prompt, want in ((p.prompt_a, p.cand_a), (p.prompt_b, p.cand_b))]
         out.append({"model": str(path), "results": results})
-    for m in out:
-        m["solved"] = len(tasks.solved(m["results"]))
+    for m in out:   # the natural examples test the same tasks again: they are not counted twice
+        m["solved"] = len(tasks.solved([r for r in m["results"] if r["task"] in names]))
     res = {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out}
-    human = tasks.format_scores(res) + ("\n\n" + tasks.format_detail(res) if args.detail else "")
+    if args.natural:
+        res["natural_unmined"] = unmined
+    human = "\n".join([tasks.format_scores(res), *unmined]) + (
+        "\n\n" + tasks.format_detail(res) if args.detail else "")
     _emit(args, res, human)
 
 
@@ -355,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="torch device the models run on, e.g. cuda")
     e.add_argument("--detail", action="store_true",
                    help="also how each model decides: logit margins per side and the top next tokens of one pair")
+    e.add_argument("--natural", action="store_true",
+                   help="also the natural examples (real code) mined from the held-out files of the first "
+                        "model's training corpus, for the tasks that have a miner")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 

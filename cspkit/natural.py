@@ -45,6 +45,7 @@ MINERS = {
     "for_while": ((" in", ":\n"), _FOR, _WHILE),
     "enumerate_range": ((" enumerate", " range"), _ENUM, _RANGE),
 }
+TASKS = ("single_double_quote", *MINERS)  # the tasks with natural examples
 
 
 def _valid(p: Pair) -> bool:
@@ -56,9 +57,8 @@ def _valid(p: Pair) -> bool:
 
 
 def _check_miner(task: str) -> None:
-    if task != "single_double_quote" and task not in MINERS:
-        raise KeyError(f"no natural-example miner for {task!r}; available: "
-                       f"{', '.join(['single_double_quote', *MINERS])}")
+    if task not in TASKS:
+        raise KeyError(f"no natural-example miner for {task!r}; available: {', '.join(TASKS)}")
 
 
 def _hits(task: str, lines: list[str]):

@@ -102,3 +102,28 @@ def test_eval_detail_shows_margins_and_next_tokens(trained, capsys):
         "bracket_counting", "var_if"]
     assert main(["eval", "--model", str(trained.dir), "--task", "bracket_counting,nope"]) == 2
     assert "known tasks" in capsys.readouterr().err
+
+
+def test_eval_natural_scores_mined_real_code_beside_the_templates(trained, capsys):
+    """--natural adds the examples mined from the held-out files of the model's own corpus; they
+    are scored as natural.mine + tasks.evaluate score them, tasks with nothing to mine are named,
+    and the solved count stays over the template tasks."""
+    from cspkit import natural, tasks
+    from cspkit.data import load_corpus
+    assert main(["eval", "--model", str(trained.dir), "--task", "single_double_quote", "--n", "8",
+                 "--natural", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = {r["task"]: r for r in res["models"][0]["results"]}
+    corpus = load_corpus([str(trained.corpus)], trained.tcfg.val_percent)
+    mined, unmined = [], []
+    for n in natural.TASKS:
+        try:
+            mined.append(natural.mine(n, corpus=corpus))
+        except ValueError:
+            unmined.append(n)
+    assert list(rows) == ["single_double_quote", *(t.name for t in mined)]
+    assert len(res["natural_unmined"]) == len(unmined) and len(mined) + len(unmined) == len(natural.TASKS)
+    model = ckpt.load(trained.dir)
+    for t in mined:
+        assert rows[t.name]["loss"] == pytest.approx(tasks.evaluate(model, t, n=8)["loss"])
+    assert res["models"][0]["solved"] == len(tasks.solved([rows["single_double_quote"]]))
