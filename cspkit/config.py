@@ -58,6 +58,10 @@ def check_corpus_weights(weights: list[float], n: int, entries: str) -> None:
                          f"{entries}, not all zero")
 
 
+# TrainConfig fields that do not change what is trained: a run may resume with other values
+RUNTIME_FIELDS = ("device", "threads", "stop_at_step")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 2400
@@ -79,6 +83,9 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 250
     stop_at_val_loss: float | None = None  # end early at the first eval at or below this
+    # end this invocation after this step, with a checkpoint; the schedule stays max_steps', so the
+    # same command without it (or with a later one) resumes the run: a long run spans sessions
+    stop_at_step: int | None = None
     init_from: str | None = None      # checkpoint dir whose weights start the run (continued training)
     seed: int = 0
     corpus: list[str] | None = None   # directories / files / globs / stdlib / package:NAME; None = stdlib

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt, tasks
-from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .config import RUNTIME_FIELDS, ModelConfig, TrainConfig, from_dict, to_dict
 from .data import TokenData, build_shards, sources
 from .files import atomic_path, atomic_write
 from .model import GPT
@@ -127,7 +127,8 @@ def fit(tcfg: TrainConfig, start: int, step_fn: Callable, eval_fn: Callable, sav
         log_dir: Path | None, tokens_per_step: int, progress: bool = True, desc: str = "train") -> None:
     """The loop every trainer shares: steps ``start`` to ``max_steps``; a log.jsonl row every
     ``log_interval`` steps and at evals (``eval_interval`` and the last step); a checkpoint every
-    ``ckpt_interval`` steps and at the end; an early stop at ``stop_at_val_loss``; a tqdm bar.
+    ``ckpt_interval`` steps and at the end; an early stop at ``stop_at_val_loss`` or ``stop_at_step``;
+    a tqdm bar.
 
     step_fn(step, s) -> (loss, {name: value}) is one optimizer step with s = schedule(step); the
     extra values go into the log row. eval_fn() -> {"val_loss": ..., name: value}. save_fn(done,
@@ -155,7 +156,8 @@ def fit(tcfg: TrainConfig, start: int, step_fn: Callable, eval_fn: Callable, sav
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
                             l0=f"{s['frac_matrix']:.3f}")
         bar.update(1)
-        stop = is_eval and tcfg.stop_at_val_loss is not None and val_loss <= tcfg.stop_at_val_loss
+        stop = (is_eval and tcfg.stop_at_val_loss is not None and val_loss <= tcfg.stop_at_val_loss
+                or tcfg.stop_at_step is not None and done >= tcfg.stop_at_step)
         if done % tcfg.ckpt_interval == 0 or done == tcfg.max_steps or stop:
             save_fn(done, val_loss)
         if stop:
@@ -181,11 +183,11 @@ def _dist_info() -> tuple[int, int]:
 
 def check_resumable(out: Path, sections: dict[str, dict]) -> None:
     """Refuse to resume ``out`` when its config.json differs from ``sections`` ({section: dict});
-    runtime-only fields (device, threads) may differ."""
+    runtime-only fields (config.RUNTIME_FIELDS) may differ."""
     old = ckpt.read_config(out)
     diffs = [f"{sec}.{k}: checkpoint {old.get(sec, {}).get(k)!r} vs now {v!r}"
              for sec in sections for k, v in sections[sec].items()
-             if old.get(sec, {}).get(k) != v and k not in ("device", "threads")]
+             if old.get(sec, {}).get(k) != v and k not in RUNTIME_FIELDS]
     if diffs:
         raise ValueError(f"{out} holds a run with another config ({'; '.join(diffs)}); "
                          "resume with the same settings or choose a new --out")

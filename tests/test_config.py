@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from cspkit.config import (LOCATION_TYPES, PROFILES, ModelConfig, TrainConfig, apply_overrides, from_dict, profile,
-                           to_dict)
+from cspkit.config import (LOCATION_TYPES, PROFILES, RUNTIME_FIELDS, ModelConfig, TrainConfig, apply_overrides,
+                           from_dict, profile, to_dict)
 from cspkit.train import config_for
 from conftest import REPO
 
@@ -129,6 +129,5 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     m, t = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                       overrides=args.overrides)
     assert from_dict(ModelConfig, cfg["model"]) == m
-    runtime = ("device", "threads")
-    saved = {k: v for k, v in cfg["train"].items() if k not in runtime}
-    assert saved == {k: v for k, v in to_dict(t).items() if k not in runtime and (k in saved or v is not None)}
+    saved = {k: v for k, v in cfg["train"].items() if k not in RUNTIME_FIELDS}
+    assert saved == {k: v for k, v in to_dict(t).items() if k not in RUNTIME_FIELDS and (k in saved or v is not None)}

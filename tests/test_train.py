@@ -240,3 +240,18 @@ def test_bf16_autocast_run_keeps_fp32_weights_and_exact_sparsity(tmp_path, corpu
     assert ckpt.read_config(tmp_path / "bf16")["train"]["autocast"] == "bf16"
     with pytest.raises(ValueError, match="autocast"):
         _check_resumable(tmp_path / "bf16", mcfg, replace(tcfg, autocast=None))
+
+
+def test_stop_at_step_then_resume_equals_one_run(trained, tmp_path):
+    """stop_at_step ends an invocation with a checkpoint at that step, off the checkpoint interval,
+    on max_steps' schedule; the same command without it resumes to the uninterrupted run's weights."""
+    mcfg, tcfg = trained.mcfg, trained.tcfg
+    out = tmp_path / "split"
+    train(mcfg, replace(tcfg, stop_at_step=13), out, progress=False)
+    assert final_state(out)["step"] == 13 and ckpt.read_config(out)["step"] == 13
+    assert [r["step"] for r in ckpt.read_log(out)] == [5, 10]
+    train(mcfg, tcfg, out, progress=False)
+    a, b = final_state(trained.dir), final_state(out)
+    assert b["step"] == 30
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
