@@ -31,7 +31,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import load
+    from .checkpoint import eval_rows, load, read_log
     from .sparsity import density_report
     model = load(args.dir)
     rep = density_report(model)
@@ -45,6 +45,15 @@ def cmd_info(args) -> None:
              "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
              f"{'parameter':32s} {'nonzeros':>10s} {'size':>10s} {'fraction':>9s}"]
     lines += [f"{k:32s} {r['nonzeros']:>10,d} {r['size']:>10,d} {r['fraction']:>9.4f}" for k, r in rep.items()]
+    if args.evals:
+        rows = eval_rows(read_log(args.dir))
+        obj["evals"] = rows
+        names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
+        lines += ["", "evaluations; each task: loss / accuracy",
+                  f"{'step':>6s} {'tokens':>11s} {'l0':>6s} {'val loss':>8s}" + "".join(f" {n[:20]:>20s}" for n in names)]
+        lines += [f"{r['step']:6d} {r['tokens']:11,d} {r['l0']:6.3f} {r['val_loss']:8.3f}" + "".join(
+            f" {r.get(f'task/{n}/loss', float('nan')):10.3f} / {r.get(f'task/{n}/accuracy', float('nan')):5.3f}"
+            for n in names) for r in rows]
     _emit(args, obj, "\n".join(lines))
 
 
@@ -331,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="config, parameters, nonzeros per matrix, val loss")
     i.add_argument("dir", type=Path)
+    i.add_argument("--evals", action="store_true",
+                   help="also every evaluation of its training log: step, L0, val loss, task scores")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 

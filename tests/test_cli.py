@@ -127,3 +127,13 @@ def test_eval_natural_scores_mined_real_code_beside_the_templates(trained, capsy
     for t in mined:
         assert rows[t.name]["loss"] == pytest.approx(tasks.evaluate(model, t, n=8)["loss"])
     assert res["models"][0]["solved"] == len(tasks.solved([rows["single_double_quote"]]))
+
+
+def test_info_evals_lists_every_evaluation(trained, capsys):
+    assert main(["info", str(trained.dir), "--evals", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["evals"]
+    assert rows == ckpt.eval_rows(ckpt.read_log(trained.dir)) and [r["step"] for r in rows] == [10, 20, 30]
+    assert main(["info", str(trained.dir), "--evals"]) == 0
+    text = capsys.readouterr().out.split("evaluations; each task: loss / accuracy\n")[1].splitlines()
+    assert len(text) == 1 + 3 and text[-1].split()[:1] == ["30"]
+    assert float(text[-1].split()[3]) == pytest.approx(rows[-1]["val_loss"], abs=5e-4)
