@@ -50,7 +50,8 @@ def cmd_info(args) -> None:
         obj["evals"] = rows
         names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
         lines += ["", "evaluations; each task: loss / accuracy",
-                  f"{'step':>6s} {'tokens':>11s} {'l0':>6s} {'val loss':>8s}" + "".join(f" {n[:18]:>18s}" for n in names)]
+                  f"{'step':>6s} {'tokens':>11s} {'l0':>6s} {'val loss':>8s}"
+                  + "".join(f" {n[:18]:>18s}" for n in names)]
         lines += [f"{r['step']:6d} {r['tokens']:11,d} {r['l0']:6.3f} {r['val_loss']:8.3f}" + "".join(
             f" {r.get(f'task/{n}/loss', float('nan')):10.3f} / {r.get(f'task/{n}/accuracy', float('nan')):5.3f}"
             for n in names) for r in rows]

@@ -448,7 +448,8 @@ def _legend(title: str) -> str:
 
 _TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'nonce-{{ nonce }}'; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+      content="default-src 'none'; script-src 'nonce-{{ nonce }}'; style-src 'unsafe-inline'">
 <title>{{ title }}</title>
 <style>
 body { margin: 0; font: 12px sans-serif; background: #fff; }

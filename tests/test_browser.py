@@ -131,7 +131,8 @@ def _canvas(frame) -> dict:
       const r = c.getBoundingClientRect();
       const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
       let painted = 0;
-      for (let i = 0; i < px.length; i += 4) if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) painted++;
+      for (let i = 0; i < px.length; i += 4)
+        if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) painted++;
       return {width: c.width, height: c.height, shown_width: r.width, shown_height: r.height, painted: painted};
     }""")
 

@@ -197,7 +197,7 @@ def test_eval_tasks_are_logged_at_every_eval(tmp_path, corpus_dir):
     from cspkit import tasks
     mcfg, tcfg = tiny_train_config(corpus_dir, "max_steps=20", 'eval_tasks=["single_double_quote"]')
     model = train(mcfg, tcfg, tmp_path / "run", progress=False)
-    evals = [r for r in ckpt.read_log(tmp_path / "run") if "val_loss" in r]
+    evals = ckpt.eval_rows(ckpt.read_log(tmp_path / "run"))
     assert [r["step"] for r in evals] == [10, 20]
     want = tasks.evaluate(model, "single_double_quote", split="test")
     assert evals[-1]["task/single_double_quote/loss"] == pytest.approx(want["loss"], rel=1e-5)
