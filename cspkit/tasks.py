@@ -522,7 +522,7 @@ def corpus_files(split: str = "train", n_files: int = 200, pairs_per_file: int =
     if split != "train":
         raise ValueError(f"corpus_files(split={split!r}): only the train split may be trained on; "
                          "the test split is what the tasks are scored on")
-    out = {}
+    enc, out = get_encoding(), {}
     for i in range(n_files):
         rng = random.Random(f"corpus/{split}/{i}")
         parts = []
@@ -530,9 +530,26 @@ def corpus_files(split: str = "train", n_files: int = 200, pairs_per_file: int =
             for _ in range(pairs_per_file):
                 p = _REGISTRY[name].generator(rng, split)
                 for prompt, cand in rng.sample([(p.prompt_a, p.cand_a), (p.prompt_b, p.cand_b)], 2):
-                    parts.append(prompt + cand + ("" if cand.endswith("\n") else "\n"))
+                    parts.append(_completed(prompt, cand, name, enc))
         out[f"{i:04d}.py"] = "\n\n".join(parts)
     return out
+
+
+def _completed(prompt: str, cand: str, task: str, enc: tiktoken.Encoding) -> str:
+    """``prompt``, its right candidate and then one more line of code, so that the candidate is
+    tokenized here as it is scored: a candidate that ends a line would otherwise merge with the
+    blank line after it (``]\\n`` followed by ``\\n`` is the single token ``]\\n\\n``), and
+    one that does not (``:``, ``)``) with the newline that ends its line."""
+    last = prompt.rsplit("\n", 1)[-1]
+    head = enc.encode_ordinary(prompt) + [token_id(cand, task, enc)]
+    for rest in ("",) if cand.endswith("\n") else ("\n", " x\n"):
+        line = prompt + cand + rest
+        indent = last[:len(last) - len(last.lstrip())] + ("    " if line.rstrip().endswith(":") else "")
+        text = f"{line}{indent}pass\n"
+        if enc.encode_ordinary(text)[:len(head)] == head:
+            return text
+    raise RuntimeError(f"{task}: the candidate {cand!r} merges with every ending tried after it; "
+                       "add an ending that keeps it a token")
 
 
 # --------------------------------------------------------------------------- evaluation

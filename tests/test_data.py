@@ -13,6 +13,7 @@ import torch
 
 import cspkit
 from cspkit.data import TokenData, build_shards, cache_dir, is_val, list_files, load_corpus, sources
+from cspkit.tokenizer import get_encoding
 from conftest import JSON_FILES, VAL_FILES, VAL_PERCENT, write_modules
 
 
@@ -283,6 +284,13 @@ def test_tasks_train_root_holds_the_train_idioms_and_never_the_test_split():
     # every nested literal of bracket_counting is closed by its right candidate, ]]
     closers = re.findall(r"\[\[[0-9, ]+\], \[[0-9, ]+(.*)\n", text)
     assert len(closers) == 3 * 2 and set(closers) == {"]]"}
+    # ... and every candidate is a token of the text as it is when scored: a flat literal's "]\n"
+    # is not swallowed by a blank line after it into the token "]\n\n"
+    enc = get_encoding()
+    flat = [enc.decode([t]) for t in enc.encode_ordinary(text)]
+    assert flat.count("]]") >= 3 * 2 and flat.count("]\n") >= 3 * 2 and "]\n\n" not in flat
+    with pytest.raises(RuntimeError, match="merges with every ending"):
+        cspkit.tasks._completed("    x = y", "n", "demo", enc)
     for name in cspkit.tasks.PAPER_TASKS:
         for p in cspkit.tasks.get(name).pairs("test", 16):
             assert p.prompt_a not in text and p.prompt_b not in text, name
