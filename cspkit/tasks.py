@@ -592,6 +592,30 @@ def task_loss(two: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(two, label.to(two.device))
 
 
+def _candidate_logits(model, pairs: list[Pair], batch_size: int = 64
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the A-prompts then the B-prompts of ``pairs``: the logits of both candidates at the
+    last position (2N, 2), the log-sum-exp over the vocabulary (2N,) and the right one's index."""
+    batch = encode_pairs(pairs, model.config.block_size, getattr(model, "encoding", None))
+    two, lse = [], []
+    model.eval()
+    for s in range(0, batch["tokens"].shape[0], batch_size):
+        sl = slice(s, s + batch_size)
+        at_last = last_logits(model(batch["tokens"][sl].to(model.device)), batch["last"][sl]).float()
+        two.append(at_last.gather(1, batch["cands"][sl].to(at_last.device)).cpu())
+        lse.append(at_last.logsumexp(-1).cpu())
+    return torch.cat(two), torch.cat(lse), batch["label"]
+
+
+@torch.no_grad()
+def margins(model, pairs: list[Pair], batch_size: int = 64) -> tuple[list[float], list[float]]:
+    """Logit of the right candidate minus the wrong one, per prompt: (A-prompts, B-prompts)."""
+    two, _, label = _candidate_logits(model, pairs, batch_size)
+    rows = torch.arange(len(label))
+    m = (two[rows, label] - two[rows, 1 - label]).tolist()
+    return m[:len(pairs)], m[len(pairs):]
+
+
 @torch.no_grad()
 def evaluate(model, task: str | Task, split: str = "test", n: int | None = None, batch_size: int = 64,
              seed: int = 0) -> dict:
@@ -600,17 +624,8 @@ def evaluate(model, task: str | Task, split: str = "test", n: int | None = None,
     B-prompts, and the mean probability of the right candidate over the whole vocabulary."""
     t = get(task)
     pairs = t.pairs(split, n=n, seed=seed)
-    batch = encode_pairs(pairs, model.config.block_size, getattr(model, "encoding", None))
-    N = batch["tokens"].shape[0]
-    two, lse = [], []
-    model.eval()
-    for s in range(0, N, batch_size):
-        sl = slice(s, s + batch_size)
-        at_last = last_logits(model(batch["tokens"][sl].to(model.device)), batch["last"][sl]).float()
-        two.append(at_last.gather(1, batch["cands"][sl].to(at_last.device)).cpu())
-        lse.append(at_last.logsumexp(-1).cpu())
-    two, lse = torch.cat(two), torch.cat(lse)
-    label = batch["label"]
+    two, lse, label = _candidate_logits(model, pairs, batch_size)
+    N = len(label)
     right = two.argmax(-1) == label
     rows = torch.arange(N)
     margin = two[rows, label] - two[rows, 1 - label]                    # (2N,) a-prompts, then b-prompts

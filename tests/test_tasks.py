@@ -132,6 +132,8 @@ def test_model_that_always_prefers_a_scores_half():
     # it is right by 5 logits on the A-prompts and wrong by 5 on the B-prompts; the right candidate
     # has e^5 / (e^5 + 2047) of the vocabulary on A and 1 / (e^5 + 2047) on B
     assert (r["margin_a"], r["margin_b"]) == (pytest.approx(5.0), pytest.approx(-5.0))
+    per_prompt = tasks.margins(model, t.pairs("test", n=32))
+    assert per_prompt == ([pytest.approx(5.0)] * 32, [pytest.approx(-5.0)] * 32)
     z = math.exp(5) + 2047
     assert r["p_right"] == pytest.approx((math.exp(5) / z + 1 / z) / 2, rel=1e-5)
     top = tasks.next_tokens(model, "for x in", k=3)
