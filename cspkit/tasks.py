@@ -517,7 +517,7 @@ def corpus_files(split: str = "train", n_files: int = 200, pairs_per_file: int =
     The paper trains on code written to be full of simple idioms; this imitates it from the
     train split's templates and names, so the test split stays unseen. Each file holds, for
     every task in a shuffled order, ``pairs_per_file`` pairs, each prompt followed by its right
-    candidate (and a newline where the candidate does not end the line). Deterministic.
+    candidate and one more line (``_completed``). Deterministic.
     """
     if split != "train":
         raise ValueError(f"corpus_files(split={split!r}): only the train split may be trained on; "
