@@ -541,11 +541,11 @@ def _completed(prompt: str, cand: str, task: str, enc: tiktoken.Encoding) -> str
     blank line after it (``]\\n`` followed by ``\\n`` is the single token ``]\\n\\n``), and
     one that does not (``:``, ``)``) with the newline that ends its line."""
     last = prompt.rsplit("\n", 1)[-1]
+    indent = last[:len(last) - len(last.lstrip())]
     head = enc.encode_ordinary(prompt) + [token_id(cand, task, enc)]
     for rest in ("",) if cand.endswith("\n") else ("\n", " x\n"):
         line = prompt + cand + rest
-        indent = last[:len(last) - len(last.lstrip())] + ("    " if line.rstrip().endswith(":") else "")
-        text = f"{line}{indent}pass\n"
+        text = f"{line}{indent}{'    ' if line.rstrip().endswith(':') else ''}pass\n"
         if enc.encode_ordinary(text)[:len(head)] == head:
             return text
     raise RuntimeError(f"{task}: the candidate {cand!r} merges with every ending tried after it; "
@@ -611,9 +611,14 @@ def _candidate_logits(model, pairs: list[Pair], batch_size: int = 64
 def margins(model, pairs: list[Pair], batch_size: int = 64) -> tuple[list[float], list[float]]:
     """Logit of the right candidate minus the wrong one, per prompt: (A-prompts, B-prompts)."""
     two, _, label = _candidate_logits(model, pairs, batch_size)
-    rows = torch.arange(len(label))
-    m = (two[rows, label] - two[rows, 1 - label]).tolist()
+    m = _margin(two, label).tolist()
     return m[:len(pairs)], m[len(pairs):]
+
+
+def _margin(two: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(2N,) logit of the right candidate minus the wrong one, from the candidates' logits (2N, 2)."""
+    rows = torch.arange(len(label))
+    return two[rows, label] - two[rows, 1 - label]
 
 
 @torch.no_grad()
@@ -628,7 +633,7 @@ def evaluate(model, task: str | Task, split: str = "test", n: int | None = None,
     N = len(label)
     right = two.argmax(-1) == label
     rows = torch.arange(N)
-    margin = two[rows, label] - two[rows, 1 - label]                    # (2N,) a-prompts, then b-prompts
+    margin = _margin(two, label)                                        # (2N,) a-prompts, then b-prompts
     half = len(pairs)
     return {"task": t.name, "split": split, "pairs": half, "loss": float(task_loss(two, label)),
             "accuracy": float(right.float().mean()),
