@@ -630,16 +630,14 @@ def evaluate(model, task: str | Task, split: str = "test", n: int | None = None,
     t = get(task)
     pairs = t.pairs(split, n=n, seed=seed)
     two, lse, label = _candidate_logits(model, pairs, batch_size)
-    N = len(label)
     right = two.argmax(-1) == label
-    rows = torch.arange(N)
     margin = _margin(two, label)                                        # (2N,) a-prompts, then b-prompts
     half = len(pairs)
     return {"task": t.name, "split": split, "pairs": half, "loss": float(task_loss(two, label)),
             "accuracy": float(right.float().mean()),
             "pair_accuracy": float((right[:half] & right[half:]).float().mean()),
             "margin_a": float(margin[:half].mean()), "margin_b": float(margin[half:].mean()),
-            "p_right": float((two[rows, label] - lse).exp().mean()),
+            "p_right": float((two.gather(1, label[:, None]).squeeze(1) - lse).exp().mean()),
             "chance_loss": float(torch.log(torch.tensor(2.0)))}
 
 
