@@ -679,11 +679,13 @@ def format_detail(res: dict) -> str:
 def format_scores(res: dict) -> str:
     """The table of ``cspkit eval --json`` output: a row per task, a column per model."""
     names = [r["task"] for r in res["models"][0]["results"]]
-    head = f"{'task':28s}" + "".join(f" {Path(m['model']).name[:22]:>22s}" for m in res["models"])
+    models = [Path(m["model"]).name for m in res["models"]]
+    w = max(22, *map(len, models))  # a cell "0.015 / 1.000" is 13 wide; names are not cut
+    head = f"{'task':28s}" + "".join(f" {name:>{w}s}" for name in models)
     lines = [f"{res['split']} split; each cell: task loss / accuracy (chance: 0.693 / 0.5)", head]
     for i, n in enumerate(names):
-        lines.append(f"{n:28s}" + "".join(f" {m['results'][i]['loss']:>14.3f} / {m['results'][i]['accuracy']:.3f}"
+        lines.append(f"{n:28s}" + "".join(f" {m['results'][i]['loss']:>{w - 8}.3f} / {m['results'][i]['accuracy']:.3f}"
                                           for m in res["models"]))
     solved = f"solved (accuracy >= {SOLVED_ACCURACY})"
-    lines.append(f"{solved:28s}" + "".join(f" {m['solved']:>22d}" for m in res["models"]))
+    lines.append(f"{solved:28s}" + "".join(f" {m['solved']:>{w}d}" for m in res["models"]))
     return "\n".join(lines)

@@ -121,6 +121,17 @@ class AlwaysA(nn.Module):
         return logits
 
 
+def test_score_table_keeps_long_model_names_whole_and_aligned():
+    cell = {"task": "for_while", "loss": 0.0151, "accuracy": 1.0}
+    res = {"split": "test", "models": [{"model": f"runs/{name}", "results": [cell], "solved": 1}
+                                       for name in ("a-model-name-of-twenty-nine-ch", "dense")]}
+    lines = tasks.format_scores(res).splitlines()
+    assert lines[1].split() == ["task", "a-model-name-of-twenty-nine-ch", "dense"]
+    # every row is as wide as the header, so the columns line up under their names
+    assert len({len(line) for line in lines[1:]}) == 1
+    assert lines[2].split() == ["for_while", "0.015", "/", "1.000", "0.015", "/", "1.000"]
+
+
 def test_model_that_always_prefers_a_scores_half():
     t = tasks.get("for_while")
     model = AlwaysA(tasks.token_id(t.candidates[0]))
