@@ -123,7 +123,8 @@ def test_config_for():
                                   "results/corpus_idioms/fixed_config.json",
                                   "results/corpus_idioms/wide_config.json",
                                   "results/corpus_idioms/wide_more_config.json",
-                                  "results/corpus_idioms/idioms3_config.json"])
+                                  "results/corpus_idioms/idioms3_config.json",
+                                  "results/corpus_idioms/long_config.json"])
 def test_model_is_its_recorded_command_under_todays_profile(path):
     """Each shipped small model's config.json, and each config a result names its command for,
     equals what its recorded ``cspkit train`` command configures now: the profile and the
