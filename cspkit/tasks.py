@@ -680,7 +680,7 @@ def format_scores(res: dict) -> str:
     """The table of ``cspkit eval --json`` output: a row per task, a column per model."""
     names = [r["task"] for r in res["models"][0]["results"]]
     models = [Path(m["model"]).name for m in res["models"]]
-    w = max(22, *map(len, models))  # a cell "0.015 / 1.000" is 13 wide; names are not cut
+    w = max(22, *map(len, models))  # names are not cut; a cell is the loss in w - 8, then " / 1.000"
     head = f"{'task':28s}" + "".join(f" {name:>{w}s}" for name in models)
     lines = [f"{res['split']} split; each cell: task loss / accuracy (chance: 0.693 / 0.5)", head]
     for i, n in enumerate(names):
