@@ -3,16 +3,18 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 
 from cspkit import checkpoint as ckpt
+from cspkit.config import profile
 from cspkit.data import TokenData, build_shards
 from cspkit.model import GPT
 from cspkit.sparsity import density_report, n_keep
-from cspkit.train import _check_resumable, evaluate_loss, schedule, train
+from cspkit.train import _check_resumable, check_autocast, evaluate_loss, native_bf16, schedule, train
 from conftest import REPO, make_corpus, tiny_overrides, tiny_train_config
 
 
@@ -240,6 +242,23 @@ def test_bf16_autocast_run_keeps_fp32_weights_and_exact_sparsity(tmp_path, corpu
     assert ckpt.read_config(tmp_path / "bf16")["train"]["autocast"] == "bf16"
     with pytest.raises(ValueError, match="autocast"):
         _check_resumable(tmp_path / "bf16", mcfg, replace(tcfg, autocast=None))
+
+
+def test_bf16_without_native_support_warns_with_the_fix(monkeypatch):
+    """bf16 autocast on a CPU that emulates bfloat16 runs about 20x slower: the trainer says so
+    and names the fix; fp32, or bf16 where the hardware has it, trains silently."""
+    cpu = torch.device("cpu")
+    mcfg, tcfg = profile("small")
+    assert tcfg.autocast == "bf16"
+    monkeypatch.setattr("cspkit.train.native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="autocast=null"):
+        check_autocast(tcfg, cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_autocast(replace(tcfg, autocast=None), cpu)
+        monkeypatch.setattr("cspkit.train.native_bf16", lambda device: True)
+        check_autocast(tcfg, cpu)
+    assert isinstance(native_bf16(cpu), bool)
 
 
 def test_stop_at_step_then_resume_equals_one_run(trained, tmp_path):
