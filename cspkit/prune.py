@@ -36,7 +36,7 @@ class PruneConfig:
     # models are far larger and it trains masks far longer. Here, with 100 steps: k_coef 1e-3
     # gave 141 nodes, 3e-3 gave 92, 5e-3 drove all but 43 masks to the clamp (2000 nodes after
     # bisection); lr 1e-2 with 200 steps gave 85 nodes in twice the time.
-    # k_coef is the penalty per kept node on a model of k_ref_nodes nodes (the small profile's
+    # k_coef is the penalty per kept node on a model of k_ref_nodes nodes (small-v1's, the shipped
     # 11,264); on a model of n nodes each node costs k_coef * k_ref_nodes / n, so keeping a given
     # fraction of the nodes costs the same at every size. Unscaled, 3e-3 on the paper-e1 shape
     # (22,528 nodes) collapsed the quote masks to 6 nodes at chance with one seed

@@ -222,6 +222,8 @@ def test_plot_task_curves_draws_each_scored_task(trained):
         plot_task_curves({"untasked": ckpt.read_log(trained.dir)})
 
 
+# on a CPU that emulates bfloat16 the trainer warns (test below); the tiny run is quick anyway
+@pytest.mark.filterwarnings("ignore:autocast='bf16' where bfloat16 is emulated")
 def test_bf16_autocast_run_keeps_fp32_weights_and_exact_sparsity(tmp_path, corpus_dir):
     """autocast=bf16 runs the forward in bfloat16 but keeps weights, Adam and the projection in
     fp32: the run ends with fp32 weights at the requested nonzeros, its loss falls as the fp32
