@@ -41,41 +41,58 @@ frontier: $(VENV)/.installed paper-models
 	$(VENV)/bin/cspkit sweep-merge results/sparse_vs_dense.json results/sweep_paper_scaled.json \
 		--out results/frontier.json --plot results/frontier.png
 
-# Everything in results/ measured on the shipped small pair, in dependency order: task scores,
-# circuits and their validation, the pruning bench, the bridge and its steering, and the
-# sparse-vs-dense sweep (about six hours on 2 idle CPU cores, three of them the sweep). Run it
-# after replacing either model: circuit, bridge and sweep files name the weights they belong to.
+# Everything in results/ measured on the shipped small pair: task scores, circuits and their
+# validation, the pruning bench, the bridge and its steering, and the sparse-vs-dense sweep
+# (about six hours on 2 idle CPU cores, three of them the sweep). Each result is a file target,
+# so make builds only what is missing: a run stopped part-way (a session's end) carries on with
+# the same command, the bridge and the sweep from their own checkpoints. The variables measure
+# a staged pair into other folders (data/next/README.md). After replacing a model, delete what
+# was built on it first: circuit, bridge and sweep files name the weights they belong to.
 CS := $(VENV)/bin/cspkit
-SMALL := data/models/small-sparse
-DENSE := data/models/small-dense
-CIRCUITS := results/circuits/small-sparse
+SMALL ?= data/models/small-sparse
+DENSE ?= data/models/small-dense
+RESULTS ?= results
+BRIDGE ?= data/models/small-bridge
+CIRCUITS = $(RESULTS)/circuits/small-sparse
+VALID = $(RESULTS)/validation/small-sparse
 # the shipped sparse model's own bracket_counting loss is 0.648, above the usual 0.15: its circuit is
 # pruned to just above it (notebook 05); set 0.15 once a model solves the task
 BRACKET_TARGET ?= 0.67
-small-results: $(VENV)/.installed
-	$(CS) eval --model $(SMALL) --model $(DENSE) --task all $(call save,results/task_scores.txt)
-	$(CS) eval --model $(SMALL) --model $(DENSE) --task all --json $(call save,results/task_scores.json)
-	for t in single_double_quote indent_for; do \
-		$(CS) prune --model $(SMALL) --task $$t --out $(CIRCUITS)/$$t.json || exit 1; done
-	$(CS) prune --model $(SMALL) --task bracket_counting --target $(BRACKET_TARGET) --out $(CIRCUITS)/bracket_counting.json
-	$(CS) validate --circuit $(CIRCUITS)/single_double_quote.json --out results/validation/small-sparse_single_double_quote.json \
-		$(call save,results/validation/small-sparse_single_double_quote.txt)
-	$(CS) validate --circuit $(CIRCUITS)/indent_for.json --no-prune-controls --out results/validation/small-sparse_indent_for.json \
-		$(call save,results/validation/small-sparse_indent_for.txt)
-	$(PY) bench/prune_speed.py --threads 2 $(call save,results/prune_speed.txt)
-	rm -rf data/models/small-bridge
-	$(CS) bridge --dense $(DENSE) --sparse $(SMALL) --out data/models/small-bridge --profile small
-	$(CS) bridge-report --bridge data/models/small-bridge --out results/bridge_quality.txt
-	$(CS) intervene --bridge data/models/small-bridge --node auto --task single_double_quote \
-		--circuit $(CIRCUITS)/single_double_quote.json --out results/intervene_quote.json $(call save,results/intervene_quote.txt)
-	$(CS) intervene --bridge data/models/small-bridge --node auto --task single_double_quote --site-channels \
-		--strength 0.25 0.5 1 2 4 --circuit $(CIRCUITS)/single_double_quote.json --out results/intervene_quote_site.json \
-		$(call save,results/intervene_quote_site.txt)
-	rm -f results/sparse_vs_dense.json
+small-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json $(CIRCUITS)/bracket_counting.json \
+	$(VALID)_single_double_quote.txt $(VALID)_indent_for.txt $(RESULTS)/prune_speed.txt \
+	$(RESULTS)/bridge_quality.txt $(RESULTS)/intervene_quote.txt $(RESULTS)/intervene_quote_site.txt \
+	$(RESULTS)/frontier.json
+
+$(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json: | $(VENV)/.installed
+	@mkdir -p $(@D)
+	$(CS) eval --model $(SMALL) --model $(DENSE) --task all $(if $(filter %.json,$@),--json) $(call save,$@)
+$(CIRCUITS)/single_double_quote.json $(CIRCUITS)/indent_for.json: | $(VENV)/.installed
+	$(CS) prune --model $(SMALL) --task $(basename $(@F)) --out $@
+$(CIRCUITS)/bracket_counting.json: | $(VENV)/.installed
+	$(CS) prune --model $(SMALL) --task bracket_counting --target $(BRACKET_TARGET) --out $@
+$(VALID)_single_double_quote.txt: $(CIRCUITS)/single_double_quote.json
+	@mkdir -p $(@D)
+	$(CS) validate --circuit $< --out $(@:.txt=.json) $(call save,$@)
+$(VALID)_indent_for.txt: $(CIRCUITS)/indent_for.json
+	@mkdir -p $(@D)
+	$(CS) validate --circuit $< --no-prune-controls --out $(@:.txt=.json) $(call save,$@)
+$(RESULTS)/prune_speed.txt: | $(VENV)/.installed
+	$(PY) bench/prune_speed.py --model $(SMALL) --threads 2 $(call save,$@)
+$(RESULTS)/bridge_quality.txt: | $(VENV)/.installed
+	$(CS) bridge --dense $(DENSE) --sparse $(SMALL) --out $(BRIDGE) --profile small
+	$(CS) bridge-report --bridge $(BRIDGE) --out $@
+$(RESULTS)/intervene_quote.txt: $(RESULTS)/bridge_quality.txt $(CIRCUITS)/single_double_quote.json
+	$(CS) intervene --bridge $(BRIDGE) --node auto --task single_double_quote \
+		--circuit $(CIRCUITS)/single_double_quote.json --out $(@:.txt=.json) $(call save,$@)
+$(RESULTS)/intervene_quote_site.txt: $(RESULTS)/bridge_quality.txt $(CIRCUITS)/single_double_quote.json
+	$(CS) intervene --bridge $(BRIDGE) --node auto --task single_double_quote --site-channels \
+		--strength 0.25 0.5 1 2 4 --circuit $(CIRCUITS)/single_double_quote.json --out $(@:.txt=.json) \
+		$(call save,$@)
+$(RESULTS)/frontier.json: | $(VENV)/.installed
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs 2 \
-		--out results/sparse_vs_dense.json --controls single_double_quote,var_if
-	$(CS) sweep-merge results/sparse_vs_dense.json results/sweep_paper_scaled.json \
-		--out results/frontier.json --plot results/frontier.png
+		--out $(RESULTS)/sparse_vs_dense.json --controls single_double_quote,var_if
+	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense.json results/sweep_paper_scaled.json \
+		--out $@ --plot $(@:.json=.png)
 
 # The paper-shaped models' weights (47 MB) are not in the checkout, to keep data/ under 40 MB;
 # their configs, logs and node means are. This restores the exact weights every committed
