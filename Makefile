@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 # JupyterLab refuses to run as root unless told; containers often run as root
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test bench frontier paper-models small-results
+.PHONY: lab test bench frontier paper-models small-results small-model-results small-bridge-results
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) notebooks/
 
@@ -58,10 +58,11 @@ VALID = $(RESULTS)/validation/small-sparse
 # the shipped sparse model's own bracket_counting loss is 0.648, above the usual 0.15: its circuit is
 # pruned to just above it (notebook 05); set 0.15 once a model solves the task
 BRACKET_TARGET ?= 0.67
-small-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json $(CIRCUITS)/bracket_counting.json \
-	$(VALID)_single_double_quote.txt $(VALID)_indent_for.txt $(RESULTS)/prune_speed.txt \
-	$(RESULTS)/bridge_quality.txt $(RESULTS)/intervene_quote.txt $(RESULTS)/intervene_quote_site.txt \
-	$(RESULTS)/frontier.json
+# what needs only the two models, and then the bridge between them and its steering
+small-results: small-model-results small-bridge-results
+small-model-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json $(CIRCUITS)/bracket_counting.json \
+	$(VALID)_single_double_quote.txt $(VALID)_indent_for.txt $(RESULTS)/prune_speed.txt $(RESULTS)/frontier.json
+small-bridge-results: $(RESULTS)/bridge_quality.txt $(RESULTS)/intervene_quote.txt $(RESULTS)/intervene_quote_site.txt
 
 $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json: | $(VENV)/.installed
 	@mkdir -p $(@D)
