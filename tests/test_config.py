@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from cspkit import checkpoint as ckpt
 from cspkit.config import (LOCATION_TYPES, PROFILES, RUNTIME_FIELDS, ModelConfig, TrainConfig, apply_overrides,
                            from_dict, profile, to_dict)
 from cspkit.train import config_for
@@ -136,7 +137,7 @@ _PROFILE_OF_THEIR_COMMIT = {"results/corpus_mix/sparse_config.json", "results/co
 
 def _train_configs() -> list[str]:
     """Every committed config.json that records the `cspkit train` command that made it."""
-    paths = sorted({*REPO.glob("data/models/**/*config.json"), *REPO.glob("results/**/*config.json")})
+    paths = sorted({*REPO.glob("data/**/*config.json"), *REPO.glob("results/**/*config.json")})
     return [str(p.relative_to(REPO)) for p in paths
             if json.loads(p.read_text()).get("command", "").startswith("cspkit train ")
             and str(p.relative_to(REPO)) not in _PROFILE_OF_THEIR_COMMIT]
@@ -146,6 +147,13 @@ def test_recorded_configs_are_found():
     found = set(_train_configs())
     assert _MADE_UNDER_SMALL_V1 <= found
     assert {"data/models/paper-e1-sparse/config.json", "results/corpus_idioms/long_config.json"} <= found
+
+
+def test_shipped_dense_model_ends_within_005_nats_of_the_sparse_one():
+    """Issue 2: the shipped dense model is compared with the sparse one at matched validation loss."""
+    final = {name: ckpt.eval_rows(ckpt.read_log(REPO / "data/models" / name))[-1]["val_loss"]
+             for name in ("small-dense", "small-sparse")}
+    assert abs(final["small-dense"] - final["small-sparse"]) <= 0.05, final
 
 
 @pytest.mark.parametrize("path", _train_configs())
