@@ -1,10 +1,10 @@
 """Time dense and weight-sparse training steps of the same shape in one run; print sparse/dense.
 
 The sparse step is the dense step plus the top-k projection of every matrix at the final
-L0; both run in fp32, whatever the profile's autocast. A third model times the sparse step under
-bf16 autocast, which pays where the CPU multiplies bfloat16 natively (AMX, AVX512-BF16); where
-it emulates bfloat16 (20x slower) the third model is left out and the output says so. Steps of the models alternate,
-and each time is the median over the steps.
+L0; both run in fp32, whatever the profile's autocast. A third model times the sparse step
+under bf16 autocast, which pays where the CPU multiplies bfloat16 natively (AMX, AVX512-BF16);
+where it emulates bfloat16 (20x slower) the third model is left out and the output says so.
+Steps of the models alternate, and each time is the median over the steps.
 Usage: python bench/train_overhead.py [--profile small] [--steps 12] [--warmup 3] [--out results/train_overhead.json]
        [key=value ...]   (overrides of the profile, as cspkit train takes them: d_model=512 l0_frac=0.015625)
 """

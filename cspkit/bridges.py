@@ -227,29 +227,39 @@ def save_bridge(bridge: Bridge, path: Path) -> None:
         save_file(tensors, str(tmp))
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dense: str | os.PathLike | None = None) -> tuple[GPT, GPT, Bridge]:
-    """(dense, sparse, bridge) from a bridge directory written by ``train``. The dense model is
-    found where the bridge recorded it (relative to the bridge directory) unless ``dense`` says
-    where; either way it must be the very model the bridge was trained against."""
+def _named_model(bridge_dir: Path, ref: dict, what: str, given: str | os.PathLike | None) -> Path:
+    """The checkpoint directory a bridge names for its dense model (or its frozen sparse model),
+    relative to the bridge directory unless ``given``: it must hold the very weights the bridge
+    was trained with."""
+    d = Path(given) if given is not None else Path(os.path.normpath(bridge_dir / ref["path"]))
+    if not (d / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the bridge's {what} model {d} is missing; pass its directory ({what}=...)")
+    if file_digest(d / "model.safetensors") != ref["fingerprint"]:
+        raise ValueError(f"{d} is not the {what} model {bridge_dir} was trained against (its weights differ); "
+                         f"pass that model's directory ({what}=...)")
+    return d
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dense: str | os.PathLike | None = None,
+         sparse: str | os.PathLike | None = None) -> tuple[GPT, GPT, Bridge]:
+    """(dense, sparse, bridge) from a bridge directory written by ``train``. The dense model, and a
+    sparse model that stayed frozen, are found where the bridge recorded them (relative to the
+    bridge directory) unless ``dense`` / ``sparse`` say where; either way each must be the very
+    model the bridge was trained with. A sparse model that learned is the bridge's own ``sparse/``."""
     path = Path(path)
     cfg = ckpt.read_config(path)
     if "bridge" not in cfg:
         raise ValueError(f"{path} is not a bridge directory (its config.json has no 'bridge'); "
                          "pass a directory written by `cspkit bridge`")
-    dense_dir = Path(dense) if dense is not None else (path / cfg["dense_model"]["path"])
-    if not (dense_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"the bridge's dense model {dense_dir} is missing; pass its directory (dense=...)")
-    if file_digest(dense_dir / "model.safetensors") != cfg["dense_model"]["fingerprint"]:
-        raise ValueError(f"{dense_dir} is not the dense model {path} was trained against (its weights differ); "
-                         "pass that model's directory (dense=...)")
-    dense_model, sparse = ckpt.load(dense_dir, device), ckpt.load(path / "sparse", device)
+    dense_dir = _named_model(path, cfg["dense_model"], "dense", dense)
+    sparse_dir = _named_model(path, cfg["sparse_model"], "sparse", sparse) if "sparse_model" in cfg else path / "sparse"
+    dense_model, sparse_model = ckpt.load(dense_dir, device), ckpt.load(sparse_dir, device)
     bcfg = from_dict(BridgeConfig, cfg["bridge"], "bridge config")
-    bridge = Bridge(dense_model.config.d_model, sparse.config.d_model, sparse.config.n_layer, bcfg.enc_afrac)
+    bridge = Bridge(dense_model.config.d_model, sparse_model.config.d_model, sparse_model.config.n_layer, bcfg.enc_afrac)
     state = load_file(str(path / "bridge.safetensors"))
     ckpt.load_state_into(bridge, state, str(path / "bridge.safetensors"))
     bridge.config = bcfg
-    return dense_model, sparse, bridge.to(device).eval()
+    return dense_model, sparse_model, bridge.to(device).eval()
 
 
 # --------------------------------------------------------------------------- training
@@ -300,9 +310,11 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
     (fine-tuning; its shape) or from scratch with ``mcfg`` (default: the dense model's shape).
     One process.
 
-    ``out`` holds ``config.json``, ``bridge.safetensors``, ``sparse/`` (a checkpoint that
-    ``cspkit.load`` reads), ``log.jsonl`` and ``resume.pt``, written as ``cspkit train`` writes
-    them: a killed run resumes from its last checkpoint with the same result."""
+    ``out`` holds ``config.json``, ``bridge.safetensors``, ``log.jsonl`` and ``resume.pt``, written
+    as ``cspkit train`` writes them: a killed run resumes from its last checkpoint with the same
+    result. A sparse model that learns is saved in ``sparse/`` (a checkpoint that ``cspkit.load``
+    reads); a frozen one is the checkpoint it started from, weight for weight, and the config
+    names that checkpoint (path and fingerprint) as it names the dense model."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("bridge training runs in one process; start it without torchrun")
     out, dense_dir = Path(out), Path(dense_dir)
@@ -364,6 +376,10 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
 
     extra = {**sections, "dense_model": {"path": os.path.relpath(dense_dir.resolve(), out.resolve()),
                                          "fingerprint": fingerprint}, "seed": tcfg.seed, "command": command}
+    frozen_src = Path(tcfg.init_from) if src is not None and not bcfg.train_sparse else None
+    if frozen_src is not None:
+        extra["sparse_model"] = {"path": os.path.relpath(frozen_src.resolve(), out.resolve()),
+                                 "fingerprint": file_digest(frozen_src / "model.safetensors")}
     out.mkdir(parents=True, exist_ok=True)
     start_log(out, start)
 
@@ -372,7 +388,8 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
             save_resume(resume, {"model": sparse.state_dict(), "bridge": bridge.state_dict(),
                                  "optimizer": opt.state_dict(), "step": step})
         meta = {"step": step, "val_loss": val_loss}
-        ckpt.save(sparse, out / "sparse", {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **meta})
+        if frozen_src is None:
+            ckpt.save(sparse, out / "sparse", {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **meta})
         save_bridge(bridge, out / "bridge.safetensors")
         cfg = {"tokenizer": dense.encoding.name, "git_commit": ckpt.git_commit(), **extra, **meta}
         atomic_write(out / "config.json", json.dumps(cfg, indent=1) + "\n")

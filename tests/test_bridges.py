@@ -1,6 +1,7 @@
 import copy
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,11 +237,23 @@ def test_joint_training_from_scratch(pair, tmp_path):
         bridges.configs_for("tiny", dense_dir, pair[1].dir, overrides=["model.d_model=16"])
 
 
-def test_frozen_sparse_trains_only_the_maps(pair, tmp_path):
-    _, trained = pair
-    (_, sparse, _), _ = run_bridge(pair, tmp_path / "f", "bridge.train_sparse=false", max_steps=2)
+def test_frozen_sparse_trains_only_the_maps_and_is_named_not_copied(pair, tmp_path):
+    """With train_sparse off the sparse model is its checkpoint, weight for weight: the bridge
+    names that checkpoint (path relative to the bridge, fingerprint) instead of a second copy."""
+    dense_dir, trained = pair
+    out = tmp_path / "f"
+    (_, sparse, bridge), _ = run_bridge(pair, out, "bridge.train_sparse=false", max_steps=2)
     for p, q in zip(sparse.parameters(), ckpt.load(trained.dir).parameters()):
         assert torch.equal(p, q)
+    assert not (out / "sparse").exists()
+    ref = ckpt.read_config(out)["sparse_model"]
+    assert (out / ref["path"]).resolve() == trained.dir.resolve()
+    _, s2, b2 = bridges.load(out)
+    assert Path(s2.path).resolve() == trained.dir.resolve() and bridges.model_names(s2) == [trained.dir.name]
+    for (k, v), w in zip(bridge.state_dict().items(), b2.state_dict().values()):
+        assert torch.equal(v, w), k
+    with pytest.raises(ValueError, match="not the sparse model"):
+        bridges.load(out, sparse=dense_dir)
 
 
 def test_intervene_strength_zero_is_exact_and_control_has_same_norm(pair, tmp_path):

@@ -156,6 +156,16 @@ def test_shipped_dense_model_ends_within_005_nats_of_the_sparse_one():
     assert abs(final["small-dense"] - final["small-sparse"]) <= 0.05, final
 
 
+def test_small_profile_is_the_wide_idioms_long_recipe():
+    """Plain `cspkit train --profile small` configures the run results/corpus_idioms/ measured
+    (11 tasks solved), so the pair trained with it is that model."""
+    cfg = json.loads((REPO / "results/corpus_idioms/long_config.json").read_text())
+    m, t = config_for("small")
+    assert from_dict(ModelConfig, cfg["model"]) == m
+    saved = {k: v for k, v in cfg["train"].items() if k not in RUNTIME_FIELDS}
+    assert saved == {k: v for k, v in to_dict(t).items() if k not in RUNTIME_FIELDS}
+
+
 @pytest.mark.parametrize("path", _train_configs())
 def test_model_is_its_recorded_command_under_todays_profile(path):
     """Each shipped small model's config.json, and each config a result names its command for,
