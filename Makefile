@@ -45,9 +45,10 @@ frontier: $(VENV)/.installed paper-models
 # validation, the pruning bench, the bridge and its steering, and the sparse-vs-dense sweep
 # (about six hours on 2 idle CPU cores, three of them the sweep). Each result is a file target,
 # so make builds only what is missing: a run stopped part-way (a session's end) carries on with
-# the same command, the bridge and the sweep from their own checkpoints. The variables measure
-# a staged pair into other folders (data/next/README.md). After replacing a model, delete what
-# was built on it first: circuit, bridge and sweep files name the weights they belong to.
+# the same command (the sweep from its results file, the bridge from its checkpoint within a
+# session). The variables measure a staged pair into other folders (README, Status). After
+# replacing a model, delete what was built on it first: circuit, bridge and sweep files name the
+# weights they belong to.
 CS := $(VENV)/bin/cspkit
 SMALL ?= data/models/small-sparse
 DENSE ?= data/models/small-dense
