@@ -143,6 +143,14 @@ def _train_configs() -> list[str]:
             and str(p.relative_to(REPO)) not in _PROFILE_OF_THEIR_COMMIT]
 
 
+def _assert_configured_by(cfg: dict, m: ModelConfig, t: TrainConfig) -> None:
+    """A saved config.json holds the model config ``m`` and the train config ``t``, leaving out
+    the fields that vary by machine, and fields added since it was saved whose value is None."""
+    assert from_dict(ModelConfig, cfg["model"]) == m
+    saved = {k: v for k, v in cfg["train"].items() if k not in RUNTIME_FIELDS}
+    assert saved == {k: v for k, v in to_dict(t).items() if k not in RUNTIME_FIELDS and (k in saved or v is not None)}
+
+
 def test_recorded_configs_are_found():
     found = set(_train_configs())
     assert _MADE_UNDER_SMALL_V1 <= found
@@ -159,11 +167,8 @@ def test_shipped_dense_model_ends_within_005_nats_of_the_sparse_one():
 def test_small_profile_is_the_wide_idioms_long_recipe():
     """Plain `cspkit train --profile small` configures the run results/corpus_idioms/ measured
     (11 tasks solved), so the pair trained with it is that model."""
-    cfg = json.loads((REPO / "results/corpus_idioms/long_config.json").read_text())
-    m, t = config_for("small")
-    assert from_dict(ModelConfig, cfg["model"]) == m
-    saved = {k: v for k, v in cfg["train"].items() if k not in RUNTIME_FIELDS}
-    assert saved == {k: v for k, v in to_dict(t).items() if k not in RUNTIME_FIELDS}
+    _assert_configured_by(json.loads((REPO / "results/corpus_idioms/long_config.json").read_text()),
+                          *config_for("small"))
 
 
 @pytest.mark.parametrize("path", _train_configs())
@@ -178,8 +183,5 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     if path in _MADE_UNDER_SMALL_V1:
         assert args.profile == "small"
         args.profile = "small-v1"
-    m, t = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
-                      overrides=args.overrides)
-    assert from_dict(ModelConfig, cfg["model"]) == m
-    saved = {k: v for k, v in cfg["train"].items() if k not in RUNTIME_FIELDS}
-    assert saved == {k: v for k, v in to_dict(t).items() if k not in RUNTIME_FIELDS and (k in saved or v is not None)}
+    _assert_configured_by(cfg, *config_for(args.profile, dense=args.dense, seed=args.seed,
+                                           max_steps=args.max_steps, overrides=args.overrides))
