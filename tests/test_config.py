@@ -164,6 +164,16 @@ def test_shipped_dense_model_ends_within_005_nats_of_the_sparse_one():
     assert abs(final["small-dense"] - final["small-sparse"]) <= 0.05, final
 
 
+def test_data_stays_under_40_mb():
+    """Issue 2: what a clone carries in data/ (tokenizer, shipped models, staged ones) stays small;
+    weights that `make paper-models` restores from history are not tracked and not counted."""
+    import subprocess
+    tracked = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True,
+                             check=True, text=True).stdout.split("\0")
+    size = sum((REPO / f).stat().st_size for f in tracked if f)
+    assert size < 40e6, f"data/ holds {size / 1e6:.1f} MB; keep it under 40 MB"
+
+
 def test_small_profile_is_the_wide_idioms_long_recipe():
     """Plain `cspkit train --profile small` configures the run results/corpus_idioms/ measured
     (11 tasks solved), so the pair trained with it is that model."""
