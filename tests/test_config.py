@@ -1,4 +1,5 @@
 import json
+import subprocess
 
 import pytest
 
@@ -173,7 +174,6 @@ def test_dense_model_ends_within_005_nats_of_its_sparse_one(dense, sparse):
 def test_data_stays_under_40_mb():
     """Issue 2: what a clone carries in data/ (tokenizer, shipped models, staged ones) stays small;
     weights that `make paper-models` restores from history are not tracked and not counted."""
-    import subprocess
     tracked = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True,
                              check=True, text=True).stdout.split("\0")
     size = sum((REPO / f).stat().st_size for f in tracked if f)
