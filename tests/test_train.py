@@ -268,10 +268,15 @@ def test_stop_at_step_then_resume_equals_one_run(trained, tmp_path):
     on max_steps' schedule; the same command without it resumes to the uninterrupted run's weights."""
     mcfg, tcfg = trained.mcfg, trained.tcfg
     out = tmp_path / "split"
-    train(mcfg, replace(tcfg, stop_at_step=13), out, progress=False)
-    assert final_state(out)["step"] == 13 and ckpt.read_config(out)["step"] == 13
+    train(mcfg, replace(tcfg, stop_at_step=13), out, progress=False, command="cspkit train ... stop_at_step=13")
+    first = ckpt.read_config(out)
+    assert final_state(out)["step"] == 13 and first["step"] == 13
     assert [r["step"] for r in ckpt.read_log(out)] == [5, 10]
-    train(mcfg, tcfg, out, progress=False)
+    train(mcfg, tcfg, out, progress=False, command="cspkit train ...")
+    # the config keeps the command and commit that started the run, and lists the resume
+    cfg = ckpt.read_config(out)
+    assert (cfg["command"], cfg["git_commit"]) == (first["command"], first["git_commit"])
+    assert cfg["resumed"] == [{"step": 13, "command": "cspkit train ...", "git_commit": ckpt.git_commit()}]
     a, b = final_state(trained.dir), final_state(out)
     assert b["step"] == 30
     for k in a["model"]:
