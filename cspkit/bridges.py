@@ -44,8 +44,8 @@ from .data import TokenData, build_shards
 from .files import atomic_path, atomic_write
 from .model import GPT, abs_topk, node_name, parse_node
 from .sparsity import project_model_
-from .train import (check_resumable, decayed, fit, optimizer_step, pick_device, save_resume, schedule,
-                    start_log)
+from .train import (check_resumable, decayed, fit, optimizer_step, pick_device, provenance, save_resume,
+                    schedule, start_log)
 
 if TYPE_CHECKING:
     from .circuit import Circuit
@@ -375,7 +375,8 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
             init_maps_(bridge, residuals(dense, x.to(device))[1], residuals(sparse, x.to(device))[1])
 
     extra = {**sections, "dense_model": {"path": os.path.relpath(dense_dir.resolve(), out.resolve()),
-                                         "fingerprint": fingerprint}, "seed": tcfg.seed, "command": command}
+                                         "fingerprint": fingerprint}, "seed": tcfg.seed,
+             **provenance(out, start, command)}
     frozen_src = Path(tcfg.init_from) if src is not None and not bcfg.train_sparse else None
     if frozen_src is not None:
         extra["sparse_model"] = {"path": os.path.relpath(frozen_src.resolve(), out.resolve()),

@@ -214,12 +214,13 @@ def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     check_resumable(out, {"model": to_dict(mcfg), "train": to_dict(tcfg)})
 
 
-def _provenance(out: Path, start: int, command: str | None) -> dict:
-    """The command and commit that started the run in ``out``; a resumed run keeps them and adds
-    the step, command and commit of each resume, so that a run split across machines or sessions
-    still names the command that reproduces it."""
+def provenance(out: Path, start: int, command: str | None) -> dict:
+    """The command and commit that started the run in ``out`` (the commit read once, so that
+    commits made while it trains do not change it); a resumed run keeps them and adds the step,
+    command and commit of each resume, so that a run split across sessions still names the
+    command that reproduces it."""
     if not start:
-        return {"command": command}
+        return {"command": command, "git_commit": ckpt.git_commit()}
     first = ckpt.read_config(out)
     return {"command": first.get("command"), "git_commit": first.get("git_commit"),
             "resumed": [*first.get("resumed", []), {"step": start, "command": command,
@@ -283,7 +284,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
             s = schedule(0, tcfg)
             project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
 
-    extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **_provenance(out, start, command),
+    extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **provenance(out, start, command),
              "corpus": {k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens",
                                              "skipped_non_utf8")} | {"sources": sources(tcfg.corpus)}}
     if rank == 0:

@@ -223,6 +223,7 @@ def test_resume_is_bit_identical(pair, tmp_path, monkeypatch):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(ckpt.read_log(tmp_path / "A")) == strip(ckpt.read_log(tmp_path / "B"))
+    assert [r["step"] for r in ckpt.read_config(tmp_path / "B")["resumed"]] == [2]
     with pytest.raises(ValueError, match="bridge.kl_coef"):
         run_bridge(pair, tmp_path / "B", "bridge.kl_coef=0.5", max_steps=5)
 

@@ -263,11 +263,13 @@ def test_bf16_without_native_support_warns_with_the_fix(monkeypatch):
     assert isinstance(native_bf16(cpu), bool)
 
 
-def test_stop_at_step_then_resume_equals_one_run(trained, tmp_path):
+def test_stop_at_step_then_resume_equals_one_run(trained, tmp_path, monkeypatch):
     """stop_at_step ends an invocation with a checkpoint at that step, off the checkpoint interval,
     on max_steps' schedule; the same command without it resumes to the uninterrupted run's weights."""
     mcfg, tcfg = trained.mcfg, trained.tcfg
     out = tmp_path / "split"
+    commits = iter(f"commit{i}" for i in range(1000))  # HEAD moves on at every look, as during a long run
+    monkeypatch.setattr(ckpt, "git_commit", lambda: next(commits))
     train(mcfg, replace(tcfg, stop_at_step=13), out, progress=False, command="cspkit train ... stop_at_step=13")
     first = ckpt.read_config(out)
     assert final_state(out)["step"] == 13 and first["step"] == 13
@@ -275,8 +277,9 @@ def test_stop_at_step_then_resume_equals_one_run(trained, tmp_path):
     train(mcfg, tcfg, out, progress=False, command="cspkit train ...")
     # the config keeps the command and commit that started the run, and lists the resume
     cfg = ckpt.read_config(out)
-    assert (cfg["command"], cfg["git_commit"]) == (first["command"], first["git_commit"])
-    assert cfg["resumed"] == [{"step": 13, "command": "cspkit train ...", "git_commit": ckpt.git_commit()}]
+    assert (cfg["command"], cfg["git_commit"]) == ("cspkit train ... stop_at_step=13", "commit0")
+    (resumed,) = cfg["resumed"]
+    assert resumed["step"] == 13 and resumed["command"] == "cspkit train ..." and resumed["git_commit"] != "commit0"
     a, b = final_state(trained.dir), final_state(out)
     assert b["step"] == 30
     for k in a["model"]:
