@@ -392,7 +392,7 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
         if frozen_src is None:
             ckpt.save(sparse, out / "sparse", {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **meta})
         save_bridge(bridge, out / "bridge.safetensors")
-        cfg = {"tokenizer": dense.encoding.name, "git_commit": ckpt.git_commit(), **extra, **meta}
+        cfg = {"tokenizer": dense.encoding.name, **extra, **meta}  # extra holds the start commit
         atomic_write(out / "config.json", json.dumps(cfg, indent=1) + "\n")
 
     if not start:

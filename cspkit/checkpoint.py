@@ -78,7 +78,10 @@ def save(model: GPT, out: str | os.PathLike, extra: dict[str, Any] | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / "model.safetensors")
-    cfg = {"model": to_dict(model.config), "tokenizer": tokenizer_id(), "git_commit": git_commit(), **(extra or {})}
+    extra = extra or {}
+    # a training run passes the commit it started from; looking it up again would be wasted work
+    commit = extra["git_commit"] if "git_commit" in extra else git_commit()
+    cfg = {"model": to_dict(model.config), "tokenizer": tokenizer_id(), "git_commit": commit, **extra}
     atomic_write(out / "config.json", json.dumps(cfg, indent=1) + "\n")
     return out
 
