@@ -213,8 +213,8 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
                  tokenizer: str | None = None, corpus: Corpus | None = None) -> dict:
     """Tokenize the corpus once into ``train.bin``/``val.bin`` (uint16) in the cache; return info.
 
-    The cache key covers the tokenizer and every file's name and content, so a changed
-    file or tokenizer rebuilds the shards. A single path holding an ``info.json`` is taken as
+    The cache key (``digest`` in the info) covers the tokenizer and every file's name and
+    content, so a changed file or tokenizer rebuilds the shards. A single path holding an ``info.json`` is taken as
     shards built before (by this function, elsewhere) and used as they are. ``corpus``: the
     corpus of ``paths`` already loaded (with ``val_percent``), to save reading it again.
     """
@@ -228,13 +228,15 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
         h.update(f"{f.rel}\0{len(f.text)}\0".encode())
         h.update(hashlib.sha256(f.text.encode()).digest())
     h.update(f"val={val_percent} entries={len(paths or [None])} spans".encode())
-    out = cache_dir() / "shards" / h.hexdigest()[:16]
+    digest = h.hexdigest()[:16]
+    out = cache_dir() / "shards" / digest
     info_path = out / "info.json"
     if info_path.exists():
-        return json.loads(info_path.read_text())
+        return {"digest": digest, **json.loads(info_path.read_text())}  # shards cached before digests were kept
     out.mkdir(parents=True, exist_ok=True)
     eot = enc.eot_token
-    info = {"dir": str(out), "tokenizer": tokenizer_id(tok_path), "skipped_non_utf8": corpus.skipped_non_utf8,
+    info = {"dir": str(out), "digest": digest, "tokenizer": tokenizer_id(tok_path),
+            "skipped_non_utf8": corpus.skipped_non_utf8,
             "duplicates": corpus.duplicates, "entries": len(paths or [None]), "spans": {}}
     for split, files in (("train", corpus.train), ("val", corpus.val)):
         ids = enc.encode_ordinary_batch([f.text for f in files], num_threads=os.cpu_count() or 1)

@@ -214,6 +214,20 @@ def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     check_resumable(out, {"model": to_dict(mcfg), "train": to_dict(tcfg)})
 
 
+def check_same_corpus(out: Path, corpus: dict) -> None:
+    """Refuse to resume ``out`` on another corpus than the one its config.json records: another
+    Python's standard library, another numpy's tests or a changed task generator would change
+    the data part-way through the run without a trace."""
+    old = ckpt.read_config(out).get("corpus", {})
+    keys = [k for k in ("train_files", "val_files", "train_tokens", "val_tokens", "digest")
+            if old.get(k) is not None and corpus.get(k) is not None]  # runs begun before digests were kept: counts
+    diffs = [f"{k}: checkpoint {old[k]!r} vs now {corpus[k]!r}" for k in keys if old[k] != corpus[k]]
+    if diffs:
+        raise ValueError(f"{out} was trained on another corpus ({'; '.join(diffs)}; its sources then "
+                         f"{old.get('sources')}, now {corpus.get('sources')}); resume where those versions "
+                         "are installed (`make` installs the pinned ones of constraints.txt) or choose a new --out")
+
+
 def provenance(out: Path, start: int, command: str | None) -> dict:
     """The command and commit that started the run in ``out`` (the commit read once, so that
     commits made while it trains do not change it); a resumed run keeps them and adds the step,
@@ -271,8 +285,11 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps, weight_decay=0.0)
     start = 0
     resume = out / "resume.pt"
+    corpus = {k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}
+    corpus |= {"digest": info.get("digest"), "sources": sources(tcfg.corpus)}
     if resume.is_file():
         _check_resumable(out, mcfg, tcfg)
+        check_same_corpus(out, corpus)
         state = torch.load(resume, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -285,8 +302,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
             project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
 
     extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **provenance(out, start, command),
-             "corpus": {k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens",
-                                             "skipped_non_utf8")} | {"sources": sources(tcfg.corpus)}}
+             "corpus": corpus}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         start_log(out, start)

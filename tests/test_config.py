@@ -180,6 +180,21 @@ def test_data_stays_under_40_mb():
     assert size < 40e6, f"data/ holds {size / 1e6:.1f} MB; keep it under 40 MB"
 
 
+def test_packages_read_as_corpus_are_pinned_at_the_recorded_versions():
+    """A model trained on numpy's or sympy's source is reproduced only with that version: `make`
+    installs the versions of constraints.txt, and they are the ones every committed config records."""
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    recorded = {}
+    for path in [*REPO.glob("data/**/*config.json"), *REPO.glob("results/**/*config.json")]:
+        for spec, version in json.loads(path.read_text()).get("corpus", {}).get("sources", {}).items():
+            if spec.startswith("package:"):
+                recorded.setdefault((spec.removeprefix("package:").split("/")[0], version), path.name)
+    assert recorded, "no committed config reads a package"
+    assert {name for name, _ in recorded} <= set(pins)
+    assert {(name, pins[name]) for name, _ in recorded} == set(recorded), recorded
+
+
 def test_small_profile_is_the_wide_idioms_long_recipe():
     """Plain `cspkit train --profile small` configures the run results/corpus_idioms/ measured
     (11 tasks solved), so the pair trained with it is that model."""

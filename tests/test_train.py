@@ -136,6 +136,23 @@ def test_refuses_resume_with_other_config(trained):
     assert final_state(trained.dir)["step"] == 30  # nothing was touched
 
 
+def test_refuses_resume_on_another_corpus(tmp_path):
+    """A run resumed after its corpus changed (another numpy installed, say) stops with the
+    difference instead of training its second part on other data."""
+    corpus = make_corpus(tmp_path / "corpus")
+    mcfg, tcfg = tiny_train_config(corpus)
+    out = tmp_path / "run"
+    train(mcfg, replace(tcfg, stop_at_step=10), out, progress=False)
+    recorded = ckpt.read_config(out)["corpus"]
+    assert len(recorded["digest"]) == 16
+    first = sorted(corpus.iterdir())[0]
+    first.write_text(first.read_text() + "\nx = 1\n")
+    with pytest.raises(ValueError, match=r"another corpus \(.*digest: checkpoint '[0-9a-f]{16}' vs now") as e:
+        train(mcfg, tcfg, out, progress=False)
+    assert "constraints.txt" in str(e.value) and "--out" in str(e.value)
+    assert final_state(out)["step"] == 10  # nothing was touched
+
+
 def test_schedule():
     from cspkit.config import TrainConfig
     t = TrainConfig(max_steps=1000, lr=0.01, warmup_frac=0.01, l0_frac=1 / 16, anneal_start=0.01, anneal_end=0.5)
