@@ -16,11 +16,12 @@ def _emit(args, obj: dict, human: str) -> None:
 
 
 def cmd_train(args) -> None:
+    from .config import resolve_profile
     from .train import config_for, train
     mcfg, tcfg = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                             overrides=args.overrides)
     command = "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    train(mcfg, tcfg, args.out, progress=not args.json, command=command)
+    train(mcfg, tcfg, args.out, progress=not args.json, command=command, profile=resolve_profile(args.profile))
     from .checkpoint import read_config
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary (one JSON object), from rank 0
         return
@@ -324,12 +325,12 @@ def cmd_bridge_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import BRIDGE_PROFILES, PROFILES
+    from .config import BRIDGE_PROFILES, PROFILE_ALIASES, PROFILES
     p = argparse.ArgumentParser(prog="cspkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a weight-sparse (or --dense) model; resumes from --out")
-    t.add_argument("--profile", choices=list(PROFILES), default="small")
+    t.add_argument("--profile", choices=[*PROFILE_ALIASES, *PROFILES], default="small")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--dense", action="store_true", help="same architecture, no weight sparsity")
     t.add_argument("--seed", type=int)

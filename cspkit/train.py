@@ -253,9 +253,10 @@ def _init_weights_from(model: GPT, path: str, mcfg: ModelConfig) -> None:
 
 
 def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress: bool = True,
-          command: str | None = None) -> GPT:
+          command: str | None = None, profile: str | None = None) -> GPT:
     """Train (or resume) a model into the checkpoint directory ``out``; returns the model.
-    ``command`` (the command line that started it) is recorded in config.json."""
+    ``command`` (the command line that started it) and ``profile`` (the name of the profile it
+    configures, aliases resolved) are recorded in config.json."""
     out = Path(out)
     for name in tcfg.eval_tasks or []:
         tasks.get(name)  # an unknown name fails before any file is written, not at the first evaluation
@@ -302,7 +303,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
             project_model_(model, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
 
     extra = {"train": to_dict(tcfg), "seed": tcfg.seed, "dense": tcfg.dense, **provenance(out, start, command),
-             "corpus": corpus}
+             "profile": profile, "corpus": corpus}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         start_log(out, start)

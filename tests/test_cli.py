@@ -83,7 +83,7 @@ def test_train_json(tmp_path, corpus_dir, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["step"] == 4 and res["out"] == str(out)
     cfg = ckpt.read_config(out)
-    assert cfg["seed"] == 3 and cfg["train"]["max_steps"] == 4
+    assert cfg["seed"] == 3 and cfg["train"]["max_steps"] == 4 and cfg["profile"] == "tiny"
     assert res["val_loss"] == pytest.approx(ckpt.read_log(out)[-1]["val_loss"])
 
 

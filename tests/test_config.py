@@ -5,7 +5,7 @@ import pytest
 
 from cspkit import checkpoint as ckpt
 from cspkit.config import (LOCATION_TYPES, PROFILES, RUNTIME_FIELDS, ModelConfig, TrainConfig, apply_overrides,
-                           from_dict, profile, to_dict)
+                           from_dict, profile, resolve_profile, to_dict)
 from cspkit.train import config_for
 from conftest import REPO
 
@@ -46,8 +46,11 @@ def test_profiles_round_trip_and_are_copies():
     m, _ = profile("tiny")
     m.d_model = 999
     assert profile("tiny")[0].d_model != 999
-    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+    with pytest.raises(ValueError, match="unknown profile 'huge'; choose one of small, tiny, small-v2"):
         profile("huge")
+    # an alias configures what it points to, and is not itself a recipe that could change
+    assert resolve_profile("small") == "small-v2" and resolve_profile("tiny") == "tiny"
+    assert profile("small") == profile("small-v2") and "small" not in PROFILES
 
 
 def test_apply_overrides_parses_values():
@@ -119,7 +122,9 @@ def test_config_for():
 
 
 # The configs made before the `small` profile became the wide-idioms recipe: their commands say
-# `--profile small` and meant what is now `small-v1`. Closed: later configs are found by the glob.
+# `--profile small` and meant what is now `small-v1`. Closed: configs made since record the
+# profile their command resolved to ("profile"), and the few made between the two (no "profile",
+# `--profile small`) meant small-v2, which `small` still names.
 _MADE_UNDER_SMALL_V1 = {
     "data/models/small-sparse/config.json", "data/models/small-dense/config.json",
     "results/corpus_numpy/config.json",
@@ -212,7 +217,10 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     cfg = json.loads((REPO / path).read_text())
     args = build_parser().parse_args(shlex.split(cfg["command"])[1:])
     if path in _MADE_UNDER_SMALL_V1:
-        assert args.profile == "small"
+        assert args.profile == "small" and "profile" not in cfg
         args.profile = "small-v1"
+    # the profile the command resolved to when it ran; configs made before it was recorded
+    # resolve their command's name today
+    args.profile = cfg.get("profile") or args.profile
     _assert_configured_by(cfg, *config_for(args.profile, dense=args.dense, seed=args.seed,
                                            max_steps=args.max_steps, overrides=args.overrides))
