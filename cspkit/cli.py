@@ -123,12 +123,7 @@ def cmd_eval(args) -> None:
     unmined: list[str] = []
     if args.natural:
         from . import natural
-        from .checkpoint import read_config
-        from .data import load_corpus
-        train = read_config(args.model[0])["train"]
-        # the natural examples are real code: template-made entries (tasks:train) are left out
-        paths = [p for p in train.get("corpus") or ["stdlib"] if not p.startswith("tasks:")]
-        corpus = load_corpus(paths, train.get("val_percent", 5.0))
+        corpus = natural.real_code_corpus(args.model[0])
         for n in natural.TASKS:
             try:
                 scored[f"{n}_natural"] = natural.mine(n, corpus=corpus)

@@ -7,6 +7,7 @@ B-example (the loss is a mean over prompts, so this is the same measure).
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tasks as tasks_mod
+from .checkpoint import read_config
 from .data import Corpus, build_shards, load_corpus
 from .tasks import Pair, Task, check_pair
 from .tokenizer import get_encoding
@@ -75,6 +77,22 @@ def _hits(task: str, lines: list[str]):
             m = pat.match(line)
             if m:
                 yield i, side, m
+
+
+def real_code_corpus(model) -> Corpus:
+    """The corpus a model was trained on (``model``: its checkpoint directory, or the model
+    loaded from it), less the entries made from templates (``tasks:train``): its validation
+    files are real code the model never trained on, where natural examples are mined."""
+    if isinstance(model, (str, os.PathLike)):
+        meta = read_config(model)
+    elif hasattr(model, "checkpoint"):
+        meta = model.checkpoint
+    else:
+        raise ValueError("real_code_corpus needs a checkpoint directory or a model loaded from one "
+                         "(cspkit.load), whose config names its training corpus")
+    train = meta["train"]
+    paths = [p for p in train.get("corpus") or ["stdlib"] if not p.startswith("tasks:")]
+    return load_corpus(paths, train.get("val_percent", 5.0))
 
 
 def mine(task: str, paths: list[str] | None = None, max_pairs: int = 200, seed: int = 0,

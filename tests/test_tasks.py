@@ -183,6 +183,21 @@ def test_natural_quote_examples_are_mined_from_validation_files(tmp_path):
         mine("var_swap", [str(src)])
 
 
+def test_natural_examples_come_from_the_real_code_of_the_models_own_corpus(tmp_path, tiny_cfg):
+    """A model trained on code and template-made text is mined in its code's validation files
+    only, split as its training split them (its val_percent)."""
+    from cspkit.data import load_corpus
+    from cspkit.natural import real_code_corpus
+    src = write_modules(tmp_path / "code", 30, "x = [1, 2]\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"corpus": [str(src), "tasks:train"], "val_percent": 20}}))
+    got, want = real_code_corpus(run), load_corpus([str(src)], 20)
+    assert [f.rel for f in got.val] == [f.rel for f in want.val] and len(want.val) > len(load_corpus([str(src)]).val)
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        real_code_corpus(GPT(tiny_cfg))
+
+
 def test_count_contexts_counts_each_side_of_a_mined_task(tmp_path):
     from cspkit.data import load_corpus
     from cspkit.natural import count_contexts
