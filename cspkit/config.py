@@ -172,12 +172,12 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
              TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
                          ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
     # `small` (PROFILE_ALIASES): the recipe of the next shipped pair, which replaces small-v1's
-    # once trained and measured (README, Status; results/corpus_idioms/, "The recipe as one command"): the fixed
-    # nonzeros of small-v1 spread over 1.5 times the width (matrices keep 1/36 of their entries,
-    # embeddings and biases 1/6), cut by 30% of a 7,500-step schedule; numpy's and sympy's tests
-    # for the nested literals bracket_counting needs, and a tenth of the windows from the tasks'
-    # own train-split idioms. bf16 autocast: 1.4x faster where the CPU has native bfloat16
-    # (about 2.6 hours on 2 such cores); cspkit.train warns where it has not.
+    # once trained and measured (README, Status; results/corpus_idioms/, "The recipe as one
+    # command"): the fixed nonzeros of small-v1 spread over 1.5 times the width (matrices keep
+    # 1/36 of their entries, embeddings and biases 1/6), cut by 30% of a 7,500-step schedule;
+    # numpy's and sympy's tests for the nested literals bracket_counting needs, and a tenth of
+    # the windows from the tasks' own train-split idioms. bf16 autocast: 1.4x faster where the
+    # CPU has native bfloat16 (about 2.6 hours on 2 such cores); cspkit.train warns where it has not.
     "small-v2": (ModelConfig(sink=False, d_model=384, d_mlp=1536, n_head=24),
                  TrainConfig(max_steps=7500, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200,
                              l0_frac=0.027778, l0_frac_embed=0.166667, anneal_end=0.3, autocast="bf16",
@@ -227,7 +227,7 @@ def bridge_profile(name: str) -> tuple[BridgeConfig, TrainConfig]:
 
 # A profile's recipe never changes; `small` names the newest small one. config.json records the
 # name a run's profile resolved to ("profile"), so each model stays checkable against its recipe
-# after the alias moves on (until session 14, `small` itself was what is now small-v1).
+# after the alias moves on (before this, `small` itself changed: it was what is now small-v1).
 PROFILE_ALIASES = {"small": "small-v2"}
 
 

@@ -214,9 +214,10 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
     """Tokenize the corpus once into ``train.bin``/``val.bin`` (uint16) in the cache; return info.
 
     The cache key (``digest`` in the info) covers the tokenizer and every file's name and
-    content, so a changed file or tokenizer rebuilds the shards. A single path holding an ``info.json`` is taken as
-    shards built before (by this function, elsewhere) and used as they are. ``corpus``: the
-    corpus of ``paths`` already loaded (with ``val_percent``), to save reading it again.
+    content, so a changed file or tokenizer rebuilds the shards. A single path holding an
+    ``info.json`` is taken as shards built before (by this function, elsewhere) and used as they
+    are. ``corpus``: the corpus of ``paths`` already loaded (with ``val_percent``), to save
+    reading it again.
     """
     tok_path = tokenizer or str(TOKENIZER_PATH)
     if paths and len(paths) == 1 and (Path(paths[0]) / "info.json").is_file():

@@ -220,7 +220,7 @@ def check_same_corpus(out: Path, corpus: dict) -> None:
     the data part-way through the run without a trace."""
     old = ckpt.read_config(out).get("corpus", {})
     keys = [k for k in ("train_files", "val_files", "train_tokens", "val_tokens", "digest")
-            if old.get(k) is not None and corpus.get(k) is not None]  # runs begun before digests were kept: counts
+            if old.get(k) is not None and corpus.get(k) is not None]  # a run begun before digests: its counts
     diffs = [f"{k}: checkpoint {old[k]!r} vs now {corpus[k]!r}" for k in keys if old[k] != corpus[k]]
     if diffs:
         raise ValueError(f"{out} was trained on another corpus ({'; '.join(diffs)}; its sources then "
