@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cspkit.config import resolve_profile
 from cspkit.files import atomic_write
 from cspkit.model import GPT
 from cspkit.train import config_for, decayed, native_bf16, schedule, train_step
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the result as JSON (the same run as the printed one)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the profile's config")
     args = ap.parse_args()
+    args.profile = resolve_profile(args.profile)  # recorded as what it is, not as an alias that may move on
     mcfg, tcfg = config_for(args.profile, overrides=args.overrides)
     tcfg = replace(tcfg, autocast=None)
     runners = {"dense": Runner(mcfg, replace(tcfg, dense=True)), "sparse": Runner(mcfg, tcfg)}
