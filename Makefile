@@ -56,23 +56,21 @@ RESULTS ?= results
 BRIDGE ?= data/models/small-bridge
 CIRCUITS = $(RESULTS)/circuits/small-sparse
 VALID = $(RESULTS)/validation/small-sparse
-# the shipped sparse model's own bracket_counting loss is 0.648, above the usual 0.15: its circuit is
-# pruned to just above it (notebook 05); set 0.15 once a model solves the task
-BRACKET_TARGET ?= 0.67
 # what needs only the two models, and then the bridge between them and its steering
 small-results: small-model-results small-bridge-results
-small-model-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json $(CIRCUITS)/bracket_counting.json \
-	$(VALID)_single_double_quote.txt $(VALID)_indent_for.txt $(RESULTS)/prune_speed.txt $(RESULTS)/frontier.json
+small-model-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json \
+	$(VALID)_single_double_quote.txt $(VALID)_bracket_counting.txt $(VALID)_indent_for.txt \
+	$(RESULTS)/prune_speed.txt $(RESULTS)/frontier.json
 small-bridge-results: $(RESULTS)/bridge_quality.txt $(RESULTS)/intervene_quote.txt $(RESULTS)/intervene_quote_site.txt
 
 $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json: | $(VENV)/.installed
 	@mkdir -p $(@D)
 	$(CS) eval --model $(SMALL) --model $(DENSE) --task all $(if $(filter %.json,$@),--json) $(call save,$@)
-$(CIRCUITS)/single_double_quote.json $(CIRCUITS)/indent_for.json: | $(VENV)/.installed
-	$(CS) prune --model $(SMALL) --task $(basename $(@F)) --out $@
-$(CIRCUITS)/bracket_counting.json: | $(VENV)/.installed
-	$(CS) prune --model $(SMALL) --task bracket_counting --target $(BRACKET_TARGET) --out $@
-$(VALID)_single_double_quote.txt: $(CIRCUITS)/single_double_quote.json
+# a circuit is a result, not an intermediate file to delete once its validation is made
+.PRECIOUS: $(CIRCUITS)/%.json
+$(CIRCUITS)/%.json: | $(VENV)/.installed
+	$(CS) prune --model $(SMALL) --task $* --out $@
+$(VALID)_single_double_quote.txt $(VALID)_bracket_counting.txt: $(VALID)_%.txt: $(CIRCUITS)/%.json
 	@mkdir -p $(@D)
 	$(CS) validate --circuit $< --out $(@:.txt=.json) $(call save,$@)
 $(VALID)_indent_for.txt: $(CIRCUITS)/indent_for.json
