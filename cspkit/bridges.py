@@ -65,7 +65,7 @@ class Bridge(nn.Module):
 
     Each map works in each model's own units at the site: its input is centred and divided by
     that residual's RMS spread, its output multiplied back. The two models' residuals can differ
-    in scale by orders of magnitude (the shipped pair: about 5 vs 0.1 after the first MLP), and
+    in scale by orders of magnitude (the first shipped pair: about 5 vs 0.1 after the first MLP), and
     Adam moves every weight by about the same step whatever its size, so in raw units one
     learning rate would wreck the small encoder weights. The means and scales are set once from
     data (``init_maps_``) and then fixed."""
@@ -368,7 +368,7 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
         if project:
             s = schedule(0, tcfg)
             project_model_(sparse, s["frac_matrix"], s["frac_embed"], tcfg.min_per_neuron)
-        # four batches' worth: on one, d_model + 1 weights per output overfit (shipped pair, held-out
+        # four batches' worth: on one, d_model + 1 weights per output overfit (first shipped pair, held-out
         # FVE at the start: 0.17-0.45 from one batch, 0.30-0.56 from four)
         x, _ = train_data.batch(4 * tcfg.batch_size, mcfg.block_size, tcfg.seed, 0)
         with torch.no_grad():

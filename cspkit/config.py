@@ -171,9 +171,8 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "tiny": (ModelConfig(n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, block_size=64),
              TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
                          ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
-    # `small` (PROFILE_ALIASES): the recipe of the next shipped pair, which replaces small-v1's
-    # once trained and measured (README, Status; results/corpus_idioms/, "The recipe as one
-    # command"): the fixed nonzeros of small-v1 spread over 1.5 times the width (matrices keep
+    # `small` (PROFILE_ALIASES): the recipe of the shipped pair (README, "The shipped models";
+    # results/corpus_idioms/, "The recipe as one command"): the fixed nonzeros of small-v1 spread over 1.5 times the width (matrices keep
     # 1/36 of their entries, embeddings and biases 1/6), cut by 30% of a 7,500-step schedule;
     # numpy's and sympy's tests for the nested literals bracket_counting needs, and a tenth of
     # the windows from the tasks' own train-split idioms. bf16 autocast: 1.4x faster where the
@@ -185,7 +184,7 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
                              corpus_weights=[0.25, 0.3, 0.35, 0.1],
                              eval_tasks=["single_double_quote", "bracket_counting", "set_or_string",
                                          "class_init", "enumerate_range"])),
-    # the first shipped pair and the results made with it until the switch: about an hour on 2
+    # the first shipped pair (in git history) and the results made with it: about an hour on 2
     # CPU cores, d_model 256, matrices 1/16 and embeddings 1/4, the standard library alone (which
     # closes a nested list literal 41 times, too few for bracket_counting). No attention sink
     # in either (it costs a third of the step time on CPU).

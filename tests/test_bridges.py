@@ -129,7 +129,7 @@ def test_step_sites_are_seeded():
 
 @torch.no_grad()
 def test_init_maps_recovers_linear_maps_across_scales():
-    """Residuals 50 times apart in scale (as the shipped pair's): both maps fit, in raw units."""
+    """Residuals 50 times apart in scale (as the first shipped pair's): both maps fit, in raw units."""
     g = torch.Generator().manual_seed(0)
     rd = [torch.randn(4, 16, 5, generator=g) * 5 + 20]
     W = torch.randn(6, 5, generator=g) * 0.02

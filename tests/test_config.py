@@ -126,7 +126,6 @@ def test_config_for():
 # profile their command resolved to ("profile"), and the few made between the two (no "profile",
 # `--profile small`) meant small-v2, which `small` still names.
 _MADE_UNDER_SMALL_V1 = {
-    "data/models/small-sparse/config.json", "data/models/small-dense/config.json",
     "results/corpus_numpy/config.json",
     "results/corpus_tests/sparse_config.json", "results/corpus_tests/more_config.json",
     "results/corpus_tests/wide_config.json", "results/corpus_tests/bf16_config.json",
@@ -160,13 +159,12 @@ def _assert_configured_by(cfg: dict, m: ModelConfig, t: TrainConfig) -> None:
 def test_recorded_configs_are_found():
     found = set(_train_configs())
     assert _MADE_UNDER_SMALL_V1 <= found
-    assert {"data/models/paper-e1-sparse/config.json", "results/corpus_idioms/long_config.json"} <= found
+    assert {"data/models/small-sparse/config.json", "data/models/small-dense/config.json",
+            "data/models/paper-e1-sparse/config.json", "results/corpus_idioms/long_config.json"} <= found
 
 
-# (dense model, the sparse model it is matched to): the shipped pair, and the staged pair
-# (data/next/README.md)
-_MATCHED = [("data/models/small-dense", "data/models/small-sparse"),
-            ("data/next/small-dense", "data/next/small-sparse")]
+# (dense model, the sparse model it is matched to): the shipped pair
+_MATCHED = [("data/models/small-dense", "data/models/small-sparse")]
 
 
 @pytest.mark.parametrize("dense,sparse", _MATCHED)
@@ -177,7 +175,7 @@ def test_dense_model_ends_within_005_nats_of_its_sparse_one(dense, sparse):
 
 
 def test_data_stays_under_40_mb():
-    """Issue 2: what a clone carries in data/ (tokenizer, shipped models, staged ones) stays small;
+    """Issue 2: what a clone carries in data/ (tokenizer, shipped models) stays small;
     weights that `make paper-models` restores from history are not tracked and not counted."""
     tracked = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True,
                              check=True, text=True).stdout.split("\0")
