@@ -43,10 +43,11 @@ frontier: $(VENV)/.installed paper-models
 
 # Everything in results/ measured on the shipped small pair: task scores, circuits and their
 # validation, the pruning bench, the bridge and its steering, and the sparse-vs-dense sweep
-# (on 2 CPU cores the sweep's 80 prunings take about 50 minutes, the bridge 5). Each result is a file target,
-# so make builds only what is missing: a run stopped part-way (a session's end) carries on with
-# the same command (the sweep from its results file, the bridge from its checkpoint within a
-# session). The variables measure a staged pair into other folders (README, Status). After
+# (on 2 CPU cores the sweep's 80 prunings take about 50 minutes, the bridge 5). Each result is a
+# file target, so make builds only what is missing: a run stopped part-way (a session's end)
+# carries on with the same command (the sweep from its results file, the bridge from its
+# checkpoint within a session). The variables measure another pair into other folders, as the
+# shipped pair was measured beside the first one before it replaced it. After
 # replacing a model, delete what was built on it first: circuit, bridge and sweep files name the
 # weights they belong to.
 CS := $(VENV)/bin/cspkit

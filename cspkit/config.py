@@ -172,11 +172,12 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
              TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
                          ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
     # `small` (PROFILE_ALIASES): the recipe of the shipped pair (README, "The shipped models";
-    # results/corpus_idioms/, "The recipe as one command"): the fixed nonzeros of small-v1 spread over 1.5 times the width (matrices keep
-    # 1/36 of their entries, embeddings and biases 1/6), cut by 30% of a 7,500-step schedule;
-    # numpy's and sympy's tests for the nested literals bracket_counting needs, and a tenth of
-    # the windows from the tasks' own train-split idioms. bf16 autocast: 1.4x faster where the
-    # CPU has native bfloat16 (about 2.6 hours on 2 such cores); cspkit.train warns where it has not.
+    # results/corpus_idioms/, "The recipe as one command"): the fixed nonzeros of small-v1 spread
+    # over 1.5 times the width (matrices keep 1/36 of their entries, embeddings and biases 1/6),
+    # cut by 30% of a 7,500-step schedule; numpy's and sympy's tests for the nested literals
+    # bracket_counting needs, and a tenth of the windows from the tasks' own train-split idioms.
+    # bf16 autocast: 1.4x faster where the CPU has native bfloat16 (about 2.6 hours on 2 such
+    # cores); cspkit.train warns where it has not.
     "small-v2": (ModelConfig(sink=False, d_model=384, d_mlp=1536, n_head=24),
                  TrainConfig(max_steps=7500, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200,
                              l0_frac=0.027778, l0_frac_embed=0.166667, anneal_end=0.3, autocast="bf16",
