@@ -788,8 +788,60 @@ def flip_rates(dense: GPT, sparse: GPT, bridge: Bridge, task, channel: Channel |
             logits = run_sublayers(dense, toks, rd + st * vs[control] if st else rd, start=i)
             two[(st, control)].append(tasks_mod.pair_logits(logits, sub).float().cpu())
 
+    right, rows = _flip_table(two, label, strengths)
+    return {**_steered(t, split, channel), "site": bridge.sites[i], "prompts": N,
+            "dense_right": int(right.sum()), "rows": rows}
+
+
+@torch.no_grad()
+def own_flip_rates(sparse: GPT, task, channel: Channel | list[Channel], strengths=(0.25, 0.5, 1.0),
+                   split: str = "test", n: int | None = None, seed: int = 0, batch_size: int = 64) -> dict:
+    """``flip_rates`` without the bridge: the same change of the read channel(s), made in the
+    sparse model itself at every token (a hook on the read location), and how often the sparse
+    model's own answer flips. Beside ``flip_rates`` it tells a channel the sparse model does not
+    act on from a bridge that does not carry it to the dense model. No random control."""
+    chans = [channel] if isinstance(channel, Channel) else list(channel)
+    read_channels(sparse, [ch.node for ch in chans])                      # one site's read channels
+    loc = parse_node(chans[0].node)[0]
+    idx = torch.tensor([parse_node(ch.node)[1] for ch in chans])
+    deltas = torch.tensor([ch.delta for ch in chans])                     # (k,)
+    t = tasks_mod.get(task)
+    batch = tasks_mod.encode_pairs(t.pairs(split, n=n, seed=seed), sparse.config.block_size)
+    label = batch["label"]
+    sign = 1.0 - 2.0 * label.float()                                      # +1 class A, -1 class B
+    runs = list(dict.fromkeys([(0.0, False)] + [(float(st), False) for st in strengths]))
+    two = {r: [] for r in runs}
+    for b in range(0, label.shape[0], batch_size):
+        sl = slice(b, b + batch_size)
+        toks = batch["tokens"][sl].to(sparse.device)
+        d = (sign[sl, None] * deltas).to(toks.device)                     # (B, k)
+        sub = {"last": batch["last"][sl], "cands": batch["cands"][sl]}
+        for st, _ in runs:
+            def steer(act, name, st=st):
+                act = act.clone()
+                act[..., idx] += st * d[:, None, :].to(act.dtype)         # (B, T, k): every token
+                return act
+            logits = sparse.run_with_hooks(toks, {loc: steer}) if st else sparse(toks)
+            two[(st, False)].append(tasks_mod.pair_logits(logits, sub).float().cpu())
+    right, rows = _flip_table(two, label, strengths, controls=False)
+    return {**_steered(t, split, channel), "prompts": label.shape[0], "sparse_right": int(right.sum()),
+            "rows": rows}
+
+
+def _steered(t, split: str, channel: Channel | list[Channel]) -> dict:
+    """What was steered, for a result: the node(s), their deltas, class means and scores."""
+    chans = [channel] if isinstance(channel, Channel) else list(channel)
+    one = isinstance(channel, Channel)
+    pick = lambda key: getattr(chans[0], key) if one else [getattr(ch, key) for ch in chans]
+    return {"task": t.name, "split": split, "node": pick("node"), "delta": pick("delta"),
+            "mean_a": pick("mean_a"), "mean_b": pick("mean_b"), "score": pick("score"), "at": chans[0].at}
+
+
+def _flip_table(two: dict, label: torch.Tensor, strengths, controls: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    """From each run's candidate logits, ``two[(strength, control)]`` (batches of (B, 2)): which
+    prompts the unsteered model gets right, and per strength the fraction of those whose preferred
+    candidate flips and the mean change of their other-minus-own logit gap (and the control's)."""
     def prefs(run) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preferred candidate (2N,) and the other-minus-own candidate logit difference."""
         t2 = torch.cat(two[run])
         own = t2.gather(1, label[:, None])[:, 0]
         return t2.argmax(-1), t2.sum(-1) - 2 * own
@@ -799,14 +851,9 @@ def flip_rates(dense: GPT, sparse: GPT, bridge: Bridge, task, channel: Channel |
     rows = []
     for st in strengths:
         row = {"strength": st}
-        for name, control in (("", False), ("control_", True)):
+        for name, control in (("", False), ("control_", True))[: 2 if controls else 1]:
             pref, gap = prefs((float(st), control))
             row[f"{name}flip_rate"] = float((pref != label)[right].float().mean()) if right.any() else 0.0
             row[f"{name}logit_shift"] = float((gap - base_gap)[right].mean()) if right.any() else 0.0
         rows.append(row)
-    one = isinstance(channel, Channel)
-    pick = lambda key: getattr(chans[0], key) if one else [getattr(ch, key) for ch in chans]
-    return {"task": t.name, "split": split, "node": node, "delta": pick("delta"), "mean_a": pick("mean_a"),
-            "mean_b": pick("mean_b"), "score": pick("score"), "at": chans[0].at,
-            "site": bridge.sites[read_channels(sparse, node)[0]], "prompts": N,
-            "dense_right": int(right.sum()), "rows": rows}
+    return right, rows

@@ -12,7 +12,7 @@ from cspkit import checkpoint as ckpt
 from cspkit.cli import main
 from cspkit.config import BridgeConfig, ModelConfig, from_dict, to_dict
 from cspkit.data import TokenData
-from cspkit.model import GPT
+from cspkit.model import GPT, parse_node
 from cspkit.train import train as train_model
 from conftest import tiny_train_config
 
@@ -342,6 +342,21 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     right = base.argmax(-1) == batch["label"]
     assert r["rows"][1]["logit_shift"] == pytest.approx(float((gap(two) - gap(base))[right].mean()), abs=1e-4)
 
+    # the same change made in the sparse model itself, through a hook on the read location
+    own = bridges.own_flip_rates(sparse, "single_double_quote", best, [0.0, 1.0], n=4)
+    assert own["rows"][0] == {"strength": 0.0, "flip_rate": 0.0, "logit_shift": 0.0}
+    loc, c = parse_node(best.node)
+
+    def steer(act, name):
+        act = act.clone()
+        act[..., c] += (sign * best.delta)[:, None]
+        return act
+    two = tasks_mod.pair_logits(sparse.run_with_hooks(batch["tokens"], {loc: steer}), batch)
+    base = tasks_mod.pair_logits(sparse(batch["tokens"]), batch)
+    right = base.argmax(-1) == batch["label"]
+    shift = float((gap(two) - gap(base))[right].mean()) if right.any() else 0.0
+    assert own["sparse_right"] == int(right.sum()) and own["rows"][1]["logit_shift"] == pytest.approx(shift, abs=1e-4)
+
     # at the token where the two prompts differ; several channels of one site at once
     at_diff = bridges.channel_stats(sparse, "single_double_quote", nodes, n=8, at="diff")
     assert [s.at for s in at_diff] == ["diff"] * 3 and at_diff != stats
@@ -354,6 +369,10 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     r = bridges.flip_rates(dense, sparse, bridge, "single_double_quote", group, [1.0], n=4)
     assert r["node"] == [g.node for g in group] and r["delta"] == [g.delta for g in group] and r["at"] == "diff"
     assert r["site"] == "1.attn"
+    own = bridges.own_flip_rates(sparse, "single_double_quote", group, [1.0], n=4)
+    assert own["node"] == r["node"] and len(own["rows"]) == 1
+    with pytest.raises(ValueError, match="different sites"):
+        bridges.own_flip_rates(sparse, "single_double_quote", [stats[0], *group], [1.0], n=4)
 
 
 def quote_circuit(model, nodes, task="single_double_quote"):
