@@ -837,11 +837,13 @@ def _steered(t, split: str, channel: Channel | list[Channel]) -> dict:
             "mean_a": pick("mean_a"), "mean_b": pick("mean_b"), "score": pick("score"), "at": chans[0].at}
 
 
-def _flip_table(two: dict, label: torch.Tensor, strengths, controls: bool = True) -> tuple[torch.Tensor, list[dict]]:
+def _flip_table(two: dict, label: torch.Tensor, strengths,
+                controls: bool = True) -> tuple[torch.Tensor, list[dict]]:
     """From each run's candidate logits, ``two[(strength, control)]`` (batches of (B, 2)): which
     prompts the unsteered model gets right, and per strength the fraction of those whose preferred
     candidate flips and the mean change of their other-minus-own logit gap (and the control's)."""
     def prefs(run) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preferred candidate (2N,) and the other-minus-own candidate logit difference."""
         t2 = torch.cat(two[run])
         own = t2.gather(1, label[:, None])[:, 0]
         return t2.argmax(-1), t2.sum(-1) - 2 * own
