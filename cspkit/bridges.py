@@ -801,9 +801,8 @@ def own_flip_rates(sparse: GPT, task, channel: Channel | list[Channel], strength
     model's own answer flips. Beside ``flip_rates`` it tells a channel the sparse model does not
     act on from a bridge that does not carry it to the dense model. No random control."""
     chans = [channel] if isinstance(channel, Channel) else list(channel)
-    read_channels(sparse, [ch.node for ch in chans])                      # one site's read channels
+    idx = torch.tensor(read_channels(sparse, [ch.node for ch in chans])[1])   # one site's channels
     loc = parse_node(chans[0].node)[0]
-    idx = torch.tensor([parse_node(ch.node)[1] for ch in chans])
     deltas = torch.tensor([ch.delta for ch in chans])                     # (k,)
     t = tasks_mod.get(task)
     batch = tasks_mod.encode_pairs(t.pairs(split, n=n, seed=seed), sparse.config.block_size)
@@ -826,6 +825,30 @@ def own_flip_rates(sparse: GPT, task, channel: Channel | list[Channel], strength
     right, rows = _flip_table(two, label, strengths, controls=False)
     return {**_steered(t, split, channel), "prompts": label.shape[0], "sparse_right": int(right.sum()),
             "rows": rows}
+
+
+@torch.no_grad()
+def steering_fidelity(dense: GPT, sparse: GPT, bridge: Bridge, task, channel: Channel | list[Channel],
+                      split: str = "test", n: int | None = None, seed: int = 0) -> dict:
+    """How much of a steering change the decoder carries into the dense model: at the first token
+    where each pair's two prompts differ, the change ``steering_vector`` adds to the dense residual
+    of the class-A prompt at strength 1, against the dense model's own class difference there (the
+    class-B prompt's residual minus its twin's). Means over pairs of the size ratio, the cosine and
+    the coefficient of the change projected on the true difference (1: a faithful translation)."""
+    chans = [channel] if isinstance(channel, Channel) else list(channel)
+    nodes = [ch.node for ch in chans]
+    batch = tasks_mod.encode_pairs(tasks_mod.get(task).pairs(split, n=n, seed=seed), dense.config.block_size)
+    tokens = batch["tokens"].to(dense.device)
+    k = tokens.shape[0] // 2                                              # pairs
+    pos = diff_positions(batch)[:k].to(dense.device)
+    at = lambda x: x[torch.arange(k, device=x.device), pos]               # (k, T, d) -> (k, d)
+    resid = run_sublayers(dense, tokens, stop=read_channels(sparse, nodes)[0])
+    true = at(resid[k:]) - at(resid[:k])                                  # class B minus class A
+    deltas = torch.tensor([[ch.delta for ch in chans]]).expand(k, -1)
+    v = at(steering_vector(dense, sparse, bridge, nodes, deltas, 1.0, tokens[:k]))
+    return {"ratio": float((v.norm(dim=-1) / true.norm(dim=-1)).mean()),
+            "cosine": float(F.cosine_similarity(v, true, dim=-1).mean()),
+            "projection": float(((v * true).sum(-1) / true.norm(dim=-1) ** 2).mean())}
 
 
 def _steered(t, split: str, channel: Channel | list[Channel]) -> dict:

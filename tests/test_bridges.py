@@ -369,6 +369,15 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     r = bridges.flip_rates(dense, sparse, bridge, "single_double_quote", group, [1.0], n=4)
     assert r["node"] == [g.node for g in group] and r["delta"] == [g.delta for g in group] and r["at"] == "diff"
     assert r["site"] == "1.attn"
+    # what the decoder makes of the change at the opening quote, against the dense model's own difference
+    f = bridges.steering_fidelity(dense, sparse, bridge, "single_double_quote", best, n=4)
+    pos = bridges.diff_positions(batch)[:4]
+    resid = bridges.run_sublayers(dense, batch["tokens"], stop=bridges.read_channel(sparse, best.node)[0])
+    true = resid[4:][torch.arange(4), pos] - resid[:4][torch.arange(4), pos]
+    v = bridges.steering_vector(dense, sparse, bridge, best.node, best.delta, 1.0, batch["tokens"][:4])
+    v = v[torch.arange(4), pos]
+    assert f["cosine"] == pytest.approx(float(torch.nn.functional.cosine_similarity(v, true, dim=-1).mean()), abs=1e-5)
+    assert f["ratio"] == pytest.approx(float((v.norm(dim=-1) / true.norm(dim=-1)).mean()), rel=1e-5)
     own = bridges.own_flip_rates(sparse, "single_double_quote", group, [1.0], n=4)
     assert own["node"] == r["node"] and len(own["rows"]) == 1
     with pytest.raises(ValueError, match="different sites"):
