@@ -216,14 +216,29 @@ class Circuit:
     def evaluate(self, split: str = "test", n: int | None = None, invert: bool = False,
                  nodes: dict[str, list[int]] | None = None) -> dict[str, float]:
         """Task loss (calibrated and raw) and accuracy of the model with only the circuit kept,
-        the rest ablated; ``invert`` ablates only the circuit; ``nodes`` evaluates another node set
-        under the same ablation and calibration."""
+        the rest ablated. ``nodes`` evaluates another node set under the same ablation and the
+        circuit's calibration (what removing a node does to this circuit). ``invert`` ablates only
+        the circuit and fits that model its own calibration, as ``validate`` does for necessity:
+        the circuit's scale and shift were fit to the circuit alone and mean nothing for the rest."""
         model = self.require_model()
         pairs = self._task().pairs(split, n=n)
         keep = self.nodes if nodes is None else nodes
         gates = keep_gates(model.config, keep, model.device, invert=invert)
         two, label = masked_pair_logits(model, pairs, gates, self.ablation)
-        return score(two, label, self.calibration)
+        return score(two, label, self.calibration_for(gates) if invert else self.calibration)
+
+    def prune_config(self):
+        """The PruneConfig the circuit was found with (the defaults for a circuit built by hand)."""
+        from .prune import PruneConfig
+        return PruneConfig.from_dict(self.config) if self.config else PruneConfig()
+
+    def calibration_for(self, gates: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """The scale and shift that pruning fits, fit for the model under ``gates`` on the circuit's
+        own calibration pairs (its pruning config's first ``calib_pairs`` train pairs)."""
+        from .prune import fit_calibration, split_pairs    # prune builds on this module
+        cfg = self.prune_config()
+        calib = split_pairs(self._task(), cfg)[0][:cfg.calib_pairs]
+        return fit_calibration(*masked_pair_logits(self.require_model(), calib, gates, self.ablation), cfg.calib_steps)
 
 
 # ---------------------------------------------------------------------- shared by prune / validate

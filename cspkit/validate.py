@@ -19,8 +19,7 @@ from . import tasks as tasks_mod
 from .ablation import keep_gates, node_widths
 from .circuit import Circuit, compute_edges, masked_pair_logits, score
 from .model import GPT
-from .prune import (PruneConfig, TargetNotReached, RankedLoss, split_pairs, bisect, fit_calibration, prune, ranking,
-                    top_nodes)
+from .prune import TargetNotReached, RankedLoss, split_pairs, bisect, prune, ranking, top_nodes
 
 CHANCE = math.log(2)
 
@@ -93,21 +92,16 @@ def attribution_scores(model: GPT, task, ablation: str, pairs) -> dict[str, torc
 
 
 class _Scorer:
-    """Calibration on the circuit's calibration pairs, loss on the test split."""
+    """Each node set gets its own calibration (on the circuit's calibration pairs) and its loss on
+    the test split."""
 
     def __init__(self, circuit: Circuit, n_test: int | None):
         self.c, self.model = circuit, circuit.require_model("validating it")
-        self.cfg = PruneConfig.from_dict(circuit.config) if circuit.config else PruneConfig()
-        task = circuit._task()
-        fit, self.heldout = split_pairs(task, self.cfg)
-        self.calib = fit[:self.cfg.calib_pairs]
-        self.test = task.pairs("test", n=n_test)
+        self.test = circuit._task().pairs("test", n=n_test)
 
     def __call__(self, nodes, invert: bool = False) -> dict[str, float]:
         gates = keep_gates(self.model.config, nodes, self.model.device, invert=invert)
-        cal = fit_calibration(*masked_pair_logits(self.model, self.calib, gates, self.c.ablation),
-                              self.cfg.calib_steps)
-        return score(*masked_pair_logits(self.model, self.test, gates, self.c.ablation), cal)
+        return score(*masked_pair_logits(self.model, self.test, gates, self.c.ablation), self.c.calibration_for(gates))
 
 
 def _random_nodes(sizes: dict[str, int], widths: dict[str, int], rng: random.Random) -> dict[str, list[int]]:
@@ -115,7 +109,7 @@ def _random_nodes(sizes: dict[str, int], widths: dict[str, int], rng: random.Ran
 
 
 def _prune_control(name: str, model: GPT, task, circuit: Circuit, progress: bool) -> Row:
-    cfg = PruneConfig.from_dict(circuit.config) if circuit.config else PruneConfig()
+    cfg = circuit.prune_config()
     try:
         c = prune(model, task, circuit.target, circuit.ablation, circuit.seed, cfg, progress, require_full=False)
     except TargetNotReached as e:
@@ -161,13 +155,15 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
                             statistics.mean(r["accuracy"] for r in rs), statistics.mean(r["raw_loss"] for r in rs),
                             note=f"{draws} draws, loss {min(losses):.3f} to {max(losses):.3f}"))
         elif step == "attribution":
-            fit, heldout = split_pairs(task, sc.cfg)
-            order = ranking(attribution_scores(model, task, circuit.ablation, fit[:sc.cfg.calib_pairs]))
+            cfg = circuit.prune_config()
+            fit, heldout = split_pairs(task, cfg)
+            calib = fit[:cfg.calib_pairs]
+            order = ranking(attribution_scores(model, task, circuit.ablation, calib))
             same = top_nodes(order, circuit.n_nodes)
             r = sc(same)
             rows.append(Row("attribution top-k, same size", circuit.n_nodes, len(compute_edges(model, same)),
                             r["loss"], r["accuracy"], r["raw_loss"], note="|grad x (activation - ablated)|"))
-            ev = RankedLoss(model, order, sc.calib, heldout, circuit.ablation, sc.cfg.calib_steps)
+            ev = RankedLoss(model, order, calib, heldout, circuit.ablation, cfg.calib_steps)
             n_total = sum(widths.values())
             if ev(n_total) <= circuit.target:
                 k = bisect(ev, n_total, circuit.target, start=circuit.n_nodes)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import cspkit
-from cspkit.ablation import fingerprint, node_widths
-from cspkit.circuit import Circuit, compute_edges, extra_edges, geometric_mean_edges, node_list
+from cspkit.ablation import fingerprint, keep_gates, node_widths
+from cspkit.circuit import (Circuit, compute_edges, extra_edges, geometric_mean_edges, masked_pair_logits, node_list,
+                            score)
 from cspkit.model import GPT, node_name
+from cspkit.prune import PruneConfig, fit_calibration, split_pairs
 from cspkit.sparsity import project_model_
 
 
@@ -120,6 +122,22 @@ def test_evaluate_full_circuit_equals_the_model(trained):
     assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)    # identity calibration
     # ablating everything (invert) leaves only the embedding path and the mean writes
     assert c.evaluate("test", n=8, invert=True)["loss"] != pytest.approx(got["loss"])
+
+
+def test_ablating_the_circuit_fits_its_own_calibration(trained):
+    model = cspkit.load(trained.dir)
+    c = _circuit(model, {"0.mlp.neuron": [1, 2], "1.attn.v": [0]}, calibration=(-3.0, 1.0))
+    cfg = PruneConfig()
+    calib = split_pairs(c._task(), cfg)[0][:cfg.calib_pairs]
+    gates = keep_gates(model.config, c.nodes, model.device, invert=True)
+    own = fit_calibration(*masked_pair_logits(model, calib, gates, "mean"), cfg.calib_steps)
+    assert c.calibration_for(gates) == own and own != c.calibration
+    test = masked_pair_logits(model, c._task().pairs("test", n=8), gates, "mean")
+    assert c.evaluate("test", n=8, invert=True) == score(*test, own)
+    # another node set is scored under the circuit's own calibration (the explorer's what-if)
+    rest = {"0.mlp.neuron": [1]}
+    kept = masked_pair_logits(model, c._task().pairs("test", n=8), keep_gates(model.config, rest, model.device), "mean")
+    assert c.evaluate("test", n=8, nodes=rest) == score(*kept, c.calibration)
 
 
 def test_geometric_mean_and_node_list(sparse_tiny):

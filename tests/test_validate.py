@@ -55,4 +55,6 @@ def test_validate_table(tiny):
     assert any(n.startswith("stochastic") for n in names)
     assert any(n.startswith("re-initialized") for n in names) and any(n.startswith("random labels") for n in names)
     assert rows[1].loss == pytest.approx(c.evaluate(n=8)["loss"], abs=1e-4)
+    # necessity: the circuit ablated, with a calibration of its own, in the table and in evaluate
+    assert rows[2].loss == pytest.approx(c.evaluate(n=8, invert=True)["loss"], abs=1e-4)
     assert "necessity" in format_table(rows)
