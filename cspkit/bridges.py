@@ -44,8 +44,8 @@ from .data import TokenData, build_shards
 from .files import atomic_path, atomic_write
 from .model import GPT, abs_topk, node_name, parse_node
 from .sparsity import project_model_
-from .train import (check_resumable, decayed, fit, optimizer_step, pick_device, provenance, save_resume,
-                    schedule, start_log)
+from .train import (check_resumable, check_same_corpus, corpus_record, decayed, fit, optimizer_step, pick_device,
+                    provenance, save_resume, schedule, start_log)
 
 if TYPE_CHECKING:
     from .circuit import Circuit
@@ -355,8 +355,10 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
     sections = {"model": to_dict(mcfg), "train": to_dict(tcfg), "bridge": to_dict(bcfg),
                 "dense_model": {"fingerprint": fingerprint}}
     start, resume = 0, out / "resume.pt"
+    corpus = corpus_record(info, tcfg)
     if resume.is_file():
         check_resumable(out, sections)
+        check_same_corpus(out, corpus)
         state = torch.load(resume, map_location=device, weights_only=True)
         sparse.load_state_dict(state["model"])
         bridge.load_state_dict(state["bridge"])
@@ -375,7 +377,7 @@ def train(dense_dir: str | os.PathLike, out: str | os.PathLike, bcfg: BridgeConf
             init_maps_(bridge, residuals(dense, x.to(device))[1], residuals(sparse, x.to(device))[1])
 
     extra = {**sections, "dense_model": {"path": os.path.relpath(dense_dir.resolve(), out.resolve()),
-                                         "fingerprint": fingerprint}, "seed": tcfg.seed,
+                                         "fingerprint": fingerprint}, "corpus": corpus, "seed": tcfg.seed,
              **provenance(out, start, command)}
     frozen_src = Path(tcfg.init_from) if src is not None and not bcfg.train_sparse else None
     if frozen_src is not None:
@@ -774,21 +776,22 @@ def flip_rates(dense: GPT, sparse: GPT, bridge: Bridge, task, channel: Channel |
     i = read_channels(sparse, node)[0]
     # the steering vector is linear in strength: compute it (and the control's) once per batch at
     # strength 1, then run only the dense suffix per strength
-    runs = list(dict.fromkeys([(0.0, False)] + [(float(st), c) for st in strengths for c in (False, True)]))
-    two = {r: [] for r in runs}
+    two = {st: [] for st in dict.fromkeys([0.0] + [float(st) for st in strengths])}
+    control = {float(st): [] for st in strengths}
     for b in range(0, N, batch_size):
         sl = slice(b, b + batch_size)
         toks = batch["tokens"][sl].to(dense.device)
         d = sign[sl, None] * deltas
         rd = run_sublayers(dense, toks, stop=i)
-        vs = {control: steering_vector(dense, sparse, bridge, node, d, 1.0, toks, seed + b if control else None)
-              for control in (False, True)}
+        vs = {rand: steering_vector(dense, sparse, bridge, node, d, 1.0, toks, seed + b if rand else None)
+              for rand in (False, True)}
         sub = {"last": batch["last"][sl], "cands": batch["cands"][sl]}
-        for st, control in runs:
-            logits = run_sublayers(dense, toks, rd + st * vs[control] if st else rd, start=i)
-            two[(st, control)].append(tasks_mod.pair_logits(logits, sub).float().cpu())
+        for runs, rand in ((two, False), (control, True)):
+            for st, out in runs.items():
+                logits = run_sublayers(dense, toks, rd + st * vs[rand] if st else rd, start=i)
+                out.append(tasks_mod.pair_logits(logits, sub).float().cpu())
 
-    right, rows = _flip_table(two, label, strengths)
+    right, rows = _flip_table(two, label, strengths, control)
     return {**_steered(t, split, channel), "site": bridge.sites[i], "prompts": N,
             "dense_right": int(right.sum()), "rows": rows}
 
@@ -808,21 +811,20 @@ def own_flip_rates(sparse: GPT, task, channel: Channel | list[Channel], strength
     batch = tasks_mod.encode_pairs(t.pairs(split, n=n, seed=seed), sparse.config.block_size)
     label = batch["label"]
     sign = 1.0 - 2.0 * label.float()                                      # +1 class A, -1 class B
-    runs = list(dict.fromkeys([(0.0, False)] + [(float(st), False) for st in strengths]))
-    two = {r: [] for r in runs}
+    two = {st: [] for st in dict.fromkeys([0.0] + [float(st) for st in strengths])}
     for b in range(0, label.shape[0], batch_size):
         sl = slice(b, b + batch_size)
         toks = batch["tokens"][sl].to(sparse.device)
         d = (sign[sl, None] * deltas).to(toks.device)                     # (B, k)
         sub = {"last": batch["last"][sl], "cands": batch["cands"][sl]}
-        for st, _ in runs:
+        for st in two:
             def steer(act, name, st=st):
                 act = act.clone()
                 act[..., idx] += st * d[:, None, :].to(act.dtype)         # (B, T, k): every token
                 return act
             logits = sparse.run_with_hooks(toks, {loc: steer}) if st else sparse(toks)
-            two[(st, False)].append(tasks_mod.pair_logits(logits, sub).float().cpu())
-    right, rows = _flip_table(two, label, strengths, controls=False)
+            two[st].append(tasks_mod.pair_logits(logits, sub).float().cpu())
+    right, rows = _flip_table(two, label, strengths)
     return {**_steered(t, split, channel), "prompts": label.shape[0], "sparse_right": int(right.sum()),
             "rows": rows}
 
@@ -860,24 +862,27 @@ def _steered(t, split: str, channel: Channel | list[Channel]) -> dict:
             "mean_a": pick("mean_a"), "mean_b": pick("mean_b"), "score": pick("score"), "at": chans[0].at}
 
 
-def _flip_table(two: dict, label: torch.Tensor, strengths,
-                controls: bool = True) -> tuple[torch.Tensor, list[dict]]:
-    """From each run's candidate logits, ``two[(strength, control)]`` (batches of (B, 2)): which
-    prompts the unsteered model gets right, and per strength the fraction of those whose preferred
-    candidate flips and the mean change of their other-minus-own logit gap (and the control's)."""
-    def prefs(run) -> tuple[torch.Tensor, torch.Tensor]:
+def _flip_table(two: dict[float, list], label: torch.Tensor, strengths,
+                control: dict[float, list] | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """From each strength's candidate logits, ``two[strength]`` (batches of (B, 2); strength 0 is
+    the unsteered run): which prompts the unsteered model gets right, and per strength the fraction
+    of those whose preferred candidate flips and the mean change of their other-minus-own logit gap
+    (and the same for ``control``, the random-direction runs, where given)."""
+    def prefs(runs: dict[float, list], st: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Preferred candidate (2N,) and the other-minus-own candidate logit difference."""
-        t2 = torch.cat(two[run])
+        t2 = torch.cat(runs[st])
         own = t2.gather(1, label[:, None])[:, 0]
         return t2.argmax(-1), t2.sum(-1) - 2 * own
 
-    base, base_gap = prefs((0.0, False))
+    base, base_gap = prefs(two, 0.0)
     right = base == label
     rows = []
     for st in strengths:
         row = {"strength": st}
-        for name, control in (("", False), ("control_", True))[: 2 if controls else 1]:
-            pref, gap = prefs((float(st), control))
+        for name, runs in (("", two), ("control_", control)):
+            if runs is None:
+                continue
+            pref, gap = prefs(runs, float(st))
             row[f"{name}flip_rate"] = float((pref != label)[right].float().mean()) if right.any() else 0.0
             row[f"{name}logit_shift"] = float((gap - base_gap)[right].mean()) if right.any() else 0.0
         rows.append(row)

@@ -214,6 +214,13 @@ def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     check_resumable(out, {"model": to_dict(mcfg), "train": to_dict(tcfg)})
 
 
+def corpus_record(info: dict, tcfg: TrainConfig) -> dict:
+    """What config.json records of the corpus a run reads (``build_shards``'s ``info``): its sizes,
+    digest and the versions of its sources, which ``check_same_corpus`` compares on resume."""
+    corpus = {k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}
+    return corpus | {"digest": info.get("digest"), "sources": sources(tcfg.corpus)}
+
+
 def check_same_corpus(out: Path, corpus: dict) -> None:
     """Refuse to resume ``out`` on another corpus than the one its config.json records: another
     Python's standard library, another numpy's tests or a changed task generator would change
@@ -286,8 +293,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps, weight_decay=0.0)
     start = 0
     resume = out / "resume.pt"
-    corpus = {k: info[k] for k in ("train_files", "val_files", "train_tokens", "val_tokens", "skipped_non_utf8")}
-    corpus |= {"digest": info.get("digest"), "sources": sources(tcfg.corpus)}
+    corpus = corpus_record(info, tcfg)
     if resume.is_file():
         _check_resumable(out, mcfg, tcfg)
         check_same_corpus(out, corpus)

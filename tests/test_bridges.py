@@ -1,5 +1,6 @@
 import copy
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -226,6 +227,17 @@ def test_resume_is_bit_identical(pair, tmp_path, monkeypatch):
     assert [r["step"] for r in ckpt.read_config(tmp_path / "B")["resumed"]] == [2]
     with pytest.raises(ValueError, match="bridge.kl_coef"):
         run_bridge(pair, tmp_path / "B", "bridge.kl_coef=0.5", max_steps=5)
+
+
+def test_refuses_resume_on_another_corpus(pair, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(pair[1].corpus, corpus)
+    run_bridge(pair, tmp_path / "b", f'train.corpus=["{corpus}"]', max_steps=2)
+    assert ckpt.read_config(tmp_path / "b")["corpus"]["train_files"] > 0
+    first = sorted(corpus.iterdir())[0]
+    first.write_text(first.read_text() + "\nx = 1\n")
+    with pytest.raises(ValueError, match=r"another corpus \(.*digest: checkpoint"):
+        run_bridge(pair, tmp_path / "b", f'train.corpus=["{corpus}"]', max_steps=2)
 
 
 def test_joint_training_from_scratch(pair, tmp_path):
