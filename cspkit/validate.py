@@ -22,6 +22,10 @@ from .model import GPT
 from .prune import TargetNotReached, RankedLoss, split_pairs, bisect, prune, ranking, top_nodes
 
 CHANCE = math.log(2)
+# the controls that prune again (re-initialized weights, random labels): a faithful circuit's
+# pruning should fail on both, and their rows say whether it did (Row.reached_target)
+REINIT, NONSENSE = "re-initialized weights, same sparsity: prune", "random labels: prune"
+PRUNE_CONTROLS = (REINIT, NONSENSE)
 
 
 @dataclass
@@ -34,6 +38,12 @@ class Row:
     raw_loss: float | None = None  # the same without the calibration
     note: str = ""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def reached_target(self) -> bool | None:
+        """For a control that prunes again: whether its pruning reached the target (a row that
+        did not has no loss); None for the other rows."""
+        return self.loss is not None if self.control in PRUNE_CONTROLS else None
 
 
 def reinit_like(model: GPT, seed: int = 0) -> GPT:
@@ -191,10 +201,10 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
                                 statistics.mean(r["raw_loss"] for r in rs),
                                 note=f"{draws} draws, max loss {max(losses):.3f}"))
         elif step == "reinit":
-            rows.append(_prune_control("re-initialized weights, same sparsity: prune", reinit_like(model, seed),
+            rows.append(_prune_control(REINIT, reinit_like(model, seed),
                                        task, circuit, progress))
         elif step == "nonsense":
-            rows.append(_prune_control("random labels: prune", model, nonsense_task(task, seed), circuit, progress))
+            rows.append(_prune_control(NONSENSE, model, nonsense_task(task, seed), circuit, progress))
     return rows
 
 

@@ -7,7 +7,8 @@ import torch
 import cspkit
 from cspkit import tasks
 from cspkit.prune import PruneConfig, prune
-from cspkit.validate import attribution_scores, format_table, nonsense_task, reinit_like, validate
+from cspkit.validate import (NONSENSE, PRUNE_CONTROLS, REINIT, Row, attribution_scores, format_table, nonsense_task,
+                             reinit_like, validate)
 
 FAST = PruneConfig(steps=4, batch_pairs=4, heldout_pairs=16, calib_pairs=8)
 
@@ -53,7 +54,11 @@ def test_validate_table(tiny):
     assert names[:4] == ["full model", "circuit alone (sufficiency)", "circuit ablated (necessity)",
                          "random nodes, same count per location"]
     assert any(n.startswith("stochastic") for n in names)
-    assert any(n.startswith("re-initialized") for n in names) and any(n.startswith("random labels") for n in names)
+    pruned_again = [r for r in rows if r.control in PRUNE_CONTROLS]
+    assert [r.control for r in pruned_again] == [REINIT, NONSENSE]
+    assert all(r.reached_target for r in pruned_again)              # any pruning reaches 10 nats
+    assert all(r.reached_target is None for r in rows if r not in pruned_again)
+    assert Row(NONSENSE, 32, None, None, note="did not reach the target").reached_target is False
     assert rows[1].loss == pytest.approx(c.evaluate(n=8)["loss"], abs=1e-4)
     # necessity: the circuit ablated, with a calibration of its own, in the table and in evaluate
     assert rows[2].loss == pytest.approx(c.evaluate(n=8, invert=True)["loss"], abs=1e-4)
