@@ -363,8 +363,9 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
         act = act.clone()
         act[..., c] += (sign * best.delta)[:, None]
         return act
-    two = tasks_mod.pair_logits(sparse.run_with_hooks(batch["tokens"], {loc: steer}), batch)
-    base = tasks_mod.pair_logits(sparse(batch["tokens"]), batch)
+    with torch.no_grad():
+        two = tasks_mod.pair_logits(sparse.run_with_hooks(batch["tokens"], {loc: steer}), batch)
+        base = tasks_mod.pair_logits(sparse(batch["tokens"]), batch)
     right = base.argmax(-1) == batch["label"]
     shift = float((gap(two) - gap(base))[right].mean()) if right.any() else 0.0
     assert own["sparse_right"] == int(right.sum()) and own["rows"][1]["logit_shift"] == pytest.approx(shift, abs=1e-4)
