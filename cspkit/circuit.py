@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -25,6 +25,9 @@ from . import tasks as tasks_mod
 from .ablation import ABLATIONS, ablation_values, fingerprint, gate_hooks, keep_gates, node_widths
 from .files import atomic_write
 from .model import GPT, node_name, parse_node
+
+if TYPE_CHECKING:
+    from .prune import PruneConfig
 
 FORMAT = "cspkit.circuit/1"
 Edge = tuple[str, str, float]
@@ -227,7 +230,7 @@ class Circuit:
         two, label = masked_pair_logits(model, pairs, gates, self.ablation)
         return score(two, label, self.calibration_for(gates) if invert else self.calibration)
 
-    def prune_config(self):
+    def prune_config(self) -> PruneConfig:
         """The PruneConfig the circuit was found with (the defaults for a circuit built by hand)."""
         from .prune import PruneConfig
         return PruneConfig.from_dict(self.config) if self.config else PruneConfig()

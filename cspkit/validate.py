@@ -201,8 +201,7 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
                                 statistics.mean(r["raw_loss"] for r in rs),
                                 note=f"{draws} draws, max loss {max(losses):.3f}"))
         elif step == "reinit":
-            rows.append(_prune_control(REINIT, reinit_like(model, seed),
-                                       task, circuit, progress))
+            rows.append(_prune_control(REINIT, reinit_like(model, seed), task, circuit, progress))
         elif step == "nonsense":
             rows.append(_prune_control(NONSENSE, model, nonsense_task(task, seed), circuit, progress))
     return rows
