@@ -862,6 +862,18 @@ def _steered(t, split: str, channel: Channel | list[Channel]) -> dict:
             "mean_a": pick("mean_a"), "mean_b": pick("mean_b"), "score": pick("score"), "at": chans[0].at}
 
 
+def format_flips(rows: list[dict]) -> str:
+    """The rows of ``flip_rates`` or ``own_flip_rates``, one line per strength (with the random
+    control's numbers where the rows have them)."""
+    def line(row: dict) -> str:
+        ctl = "control_flip_rate" in row
+        return (f"   strength {row['strength']:4.2f}: flip {row['flip_rate']:.3f}"
+                + (f" (control {row['control_flip_rate']:.3f})" if ctl else "")
+                + f", logit shift {row['logit_shift']:+.3f}"
+                + (f" (control {row['control_logit_shift']:+.3f})" if ctl else ""))
+    return "\n".join(line(row) for row in rows)
+
+
 def _flip_table(two: dict[float, list], label: torch.Tensor, strengths,
                 control: dict[float, list] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """From each strength's candidate logits, ``two[strength]`` (batches of (B, 2); strength 0 is

@@ -369,6 +369,8 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     right = base.argmax(-1) == batch["label"]
     shift = float((gap(two) - gap(base))[right].mean()) if right.any() else 0.0
     assert own["sparse_right"] == int(right.sum()) and own["rows"][1]["logit_shift"] == pytest.approx(shift, abs=1e-4)
+    lines = bridges.format_flips(r["rows"]).splitlines()
+    assert len(lines) == 2 and "(control" in lines[1] and "control" not in bridges.format_flips(own["rows"])
 
     # at the token where the two prompts differ; several channels of one site at once
     at_diff = bridges.channel_stats(sparse, "single_double_quote", nodes, n=8, at="diff")
