@@ -863,15 +863,16 @@ def _steered(t, split: str, channel: Channel | list[Channel]) -> dict:
 
 
 def format_flips(rows: list[dict]) -> str:
-    """The rows of ``flip_rates`` or ``own_flip_rates``, one line per strength (with the random
-    control's numbers where the rows have them)."""
-    def line(row: dict) -> str:
-        ctl = "control_flip_rate" in row
-        return (f"   strength {row['strength']:4.2f}: flip {row['flip_rate']:.3f}"
-                + (f" (control {row['control_flip_rate']:.3f})" if ctl else "")
-                + f", logit shift {row['logit_shift']:+.3f}"
-                + (f" (control {row['control_logit_shift']:+.3f})" if ctl else ""))
-    return "\n".join(line(row) for row in rows)
+    """The rows of ``flip_rates`` or ``own_flip_rates`` as a table under a header, one line per
+    strength, with the random control's columns where the rows have them."""
+    ctl = bool(rows) and "control_flip_rate" in rows[0]
+    cols = [("strength", "strength", 8, ".2f"), ("flip rate", "flip_rate", 10, ".3f")]
+    cols += [("random control", "control_flip_rate", 15, ".3f")] if ctl else []
+    cols += [("logit shift", "logit_shift", 12, ".3f")]
+    cols += [("control", "control_logit_shift", 8, ".3f")] if ctl else []
+    head = " ".join(f"{title:>{width}s}" for title, _, width, _ in cols)
+    return "\n".join([head] + [" ".join(f"{row[key]:>{width}{fmt}}" for _, key, width, fmt in cols)
+                               for row in rows])
 
 
 def _flip_table(two: dict[float, list], label: torch.Tensor, strengths,

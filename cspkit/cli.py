@@ -302,9 +302,7 @@ def cmd_intervene(args) -> None:
              f"{r['split']} split: the dense model prefers the right candidate on {r['dense_right']} of "
              f"{r['prompts']} prompts; flip rate = the fraction of those that switch to the other class's answer; "
              "logit shift = mean change of their other-minus-own candidate logit gap",
-             f"{'strength':>8s} {'flip rate':>10s} {'random control':>15s} {'logit shift':>12s} {'control':>8s}"]
-    lines += [f"{row['strength']:>8.2f} {row['flip_rate']:>10.3f} {row['control_flip_rate']:>15.3f} "
-              f"{row['logit_shift']:>12.3f} {row['control_logit_shift']:>8.3f}" for row in r["rows"]]
+             bridges.format_flips(r["rows"])]
     _emit(args, r, "\n".join(lines))
 
 

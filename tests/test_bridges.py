@@ -370,7 +370,12 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     shift = float((gap(two) - gap(base))[right].mean()) if right.any() else 0.0
     assert own["sparse_right"] == int(right.sum()) and own["rows"][1]["logit_shift"] == pytest.approx(shift, abs=1e-4)
     lines = bridges.format_flips(r["rows"]).splitlines()
-    assert len(lines) == 2 and "(control" in lines[1] and "control" not in bridges.format_flips(own["rows"])
+    assert len(lines) == 3 and lines[0].split() == ["strength", "flip", "rate", "random", "control", "logit",
+                                                    "shift", "control"]
+    assert lines[2].split() == [f"{v:.{p}f}" for v, p in zip(
+        [1.0, r["rows"][1]["flip_rate"], r["rows"][1]["control_flip_rate"], r["rows"][1]["logit_shift"],
+         r["rows"][1]["control_logit_shift"]], [2, 3, 3, 3, 3])]
+    assert "control" not in bridges.format_flips(own["rows"])
 
     # at the token where the two prompts differ; several channels of one site at once
     at_diff = bridges.channel_stats(sparse, "single_double_quote", nodes, n=8, at="diff")
