@@ -46,16 +46,32 @@ def cmd_info(args) -> None:
              "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
              f"{'parameter':32s} {'nonzeros':>10s} {'size':>10s} {'fraction':>9s}"]
     lines += [f"{k:32s} {r['nonzeros']:>10,d} {r['size']:>10,d} {r['fraction']:>9.4f}" for k, r in rep.items()]
-    if args.evals:
+    if args.evals or args.against:
         rows = eval_rows(read_log(args.dir))
         obj["evals"] = rows
         names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
-        lines += ["", "evaluations; each task: loss / accuracy",
+        ref = {}
+        if args.against:
+            ref_rows = eval_rows(read_log(args.against))
+            if not ref_rows:
+                raise ValueError(f"--against {args.against}: no evaluations there; give a run directory "
+                                 "(or its log.jsonl) whose log has val_loss rows")
+            ref = {r["step"]: r for r in ref_rows}
+            obj["against"] = {"dir": str(args.against), "evals": [ref[r["step"]] for r in rows if r["step"] in ref]}
+        nan = float("nan")
+
+        def line(r: dict, head: str) -> str:
+            return f"{head} {r.get('l0', nan):6.3f} {r['val_loss']:8.3f}" + "".join(
+                f" {r.get(f'task/{n}/loss', nan):10.3f} / {r.get(f'task/{n}/accuracy', nan):5.3f}" for n in names)
+        lines += ["", "evaluations; each task: loss / accuracy"
+                  + (f"; under each step, {args.against} at that step" if ref else ""),
                   f"{'step':>6s} {'tokens':>11s} {'l0':>6s} {'val loss':>8s}"
                   + "".join(f" {n[:18]:>18s}" for n in names)]
-        lines += [f"{r['step']:6d} {r['tokens']:11,d} {r['l0']:6.3f} {r['val_loss']:8.3f}" + "".join(
-            f" {r.get(f'task/{n}/loss', float('nan')):10.3f} / {r.get(f'task/{n}/accuracy', float('nan')):5.3f}"
-            for n in names) for r in rows]
+        for r in rows:
+            lines.append(line(r, f"{r['step']:6d} {r['tokens']:11,d}"))
+            if ref:
+                lines.append(line(ref[r["step"]], f"{'':6s} {'against':>11s}") if r["step"] in ref
+                             else f"{'':6s} {'against':>11s} (no evaluation at this step)")
     _emit(args, obj, "\n".join(lines))
 
 
@@ -337,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", type=Path)
     i.add_argument("--evals", action="store_true",
                    help="also every evaluation of its training log: step, L0, val loss, task scores")
+    i.add_argument("--against", type=Path, metavar="REF",
+                   help="with the evaluations, another run's (a directory or its log.jsonl) at the same steps, "
+                        "to follow a run against a reference")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 

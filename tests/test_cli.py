@@ -137,3 +137,19 @@ def test_info_evals_lists_every_evaluation(trained, capsys):
     text = capsys.readouterr().out.split("evaluations; each task: loss / accuracy\n")[1].splitlines()
     assert len(text) == 1 + 3 and text[-1].split()[:1] == ["30"]
     assert float(text[-1].split()[3]) == pytest.approx(rows[-1]["val_loss"], abs=5e-4)
+
+
+def test_info_against_puts_a_reference_run_under_each_evaluation(trained, tmp_path, capsys):
+    rows = ckpt.eval_rows(ckpt.read_log(trained.dir))
+    ref = [dict(r, val_loss=r["val_loss"] + 1.25) for r in rows if r["step"] != 20]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ref))
+    assert main(["info", str(trained.dir), "--against", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["evals"] == rows and out["against"] == {"dir": str(tmp_path), "evals": ref}
+    assert main(["info", str(trained.dir), "--against", str(tmp_path / "log.jsonl")]) == 0
+    text = capsys.readouterr().out.split("at that step\n")[1].splitlines()[1:]
+    assert [t.split()[0] for t in text] == ["10", "against", "20", "against", "30", "against"]
+    assert "no evaluation at this step" in text[3]
+    assert float(text[5].split()[2]) == pytest.approx(rows[-1]["val_loss"] + 1.25, abs=5e-4)
+    assert main(["info", str(trained.dir), "--against", str(tmp_path / "none")]) == 2
+    assert "no evaluations there" in capsys.readouterr().err
