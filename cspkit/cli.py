@@ -33,7 +33,7 @@ def cmd_train(args) -> None:
 
 def cmd_info(args) -> None:
     from .checkpoint import eval_rows, load, read_log
-    from .sparsity import density_report
+    from .sparsity import density_report, format_density
     model = load(args.dir)
     rep = density_report(model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -44,8 +44,7 @@ def cmd_info(args) -> None:
     lines = [f"{args.dir}: {n_params:,} parameters, step {meta.get('step')}, val loss {meta.get('val_loss')}, "
              f"{'dense' if meta.get('dense') else 'weight-sparse'}",
              "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
-             f"{'parameter':32s} {'nonzeros':>10s} {'size':>10s} {'fraction':>9s}"]
-    lines += [f"{k:32s} {r['nonzeros']:>10,d} {r['size']:>10,d} {r['fraction']:>9.4f}" for k, r in rep.items()]
+             format_density(rep)]
     if args.evals or args.against:
         rows = eval_rows(read_log(args.dir))
         obj["evals"] = rows

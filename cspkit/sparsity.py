@@ -75,3 +75,11 @@ def density_report(model: nn.Module) -> dict[str, dict]:
     for group, t in totals.items():
         rows[f"total:{group}"] = {"group": group, **t, "fraction": t["nonzeros"] / max(1, t["size"])}
     return rows
+
+
+def format_density(report: dict[str, dict]) -> str:
+    """The density report as a table: one line per parameter and per group total, under a header."""
+    width = max(len("parameter"), *(len(k) for k in report))
+    lines = [f"{'parameter':{width}s} {'nonzeros':>10s} {'size':>10s} {'fraction':>9s}"]
+    lines += [f"{k:{width}s} {r['nonzeros']:>10,d} {r['size']:>10,d} {r['fraction']:>9.4f}" for k, r in report.items()]
+    return "\n".join(lines)

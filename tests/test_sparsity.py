@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cspkit.model import GPT
-from cspkit.sparsity import density_report, l0_fraction, n_keep, neuron_axis, project_, project_model_
+from cspkit.sparsity import density_report, format_density, l0_fraction, n_keep, neuron_axis, project_, project_model_
 
 
 def nnz(t: torch.Tensor) -> int:
@@ -119,6 +119,17 @@ def test_project_model_gives_each_group_its_fraction(tiny_cfg):
     params = dict(model.named_parameters())
     for name, before in untouched.items():
         assert torch.equal(params[name], before), f"{name} must never be projected"
+
+
+def test_format_density_has_a_line_per_report_row(tiny_cfg):
+    model = _random_gpt(tiny_cfg)
+    project_model_(model, 0.1, 0.3)
+    rep = density_report(model)
+    header, *lines = format_density(rep).splitlines()
+    assert header.split() == ["parameter", "nonzeros", "size", "fraction"]
+    assert len(lines) == len(rep)
+    for line, (name, r) in zip(lines, rep.items()):
+        assert line.split() == [name, f"{r['nonzeros']:,}", f"{r['size']:,}", f"{r['fraction']:.4f}"]
 
 
 def test_project_model_min_per_neuron(tiny_cfg):
