@@ -24,9 +24,9 @@ test: $(VENV)/.installed
 # stdout to a file, written only when the command succeeds
 save = > $(1).tmp && mv $(1).tmp $(1)
 
-# on idle cores: the step-time ratio, as text and JSON from one run
+# on idle cores: the step-time ratio (and what the attention sink adds), as text and JSON from one run
 bench: $(VENV)/.installed
-	$(PY) bench/train_overhead.py --out results/train_overhead.json $(call save,results/train_overhead.txt)
+	$(PY) bench/train_overhead.py --variant sink=true --out results/train_overhead.json $(call save,results/train_overhead.txt)
 
 # results/frontier.json and .png: every task pruned with two seeds on the shipped small pair and
 # the paper-shaped models (default PruneConfig; hours on 2 cores, minutes on a GPU), then merged

@@ -4,9 +4,12 @@ The sparse step is the dense step plus the top-k projection of every matrix at t
 L0; both run in fp32, whatever the profile's autocast. A third model times the sparse step
 under bf16 autocast, which pays where the CPU multiplies bfloat16 natively (AMX, AVX512-BF16);
 where it emulates bfloat16 (20x slower) the third model is left out and the output says so.
+`--variant key=value` adds one more sparse model (fp32) with that change and prints what it
+costs against the plain sparse step: `--variant sink=true` prices the attention sink.
 Steps of the models alternate, and each time is the median over the steps.
 Usage: python bench/train_overhead.py [--profile small] [--steps 12] [--warmup 3] [--out results/train_overhead.json]
-       [key=value ...]   (overrides of the profile, as cspkit train takes them: d_model=512 l0_frac=0.015625)
+       [--variant key=value ...] [key=value ...]   (overrides of the profile, as cspkit train takes them:
+       d_model=512 l0_frac=0.015625)
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the result as JSON (the same run as the printed one)")
+    ap.add_argument("--variant", action="append", default=[], metavar="key=value",
+                    help="also time the sparse step with this change to the config (repeatable, all applied together)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the profile's config")
     args = ap.parse_args()
     args.profile = resolve_profile(args.profile)  # recorded as what it is, not as an alias that may move on
@@ -61,6 +66,9 @@ def main() -> None:
     runners = {"dense": Runner(mcfg, replace(tcfg, dense=True)), "sparse": Runner(mcfg, tcfg)}
     if native_bf16(torch.device("cpu")):
         runners["sparse_bf16"] = Runner(mcfg, replace(tcfg, autocast="bf16"))
+    if args.variant:
+        vm, vt = config_for(args.profile, overrides=args.overrides + args.variant)
+        runners["variant"] = Runner(vm, replace(vt, autocast=None))
     times: dict[str, list[float]] = {k: [] for k in runners}
     # alternate the two, step by step, so that load from elsewhere falls on both alike
     for i in range(args.warmup + args.steps):
@@ -78,6 +86,11 @@ def main() -> None:
         bf16_text = f"sparse under bf16 autocast {bf16:.3f} s/step, {sparse / bf16:.2f}x faster"
     else:
         bf16_text = "bf16 autocast not timed: this CPU emulates bfloat16"
+    variant_text = ""
+    if "variant" in times:
+        var = median(times["variant"])
+        out.update(variant=args.variant, variant_s=round(var, 4), ratio_variant_over_sparse=round(var / sparse, 3))
+        variant_text = f"; sparse with {' '.join(args.variant)} {var:.3f} s/step, {var / sparse:.3f}x the sparse step"
     if args.out:
         atomic_write(args.out, (json.dumps(out) + "\n").encode())
     if args.json:
@@ -86,7 +99,7 @@ def main() -> None:
         shape = " ".join([args.profile, *args.overrides])
         print(f"profile {shape}, {out['threads']} threads, {out['tokens_per_step']} tokens/step: "
               f"dense {dense:.3f} s/step, sparse {sparse:.3f} s/step, "
-              f"ratio sparse/dense {sparse / dense:.3f} (goal <= 1.10); {bf16_text}")
+              f"ratio sparse/dense {sparse / dense:.3f} (goal <= 1.10); {bf16_text}{variant_text}")
 
 
 if __name__ == "__main__":
