@@ -188,7 +188,7 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # the first shipped pair (in git history) and the results made with it: about an hour on 2
     # CPU cores, d_model 256, matrices 1/16 and embeddings 1/4, the standard library alone (which
     # closes a nested list literal 41 times, too few for bracket_counting). No attention sink
-    # in either (it costs a third of the step time on CPU).
+    # in either (until session 25 it cost 1.5 to 2.2 times the CPU step; README, "Speed").
     "small-v1": (ModelConfig(sink=False),
                  TrainConfig(max_steps=2400, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200)),
     **{f"paper-e{e}": _paper(e) for e in (1, 2, 4, 8)},
