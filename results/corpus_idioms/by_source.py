@@ -12,8 +12,6 @@ import dataclasses
 import re
 import sys
 
-import torch
-
 import cspkit
 from cspkit import data, tasks
 from cspkit.config import profile
@@ -41,8 +39,7 @@ settings = dataclasses.replace(recipe, eval_batches=BATCHES)
 print(f"\n{'model':28s}" + "".join(f"{n:>24s}" for n in mixes) + "   bracket loss  margin flat  margin nested")
 for path in sys.argv[1:]:
     model = cspkit.load(path)
-    with torch.no_grad():
-        losses = [evaluate_loss(model, d, settings, model.config.block_size) for d in evals.values()]
+    losses = [evaluate_loss(model, d, settings, model.config.block_size) for d in evals.values()]
     r = tasks.evaluate(model, "bracket_counting")
     print(f"{path:28s}" + "".join(f"{v:24.3f}" for v in losses)
           + f"   {r['loss']:12.3f}  {r['margin_a']:+11.2f}  {r['margin_b']:+13.2f}")
