@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, asdict
+from pathlib import Path
 from typing import Any
 
 # The node locations of one layer, in forward order (METHOD.md section 1).
@@ -50,6 +51,12 @@ class ModelConfig:
                 raise ValueError(f"{name}={val!r} is not supported; choose one of {list(ok)}")
         if self.afrac is not None and not 0 < self.afrac <= 1:
             raise ValueError(f"afrac={self.afrac} must be in (0, 1] or None")
+
+
+def is_shard_dir(path: str) -> bool:
+    """Whether ``path`` holds shards built before (cspkit.data.build_shards): a corpus entry that
+    is such a directory stands for all the entries it was built from."""
+    return (Path(path) / "info.json").is_file()
 
 
 def check_corpus_weights(weights: list[float], n: int, entries: str) -> None:
@@ -105,7 +112,12 @@ class TrainConfig:
             self.corpus = [self.corpus]
         if self.corpus_weights is not None:
             self.corpus_weights = [float(w) for w in self.corpus_weights]
-            check_corpus_weights(self.corpus_weights, len(self.corpus or ["stdlib"]), f"{self.corpus or ['stdlib']}")
+            entries = self.corpus or ["stdlib"]
+            if len(entries) == 1 and is_shard_dir(entries[0]):
+                # built from several entries, perhaps: cspkit.data.TokenData counts the weights against them
+                check_corpus_weights(self.corpus_weights, len(self.corpus_weights), f"{entries}")
+            else:
+                check_corpus_weights(self.corpus_weights, len(entries), f"{entries}")
         if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
         if not 0 <= self.anneal_start <= self.anneal_end <= 1:

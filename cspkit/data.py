@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import check_corpus_weights
+from .config import check_corpus_weights, is_shard_dir
 from .files import atomic_dir, atomic_write
 from .tokenizer import get_encoding, tokenizer_id, DEFAULT_PATH as TOKENIZER_PATH
 
@@ -220,7 +220,7 @@ def build_shards(paths: list[str] | None = None, val_percent: float = 5.0,
     reading it again.
     """
     tok_path = tokenizer or str(TOKENIZER_PATH)
-    if paths and len(paths) == 1 and (Path(paths[0]) / "info.json").is_file():
+    if paths and len(paths) == 1 and is_shard_dir(paths[0]):
         return _prebuilt(Path(paths[0]), tok_path)
     enc = get_encoding(tok_path)
     corpus = corpus or load_corpus(paths, val_percent)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cspkit
+from cspkit.config import TrainConfig
 from cspkit.data import TokenData, build_shards, cache_dir, is_val, list_files, load_corpus, sources
 from cspkit.tokenizer import get_encoding
 from conftest import JSON_FILES, VAL_FILES, VAL_PERCENT, write_modules
@@ -180,6 +181,24 @@ def test_prebuilt_shards_are_used_as_they_are(corpus_dir, tmp_path):
     (moved / "info.json").write_text(json.dumps({**info, "tokenizer": "other-tokenizer"}))
     with pytest.raises(ValueError, match="other-tokenizer"):
         build_shards([str(moved)], VAL_PERCENT)
+
+
+def test_prebuilt_shards_of_several_entries_take_their_weights(tmp_path):
+    """A shard directory copied to another machine stands for every entry it was built from: a
+    TrainConfig naming it alone takes one weight per entry, and the mixture is the original's."""
+    a = write_modules(tmp_path / "a", 4, "x = 1\n")
+    b = write_modules(tmp_path / "b", 4, "y = [[2, 3]]\n")
+    info = build_shards([str(a), str(b)], 0)
+    moved = tmp_path / "shards"
+    shutil.copytree(info["dir"], moved)
+    tcfg = TrainConfig(corpus=[str(moved)], corpus_weights=[1, 3])
+    again = build_shards(tcfg.corpus)
+    assert torch.equal(TokenData(again, "train", tcfg.corpus_weights).batch(8, 4, seed=0, step=1)[0],
+                       TokenData(info, "train", [1, 3]).batch(8, 4, seed=0, step=1)[0])
+    with pytest.raises(ValueError, match="one per corpus entry"):
+        TokenData(again, "train", TrainConfig(corpus=[str(moved)], corpus_weights=[1, 1, 1]).corpus_weights)
+    with pytest.raises(ValueError, match="one per corpus entry"):  # a plain directory is one entry
+        TrainConfig(corpus=[str(a)], corpus_weights=[1, 3])
 
 
 def test_build_shards_counts_skipped(corpus_dir):
