@@ -17,7 +17,7 @@ def _emit(args, obj: dict, human: str) -> None:
 
 def cmd_train(args) -> None:
     from .config import resolve_profile
-    from .train import config_for, train
+    from .train import config_for, last_run, train
     mcfg, tcfg = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                             overrides=args.overrides)
     command = "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -25,10 +25,11 @@ def cmd_train(args) -> None:
     from .checkpoint import read_config
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary (one JSON object), from rank 0
         return
-    cfg = read_config(args.out)
-    _emit(args, {"out": str(args.out), "step": cfg.get("step"), "val_loss": cfg.get("val_loss")},
+    out = last_run(tcfg, args.out)  # with cycles, a stage's directory where the chain stopped early
+    cfg = read_config(out)
+    _emit(args, {"out": str(out), "step": cfg.get("step"), "val_loss": cfg.get("val_loss")},
           f"trained {args.profile}{' (dense)' if tcfg.dense else ''} to step {cfg.get('step')}: "
-          f"val loss {cfg.get('val_loss')} -> {args.out}")
+          f"val loss {cfg.get('val_loss')} -> {out}")
 
 
 def cmd_info(args) -> None:

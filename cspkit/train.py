@@ -265,6 +265,8 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
     ``command`` (the command line that started it) and ``profile`` (the name of the profile it
     configures, aliases resolved) are recorded in config.json."""
     out = Path(out)
+    if tcfg.cycles:
+        return train_stages(mcfg, tcfg, out, progress, command, profile)
     for name in tcfg.eval_tasks or []:
         tasks.get(name)  # an unknown name fails before any file is written, not at the first evaluation
     rank, world = _dist_info()
@@ -347,6 +349,51 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
             raise RuntimeError(f"ranks diverged: parameter checksums (sum |p|, sum p) per rank "
                                f"{[g.tolist() for g in gathered]}")
     return model.eval()
+
+
+def stages(tcfg: TrainConfig, out: Path) -> list[tuple[TrainConfig, Path]]:
+    """The runs a config with ``cycles`` stands for, each with its directory: its own schedule,
+    then one warm restart per cycle from the weights of the run before, the last one in ``out``."""
+    main = replace(tcfg, cycles=None)
+    runs = [main] + [replace(main, max_steps=n, seed=tcfg.seed + k, anneal_start=0.0, anneal_end=0.0)
+                     for k, n in enumerate(tcfg.cycles or [], start=1)]
+    dirs = [out / "stages" / str(k) for k in range(len(runs) - 1)] + [out]
+    runs = [runs[0]] + [replace(r, init_from=str(d)) for r, d in zip(runs[1:], dirs)]
+    return list(zip(runs, dirs))
+
+
+def _stage_end(out: Path, tcfg: TrainConfig) -> str | None:
+    """How the run in ``out`` ended: "done" (all its steps), "target" (stop_at_val_loss) or None."""
+    if not (out / "config.json").is_file():
+        return None
+    cfg = ckpt.read_config(out)
+    if cfg.get("step", 0) >= tcfg.max_steps:
+        return "done"
+    target, val = tcfg.stop_at_val_loss, cfg.get("val_loss")
+    return "target" if target is not None and val is not None and val <= target else None
+
+
+def last_run(tcfg: TrainConfig, out: Path) -> Path:
+    """Where training into ``out`` got to: ``out`` itself, or the stage (cycles) that ended or paused the chain."""
+    for tcfg_k, out_k in stages(tcfg, Path(out)):
+        if _stage_end(out_k, tcfg_k) != "done":
+            return out_k
+    return Path(out)
+
+
+def train_stages(mcfg: ModelConfig, tcfg: TrainConfig, out: Path, progress: bool = True,
+                 command: str | None = None, profile: str | None = None) -> GPT:
+    """Train the runs of ``stages`` in turn, each an ordinary run (resumed where it stopped; one
+    that ended is not run again). A run that reaches stop_at_val_loss ends the chain there, and
+    stop_at_step (a step of whichever run is going) pauses it: the same command carries on."""
+    for tcfg_k, out_k in stages(tcfg, out):
+        model, end = None, _stage_end(out_k, tcfg_k)
+        if end is None:
+            model = train(mcfg, tcfg_k, out_k, progress, command, profile)
+            end = _stage_end(out_k, tcfg_k)
+        if end != "done":
+            break
+    return model if model is not None else ckpt.load(out_k, device=pick_device(tcfg.device))
 
 
 def config_for(profile_name: str, dense: bool = False, seed: int | None = None, max_steps: int | None = None,

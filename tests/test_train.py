@@ -301,3 +301,58 @@ def test_stop_at_step_then_resume_equals_one_run(trained, tmp_path, monkeypatch)
     assert b["step"] == 30
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_cycles_are_the_chain_of_init_from_runs(trained, tmp_path):
+    """cycles=[6, 6]: the run's own schedule into stages/0, then two warm restarts, each a plain run
+    begun from the weights before it (seed + k, final sparsity from step 0), the last into OUT.
+    The chain's weights equal those of the same runs started by hand; a run that ended is not
+    run again; a pause by stop_at_step resumes to the same weights."""
+    from cspkit.train import last_run, stages
+    mcfg, tcfg = trained.mcfg, replace(trained.tcfg, cycles=[6, 6])
+    out = tmp_path / "chain"
+    train(mcfg, tcfg, out, progress=False)
+    runs = stages(tcfg, out)
+    assert [d for _, d in runs] == [out / "stages" / "0", out / "stages" / "1", out]
+    cfgs = [ckpt.read_config(d)["train"] for _, d in runs]
+    assert [c["seed"] for c in cfgs] == [0, 1, 2] and [c["max_steps"] for c in cfgs] == [30, 6, 6]
+    assert [c["init_from"] for c in cfgs] == [None, str(out / "stages" / "0"), str(out / "stages" / "1")]
+    assert all(c["cycles"] is None for c in cfgs) and cfgs[1]["anneal_end"] == cfgs[2]["anneal_end"] == 0
+    for k, v in final_state(trained.dir)["model"].items():  # stage 0 is the plain run
+        assert torch.equal(v, final_state(out / "stages" / "0")["model"][k]), k
+    by_hand = tmp_path / "by_hand"
+    train(mcfg, replace(trained.tcfg, max_steps=6, seed=1, anneal_start=0.0, anneal_end=0.0,
+                        init_from=str(trained.dir)), by_hand, progress=False)
+    for k, v in final_state(by_hand)["model"].items():
+        assert torch.equal(v, final_state(out / "stages" / "1")["model"][k]), k
+    assert last_run(tcfg, out) == out
+    # the restarts hold the final sparsity: no matrix has more nonzeros than the first run kept
+    first, last = density_report(ckpt.load(out / "stages" / "0")), density_report(ckpt.load(out))
+    assert all(last[name]["nonzeros"] <= row["nonzeros"] for name, row in first.items())
+
+    before = (out / "stages" / "0" / "model.safetensors").stat().st_mtime_ns
+    again = train(mcfg, tcfg, out, progress=False)  # every run ended: nothing is trained again
+    assert (out / "stages" / "0" / "model.safetensors").stat().st_mtime_ns == before
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, final_state(out)["model"][k]), k
+
+    paused = tmp_path / "paused"
+    train(mcfg, replace(tcfg, stop_at_step=3), paused, progress=False)
+    assert last_run(tcfg, paused) == paused / "stages" / "0" and not (paused / "stages" / "1").exists()
+    train(mcfg, tcfg, paused, progress=False)
+    for k, v in final_state(out)["model"].items():
+        assert torch.equal(v, final_state(paused)["model"][k]), k
+
+
+def test_cycles_end_at_the_target_loss(trained, tmp_path):
+    """A run of the chain that reaches stop_at_val_loss ends it: no later run starts."""
+    from cspkit.train import last_run
+    tcfg = replace(trained.tcfg, cycles=[6], stop_at_val_loss=100.0)
+    out = tmp_path / "target"
+    model = train(trained.mcfg, tcfg, out, progress=False)
+    assert last_run(tcfg, out) == out / "stages" / "0" and not (out / "config.json").exists()
+    assert ckpt.read_config(out / "stages" / "0")["step"] == trained.tcfg.eval_interval
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, final_state(out / "stages" / "0")["model"][k]), k
+    with pytest.raises(ValueError, match="one positive step count"):
+        replace(trained.tcfg, cycles=[0])
