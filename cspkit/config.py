@@ -59,9 +59,10 @@ def is_shard_dir(path: str) -> bool:
     return (Path(path) / "info.json").is_file()
 
 
-def check_corpus_weights(weights: list[float], n: int, entries: str) -> None:
-    """Refuse weights that are not one non-negative number per corpus entry, some positive."""
-    if len(weights) != n or any(w < 0 for w in weights) or not sum(weights) > 0:
+def check_corpus_weights(weights: list[float], n: int | None, entries: str) -> None:
+    """Refuse weights that are not one non-negative number per corpus entry, some positive;
+    ``n`` None: the entries are not known yet (a shard directory), so their count is left."""
+    if n is not None and len(weights) != n or any(w < 0 for w in weights) or not sum(weights) > 0:
         raise ValueError(f"corpus_weights={weights} needs {n} non-negative numbers, one per corpus entry "
                          f"{entries}, not all zero")
 
@@ -117,11 +118,9 @@ class TrainConfig:
         if self.corpus_weights is not None:
             self.corpus_weights = [float(w) for w in self.corpus_weights]
             entries = self.corpus or ["stdlib"]
-            if len(entries) == 1 and is_shard_dir(entries[0]):
-                # built from several entries, perhaps: cspkit.data.TokenData counts the weights against them
-                check_corpus_weights(self.corpus_weights, len(self.corpus_weights), f"{entries}")
-            else:
-                check_corpus_weights(self.corpus_weights, len(entries), f"{entries}")
+            # a shard directory may be built from several entries: cspkit.data.TokenData counts them
+            n = None if len(entries) == 1 and is_shard_dir(entries[0]) else len(entries)
+            check_corpus_weights(self.corpus_weights, n, f"{entries}")
         if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
         if not 0 <= self.anneal_start <= self.anneal_end <= 1:
