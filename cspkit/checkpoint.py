@@ -158,6 +158,23 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
+def read_chain_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The log of a run and of the stages before it (``cycles``: ``path/stages/K``, see
+    ``cspkit.train.stages``) as one run's: rows in order, each with its ``stage`` and with its
+    ``step`` and ``tokens`` counted from the start of stage 0. A run without stages reads as
+    ``read_log`` does, each row at stage 0."""
+    path = Path(path)
+    stage_dirs = sorted((d for d in (path / "stages").glob("*") if d.name.isdigit()), key=lambda d: int(d.name))
+    rows: list[dict[str, Any]] = []
+    step0 = tokens0 = 0
+    for k, d in enumerate([*stage_dirs, path]):
+        part = [{**r, "stage": k, "step": r["step"] + step0, "tokens": r["tokens"] + tokens0} for r in read_log(d)]
+        if part:
+            rows += part
+            step0, tokens0 = part[-1]["step"], part[-1]["tokens"]
+    return rows
+
+
 def eval_rows(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of a log written at evaluations (those with a validation loss)."""
     return [r for r in log if "val_loss" in r]

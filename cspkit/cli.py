@@ -33,7 +33,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import eval_rows, load, read_log
+    from .checkpoint import eval_rows, load, read_chain_log
     from .sparsity import density_report, format_density
     model = load(args.dir)
     rep = density_report(model)
@@ -47,12 +47,13 @@ def cmd_info(args) -> None:
              "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
              format_density(rep)]
     if args.evals or args.against:
-        rows = eval_rows(read_log(args.dir))
+        # a run with warm restarts (cycles) reads as one, its steps counted from its first stage
+        rows = eval_rows(read_chain_log(args.dir))
         obj["evals"] = rows
         names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
         ref = {}
         if args.against:
-            ref_rows = eval_rows(read_log(args.against))
+            ref_rows = eval_rows(read_chain_log(args.against))
             if not ref_rows:
                 raise ValueError(f"--against {args.against}: no evaluations there; give a run directory "
                                  "(or its log.jsonl) whose log has val_loss rows")

@@ -2,6 +2,7 @@
 schedule, weight density, task scores, the loss-against-circuit-size frontier, bridge quality and steering."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -11,12 +12,13 @@ from matplotlib.patches import Patch
 from .checkpoint import eval_rows
 from .config import TrainConfig
 from .sparsity import density_report
-from .train import schedule
+from .train import schedule, stages
 
 
 def plot_training(logs: dict[str, list[dict[str, Any]]]) -> Figure:
     """Train and validation loss against tokens, and the L0 fraction of the matrices against
-    step, for one or more runs (label -> rows of ``cspkit.checkpoint.read_log``)."""
+    step, for one or more runs (label -> rows of ``cspkit.checkpoint.read_log``, or of
+    ``read_chain_log`` for a run with warm restarts)."""
     fig = Figure(figsize=(11, 3.8))
     ax_loss, ax_l0 = fig.subplots(1, 2)
     for label, rows in logs.items():
@@ -58,9 +60,10 @@ def plot_task_curves(logs: dict[str, list[dict[str, Any]]], target: float = 0.15
 
 
 def plot_schedule(t: TrainConfig) -> Figure:
-    """Learning rate and kept fractions of ``cspkit.train.schedule`` over a whole run."""
-    steps = range(t.max_steps)
-    rows = [schedule(s, t) for s in steps]
+    """Learning rate and kept fractions of ``cspkit.train.schedule`` over a whole run, and over
+    each warm restart after it where the config has ``cycles`` (``cspkit.train.stages``)."""
+    rows = [schedule(s, tk) for tk, _ in stages(t, Path(".")) for s in range(tk.max_steps)]
+    steps = range(len(rows))
     fig = Figure(figsize=(11, 3.5))
     ax_lr, ax_frac = fig.subplots(1, 2)
     ax_lr.plot(steps, [r["lr"] for r in rows])

@@ -326,6 +326,17 @@ def test_cycles_are_the_chain_of_init_from_runs(trained, tmp_path):
     for k, v in final_state(by_hand)["model"].items():
         assert torch.equal(v, final_state(out / "stages" / "1")["model"][k]), k
     assert last_run(tcfg, out) == out
+    # the chain's log reads as one run's, its steps and tokens counted from stage 0
+    log = ckpt.read_chain_log(out)
+    parts = [ckpt.read_log(d) for _, d in runs]
+    assert [r["stage"] for r in log] == [k for k, part in enumerate(parts) for _ in part]
+    assert [r["step"] for r in log] == [r["step"] + 30 * (k > 0) + 6 * (k > 1)
+                                        for k, part in enumerate(parts) for r in part]
+    assert log[-1]["step"] == 42 and log[-1]["tokens"] == sum(part[-1]["tokens"] for part in parts)
+    assert ckpt.read_chain_log(trained.dir) == [{**r, "stage": 0} for r in ckpt.read_log(trained.dir)]
+    from cspkit.plots import plot_schedule
+    lr = plot_schedule(tcfg).axes[0].lines[0].get_ydata()
+    assert len(lr) == 42 and lr[29] < lr[30] and lr[35] < lr[30] < lr[36] * 1.001  # each restart starts again
     # the restarts hold the final sparsity: no matrix has more nonzeros than the first run kept
     first, last = density_report(ckpt.load(out / "stages" / "0")), density_report(ckpt.load(out))
     assert all(last[name]["nonzeros"] <= row["nonzeros"] for name, row in first.items())
