@@ -186,8 +186,8 @@ def _paper(e: int) -> tuple[ModelConfig, TrainConfig]:
     return m, t
 
 
-# `small` (PROFILE_ALIASES): the recipe of the shipped pair (README, "The shipped models";
-# results/corpus_idioms/, "The recipe as one command"): the fixed nonzeros of small-v1 spread
+# small-v2: the recipe of the second shipped pair (results/HISTORY.md) and the first stage of
+# small-v3 (results/corpus_idioms/, "The recipe as one command"): the fixed nonzeros of small-v1 spread
 # over 1.5 times the width (matrices keep 1/36 of their entries, embeddings and biases 1/6),
 # cut by 30% of a 7,500-step schedule; numpy's and sympy's tests for the nested literals
 # bracket_counting needs, and a tenth of the windows from the tasks' own train-split idioms.
@@ -208,9 +208,10 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
              TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
                          ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
     "small-v2": _SMALL_V2,
-    # small-v2 and three warm restarts of 2,400 steps: bracket counting's loss under issue 3's
-    # 0.15, about 2.6 + 3.5 hours here (results/corpus_idioms/, "A second and a third cycle",
-    # measured as four runs, the first of them the shipped small-v2 model trained in fp32)
+    # `small` (PROFILE_ALIASES), the recipe of the shipped pair: small-v2 and three warm restarts
+    # of 2,400 steps, bracket counting's loss under issue 3's 0.15, about 2.6 + 3.5 hours here
+    # (results/corpus_idioms/, "A second and a third cycle"; the shipped sparse model was
+    # measured as four runs, the first of them in fp32: data/models/small-sparse/stages/)
     "small-v3": (_SMALL_V2[0], dataclasses.replace(_SMALL_V2[1], cycles=[2400, 2400, 2400])),
     # the first shipped pair (in git history) and the results made with it: about an hour on 2
     # CPU cores, d_model 256, matrices 1/16 and embeddings 1/4, the standard library alone (which
@@ -255,7 +256,7 @@ def bridge_profile(name: str) -> tuple[BridgeConfig, TrainConfig]:
 # A profile's recipe never changes; `small` names the newest small one. config.json records the
 # name a run's profile resolved to ("profile"), so each model stays checkable against its recipe
 # after the alias moves on (before this, `small` itself changed: it was what is now small-v1).
-PROFILE_ALIASES = {"small": "small-v2"}
+PROFILE_ALIASES = {"small": "small-v3"}
 
 
 def resolve_profile(name: str) -> str:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 import subprocess
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def test_profiles_round_trip_and_are_copies():
     with pytest.raises(ValueError, match="unknown profile 'huge'; choose one of small, tiny, small-v2"):
         profile("huge")
     # an alias configures what it points to, and is not itself a recipe that could change
-    assert resolve_profile("small") == "small-v2" and resolve_profile("tiny") == "tiny"
-    assert profile("small") == profile("small-v2") and "small" not in PROFILES
+    assert resolve_profile("small") == "small-v3" and resolve_profile("tiny") == "tiny"
+    assert profile("small") == profile("small-v3") and "small" not in PROFILES
 
 
 def test_apply_overrides_parses_values():
@@ -124,8 +125,8 @@ def test_config_for():
 
 # The configs made before the `small` profile became the wide-idioms recipe: their commands say
 # `--profile small` and meant what is now `small-v1`. Closed: configs made since record the
-# profile their command resolved to ("profile"), and the few made between the two (no "profile",
-# `--profile small`) meant small-v2, which `small` still names.
+# profile their command resolved to ("profile"); the one made between the two (no "profile",
+# `--profile small`) meant small-v2.
 _MADE_UNDER_SMALL_V1 = {
     "results/corpus_numpy/config.json",
     "results/corpus_tests/sparse_config.json", "results/corpus_tests/more_config.json",
@@ -134,6 +135,7 @@ _MADE_UNDER_SMALL_V1 = {
     "results/corpus_idioms/wide_config.json", "results/corpus_idioms/wide_more_config.json",
     "results/corpus_idioms/idioms3_config.json", "results/corpus_idioms/long_config.json",
 }
+_MADE_UNDER_SMALL_V2 = {"results/corpus_idioms/dense128_config.json"}
 
 
 # results/corpus_mix/ was made while the `small` profile itself held its corpus (see the
@@ -199,11 +201,30 @@ def test_packages_read_as_corpus_are_pinned_at_the_recorded_versions():
     assert {(name, pins[name]) for name, _ in recorded} == set(recorded), recorded
 
 
-def test_small_profile_is_the_wide_idioms_long_recipe():
-    """Plain `cspkit train --profile small` configures the run results/corpus_idioms/ measured
-    (11 tasks solved), so the pair trained with it is that model."""
+def test_small_v2_profile_is_the_wide_idioms_long_recipe():
+    """`--profile small-v2`, the first stage of today's `small`, configures the run
+    results/corpus_idioms/ measured (11 tasks solved)."""
     _assert_configured_by(json.loads((REPO / "results/corpus_idioms/long_config.json").read_text()),
-                          *config_for("small"))
+                          *config_for("small-v2"))
+
+
+def test_small_profile_is_the_shipped_sparse_models_chain():
+    """`--profile small` is small-v2 and three warm restarts: the shipped sparse model's four runs
+    (data/models/small-sparse and its stages/), save for their numerics (the first run in fp32,
+    the restarts under bf16) and the directories they began from (each restart from the run
+    before, copied elsewhere), with seeds 0, 1, 2, 3."""
+    from cspkit.train import stages
+    m, t = config_for("small", overrides=["autocast=null"])
+    runs = [json.loads((REPO / f"data/models/small-sparse/{p}config.json").read_text())
+            for p in ("stages/0/", "stages/1/", "stages/2/", "")]
+    chain = stages(t, Path("runs/small-sparse"))
+    assert len(chain) == len(runs) == 4
+    for k, ((tk, _), cfg) in enumerate(zip(chain, runs)):
+        if k:
+            tk = replace(tk, autocast="bf16", init_from=cfg["train"]["init_from"])
+        _assert_configured_by(cfg, m, tk)
+    log = ckpt.read_chain_log(REPO / "data/models/small-sparse")
+    assert log[-1]["step"] == sum(cfg["train"]["max_steps"] for cfg in runs) == 7500 + 3 * 2400
 
 
 @pytest.mark.parametrize("path", _train_configs())
@@ -215,9 +236,9 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     from cspkit.cli import build_parser
     cfg = json.loads((REPO / path).read_text())
     args = build_parser().parse_args(shlex.split(cfg["command"])[1:])
-    if path in _MADE_UNDER_SMALL_V1:
+    if path in _MADE_UNDER_SMALL_V1 | _MADE_UNDER_SMALL_V2:
         assert args.profile == "small" and "profile" not in cfg
-        args.profile = "small-v1"
+        args.profile = "small-v1" if path in _MADE_UNDER_SMALL_V1 else "small-v2"
     # the profile the command resolved to when it ran; configs made before it was recorded
     # resolve their command's name today
     args.profile = cfg.get("profile") or args.profile

@@ -28,7 +28,7 @@ NAMES=("$@"); [ ${#NAMES[@]} -eq 0 ] && NAMES=("${!V[@]}")
 mkdir -p "$OUT/runs"
 for n in "${NAMES[@]}"; do
   # shellcheck disable=SC2086  # each variant is a list of words
-  $PY -m cspkit.cli train --profile small --out "$OUT/runs/$n" max_steps=$STEPS threads=1 \
+  $PY -m cspkit.cli train --profile small-v2 --out "$OUT/runs/$n" max_steps=$STEPS threads=1 \
       "corpus=[\"$SHARDS\"]" ${V[$n]} > "$OUT/runs/$n.log" 2>&1 &
 done
 end=$((SECONDS + DEADLINE))
