@@ -158,16 +158,24 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
+def stage_dir(out: str | os.PathLike, k: int) -> Path:
+    """Where run ``k`` of a chain of warm restarts into ``out`` keeps its checkpoint (all but the
+    last, which is ``out`` itself; ``cspkit.train.stages``)."""
+    return Path(out) / "stages" / str(k)
+
+
 def read_chain_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The log of a run and of the stages before it (``cycles``: ``path/stages/K``, see
     ``cspkit.train.stages``) as one run's: rows in order, each with its ``stage`` and with its
     ``step`` and ``tokens`` counted from the start of stage 0. A run without stages reads as
     ``read_log`` does, each row at stage 0."""
     path = Path(path)
-    stage_dirs = sorted((d for d in (path / "stages").glob("*") if d.name.isdigit()), key=lambda d: int(d.name))
+    n_stages = 0
+    while stage_dir(path, n_stages).is_dir():
+        n_stages += 1
     rows: list[dict[str, Any]] = []
     step0 = tokens0 = 0
-    for k, d in enumerate([*stage_dirs, path]):
+    for k, d in enumerate([*(stage_dir(path, k) for k in range(n_stages)), path]):
         part = [{**r, "stage": k, "step": r["step"] + step0, "tokens": r["tokens"] + tokens0} for r in read_log(d)]
         if part:
             rows += part

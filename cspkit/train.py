@@ -355,7 +355,7 @@ def stages(tcfg: TrainConfig, out: Path) -> list[tuple[TrainConfig, Path]]:
     """The runs a config with ``cycles`` stands for, each with its directory: its own schedule,
     then one warm restart per cycle from the weights of the run before, the last one in ``out``."""
     cycles = tcfg.cycles or []
-    dirs = [out / "stages" / str(k) for k in range(len(cycles))] + [out]
+    dirs = [ckpt.stage_dir(out, k) for k in range(len(cycles))] + [Path(out)]
     main = replace(tcfg, cycles=None)
     runs = [main] + [replace(main, max_steps=n, seed=tcfg.seed + k, anneal_start=0.0, anneal_end=0.0,
                              init_from=str(dirs[k - 1])) for k, n in enumerate(cycles, start=1)]

@@ -135,7 +135,9 @@ _MADE_UNDER_SMALL_V1 = {
     "results/corpus_idioms/wide_config.json", "results/corpus_idioms/wide_more_config.json",
     "results/corpus_idioms/idioms3_config.json", "results/corpus_idioms/long_config.json",
 }
-_MADE_UNDER_SMALL_V2 = {"results/corpus_idioms/dense128_config.json"}
+# what `--profile small` meant in the configs that do not record their profile
+_OLD_SMALL = {**dict.fromkeys(_MADE_UNDER_SMALL_V1, "small-v1"),
+              "results/corpus_idioms/dense128_config.json": "small-v2"}
 
 
 # results/corpus_mix/ was made while the `small` profile itself held its corpus (see the
@@ -236,9 +238,9 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     from cspkit.cli import build_parser
     cfg = json.loads((REPO / path).read_text())
     args = build_parser().parse_args(shlex.split(cfg["command"])[1:])
-    if path in _MADE_UNDER_SMALL_V1 | _MADE_UNDER_SMALL_V2:
+    if path in _OLD_SMALL:
         assert args.profile == "small" and "profile" not in cfg
-        args.profile = "small-v1" if path in _MADE_UNDER_SMALL_V1 else "small-v2"
+        args.profile = _OLD_SMALL[path]
     # the profile the command resolved to when it ran; configs made before it was recorded
     # resolve their command's name today
     args.profile = cfg.get("profile") or args.profile
