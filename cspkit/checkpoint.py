@@ -183,6 +183,19 @@ def read_chain_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def training_seconds(log: list[dict[str, Any]]) -> list[float]:
+    """Seconds of training per stage of ``read_chain_log`` rows. Each invocation's clock starts at
+    zero and a resume drops the rows past its checkpoint, so a stage's time is the sum of the
+    last ``seconds`` of each of its parts (steps trained again after a resume are not counted)."""
+    rows = [r for r in log if "seconds" in r]
+    totals: dict[int, float] = {}
+    for r, nxt in zip(rows, rows[1:] + [None]):
+        stage = r.get("stage", 0)
+        if nxt is None or nxt.get("stage", 0) != stage or nxt["seconds"] < r["seconds"]:  # a part ends
+            totals[stage] = totals.get(stage, 0.0) + r["seconds"]
+    return [totals[k] for k in sorted(totals)]
+
+
 def eval_rows(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of a log written at evaluations (those with a validation loss)."""
     return [r for r in log if "val_loss" in r]

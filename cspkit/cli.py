@@ -33,22 +33,28 @@ def cmd_train(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import eval_rows, load, read_chain_log
+    from .checkpoint import eval_rows, load, read_chain_log, training_seconds
     from .sparsity import density_report, format_density
     model = load(args.dir)
+    # a run with warm restarts (cycles) reads as one, its steps counted from its first stage
+    log = read_chain_log(args.dir)
+    seconds = training_seconds(log)
     rep = density_report(model)
     n_params = sum(p.numel() for p in model.parameters())
     meta = model.checkpoint
     obj = {"config": model.config.__dict__, "params": n_params, "step": meta.get("step"),
            "val_loss": meta.get("val_loss"), "dense": meta.get("dense"), "tokenizer": meta.get("tokenizer"),
-           "density": rep}
+           "density": rep, "training_seconds": seconds}
     lines = [f"{args.dir}: {n_params:,} parameters, step {meta.get('step')}, val loss {meta.get('val_loss')}, "
              f"{'dense' if meta.get('dense') else 'weight-sparse'}",
              "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
              format_density(rep)]
+    if seconds:
+        per_stage = f" ({', '.join(f'stage {k}: {t / 3600:.2f} h' for k, t in enumerate(seconds))})"
+        lines.append(f"training time: {sum(seconds) / 3600:.2f} h{per_stage if len(seconds) > 1 else ''}, "
+                     "the log's seconds summed over resumed parts")
     if args.evals or args.against:
-        # a run with warm restarts (cycles) reads as one, its steps counted from its first stage
-        rows = eval_rows(read_chain_log(args.dir))
+        rows = eval_rows(log)
         obj["evals"] = rows
         names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
         ref = {}

@@ -416,6 +416,8 @@ def format_summary(res: dict[str, Any]) -> str:
                          f"{len(r['tasks'])} tasks both can do: {', '.join(r['tasks']) or 'none'}): "
                          f"{_num(r['gmean'], '.2f')}  [{_num(r['min'], '.2f')}, {_num(r['max'], '.2f')}]  ({per}; "
                          f"val loss {_num(vd, '.3f')} vs {_num(vs, '.3f')})")
+    hours = sum(r.get("seconds", 0.0) for r in res["runs"]) / 3600
+    lines += ["", f"pruning time: {hours:.2f} h, the runs' seconds summed (runs in parallel overlap)"]
     if res.get("controls"):
         lines += ["", "controls: cspkit.validate rows per model and task in the file's \"controls\""]
     return "\n".join(lines)

@@ -162,3 +162,13 @@ def test_read_log(tmp_path):
     assert ckpt.read_log(tmp_path) == []
     (tmp_path / "log.jsonl").write_text('{"step": 1}\n\n{"step": 2}\n')
     assert ckpt.read_log(tmp_path) == [{"step": 1}, {"step": 2}]
+
+
+def test_training_seconds_sums_each_part_of_each_stage():
+    """A resume restarts the clock (rows past the checkpoint were dropped); a stage restarts it too."""
+    log = [{"step": 10, "seconds": 5.0}, {"step": 20, "seconds": 9.0},      # stage 0, first part
+           {"step": 30, "seconds": 4.0},                                    # resumed at step 20
+           {"step": 35, "seconds": 2.0, "stage": 1}, {"step": 40, "seconds": 3.0, "stage": 1},
+           {"step": 40, "val_loss": 1.0, "stage": 1}]                       # no clock on this row
+    assert ckpt.training_seconds(log) == [13.0, 3.0]
+    assert ckpt.training_seconds([]) == []

@@ -135,6 +135,9 @@ def test_info_evals_lists_every_evaluation(trained, capsys):
     # a run without warm restarts reads as its own log, at stage 0
     assert rows == [dict(r, stage=0) for r in ckpt.eval_rows(ckpt.read_log(trained.dir))]
     assert [r["step"] for r in rows] == [10, 20, 30]
+    assert main(["info", str(trained.dir), "--json"]) == 0
+    last = [r for r in ckpt.read_log(trained.dir) if "seconds" in r][-1]
+    assert json.loads(capsys.readouterr().out)["training_seconds"] == [last["seconds"]]
     assert main(["info", str(trained.dir), "--evals"]) == 0
     text = capsys.readouterr().out.split("evaluations; each task: loss / accuracy\n")[1].splitlines()
     assert len(text) == 1 + 3 and text[-1].split()[:1] == ["30"]

@@ -80,6 +80,7 @@ def test_every_run_is_pruned_or_reported(swept, pair):
     assert hard["ratios"][0]["gmean"] is None
     text = sweep_mod.format_summary(res)
     assert "cannot do: full model's loss" in text and "ratio tiny-dense / A" in text
+    assert f"pruning time: {sum(r['seconds'] for r in res['runs']) / 3600:.2f} h" in text
 
 
 def test_a_pairs_ratio_is_over_its_own_tasks_whatever_else_is_in_the_file():
