@@ -42,10 +42,14 @@ def cmd_info(args) -> None:
     rep = density_report(model)
     n_params = sum(p.numel() for p in model.parameters())
     meta = model.checkpoint
-    obj = {"config": model.config.__dict__, "params": n_params, "step": meta.get("step"),
+    # the checkpoint's step is its own stage's; the chain's counts from the first stage
+    chain_step, last_stage = (log[-1]["step"], log[-1]["stage"]) if log else (meta.get("step"), 0)
+    obj = {"config": model.config.__dict__, "params": n_params, "step": meta.get("step"), "chain_step": chain_step,
            "val_loss": meta.get("val_loss"), "dense": meta.get("dense"), "tokenizer": meta.get("tokenizer"),
            "density": rep, "training_seconds": seconds}
-    lines = [f"{args.dir}: {n_params:,} parameters, step {meta.get('step')}, val loss {meta.get('val_loss')}, "
+    step = f"step {meta.get('step')}" + (f" of stage {last_stage} ({chain_step} from the start of stage 0)"
+                                         if last_stage else "")
+    lines = [f"{args.dir}: {n_params:,} parameters, {step}, val loss {meta.get('val_loss')}, "
              f"{'dense' if meta.get('dense') else 'weight-sparse'}",
              "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
              format_density(rep)]
@@ -240,8 +244,10 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_sweep_merge(args) -> None:
-    from .sweep import format_summary, merge
-    res = merge(args.files, args.out)
+    from .sweep import format_summary, merge, run_controls, smallest
+    res = (smallest if args.smallest else merge)(args.files, args.out)
+    if args.controls:
+        res = run_controls(args.out, args.controls.split(","), progress=not args.json)
     if args.plot:
         from .files import atomic_path
         from .plots import plot_frontier
@@ -448,9 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_sweep)
 
-    mg = sub.add_parser("sweep-merge", help="merge sweep results files (same ablation and pruning config)")
+    mg = sub.add_parser("sweep-merge", help="merge sweep results files (same ablation and pruning config; "
+                                            "or --smallest)")
     mg.add_argument("files", type=Path, nargs="+", help="results files written by `cspkit sweep`")
     mg.add_argument("--out", type=Path, required=True)
+    mg.add_argument("--smallest", action="store_true",
+                    help="the files were swept with different pruning configs (e.g. --set k_coef=0.001): keep "
+                         "each run's smallest circuit, a per-task search as the paper's")
+    mg.add_argument("--controls", metavar="TASK[,TASK]",
+                    help="afterwards, the validation controls of these tasks' circuits where the files lack them")
     mg.add_argument("--plot", type=Path, help="also draw the frontier (validation loss against circuit edges) "
                     "at the first target, e.g. PNG")
     mg.add_argument("--json", action="store_true")

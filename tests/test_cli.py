@@ -158,3 +158,20 @@ def test_info_against_puts_a_reference_run_under_each_evaluation(trained, tmp_pa
     assert float(text[5].split()[2]) == pytest.approx(rows[-1]["val_loss"] + 1.25, abs=5e-4)
     assert main(["info", str(trained.dir), "--against", str(tmp_path / "none")]) == 2
     assert "no evaluations there" in capsys.readouterr().err
+
+
+def test_info_on_a_chain_names_the_stage_and_the_chains_step(trained, tmp_path, capsys):
+    """A run with warm restarts (stages/K) is checkpointed at its last stage's step; info also
+    gives the step counted from the start of stage 0, as --evals does."""
+    import shutil
+    chain = tmp_path / "chain"
+    shutil.copytree(trained.dir, ckpt.stage_dir(chain, 0))
+    shutil.copytree(trained.dir, chain, dirs_exist_ok=True)
+    assert main(["info", str(chain), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["step"], out["chain_step"]) == (30, 60) and len(out["training_seconds"]) == 2
+    assert main(["info", str(chain)]) == 0
+    assert "step 30 of stage 1 (60 from the start of stage 0)" in capsys.readouterr().out.splitlines()[0]
+    assert main(["info", str(trained.dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == out["chain_step"] == 30
