@@ -11,6 +11,9 @@ same file adds its models, tasks, targets and seeds to the file's grid. A run is
   reach it (reported, not dropped);
 - ``failed``: pruning raised; the reason is kept.
 
+``smallest`` reduces sweeps made with different pruning configs (a lower k_coef, say) to the
+smallest circuit of each run, the per-task hyperparameter search the paper runs.
+
 Every run records the full model's held-out loss. The summary gives, per model and seed, the
 geometric mean of edges over the tasks that model can do, and over the tasks every model in
 the file can do (the fair comparison: a model that solves only easy tasks is not rewarded for
@@ -146,6 +149,9 @@ def open_results(path: str | os.PathLike, cfg: SweepConfig, models: dict[str, GP
                 "models": info, "runs": [], "controls": {}}
     res = _read(path, "pass a new --out")
     fix = f"write to a new --out, or delete {path} to start over"
+    if any("tried" in r for r in res["runs"]):
+        raise ValueError(f"{path} holds the smallest circuits of several sweeps (cspkit sweep-merge --smallest), "
+                         "whose runs were made with different configs; sweep into a new --out and merge it in")
     if res["ablation"] != cfg.ablation:
         raise ValueError(f"{path} holds runs with {res['ablation']} ablation, not {cfg.ablation}; {fix}")
     if res["prune_config"] != prune_cfg:
@@ -286,6 +292,60 @@ def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: boo
     return res
 
 
+def run_config(res: dict[str, Any], run: dict[str, Any]) -> PruneConfig:
+    """The pruning config ``run`` was made with: the file's, with what a search changed for it."""
+    return PruneConfig.from_dict({**res["prune_config"], **run.get("prune_set", {})})
+
+
+def _rank(i: int, r: dict[str, Any]) -> tuple:
+    # a circuit beats a model that cannot do the task, which beats a failure; among circuits the
+    # fewest edges, then nodes, then the earlier file
+    if r["status"] == "ok":
+        return 0, r["edges"], r["nodes"], i
+    return (1 if r["status"] == "unsolved" else 2), 0, 0, i
+
+
+def smallest(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """Sweeps of the same models made with different pruning configs (the default penalty and a
+    lower one, say), reduced to the smallest circuit of each (model, task, target, seed): the
+    per-task hyperparameter search the paper runs. Every circuit reached the target on the
+    held-out train pairs, so the test split decides nothing. A kept run records what its config
+    changes from the file's (the first file's) as ``prune_set`` and every config's circuit as
+    ``tried``; a file's controls are kept only for the runs kept from it."""
+    if len(paths) < 2:
+        raise ValueError("--smallest needs at least two results files, swept with different pruning configs")
+    files = [_read(p, "merge only files written by cspkit sweep") for p in paths]
+    base = files[0]
+    for p, f in zip(paths[1:], files[1:]):
+        if f["ablation"] != base["ablation"]:
+            raise ValueError(f"{p} was swept with {f['ablation']} ablation, {paths[0]} with {base['ablation']}; "
+                             "a search compares configs of one ablation")
+    res = {**base, "runs": [], "controls": {}}
+    for p, f in zip(paths[1:], files[1:]):
+        _add(res, f["models"], f["grid"], f"the files before {p}")
+    candidates: dict[tuple, list[tuple[int, dict]]] = {}
+    for i, f in enumerate(files):
+        for r in f["runs"]:
+            full = {**f["prune_config"], **r.get("prune_set", {})}
+            changed = {k: v for k, v in full.items() if base["prune_config"].get(k) != v}
+            r = {k: v for k, v in r.items() if k not in ("prune_set", "tried")}
+            candidates.setdefault(_key(r), []).append((i, {**r, "prune_set": changed} if changed else r))
+    origin = {}
+    for key, cands in candidates.items():
+        i, best = min(cands, key=lambda c: _rank(*c))
+        origin[key] = i
+        tried = [{"prune_set": r.get("prune_set", {}), "status": r["status"], "nodes": r.get("nodes"),
+                  "edges": r.get("edges")} for _, r in cands]
+        res["runs"].append({**best, "tried": tried})
+    for i, f in enumerate(files):
+        for key, per_task in f.get("controls", {}).items():
+            for task, entry in per_task.items():
+                if origin.get((key, task, float(entry["target"]), int(entry["seed"]))) == i:
+                    res["controls"].setdefault(key, {})[task] = entry
+    _write(Path(out), res)
+    return res
+
+
 def merge(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """One results file from several (swept on a GPU and on a CPU, say), written to ``out``: they
     must share the ablation and pruning config, and a model in two files the same weights."""
@@ -321,7 +381,6 @@ def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None
     from .validate import validate
     out = Path(out)
     res = _read(out, "run the sweep into it first")
-    cfg = PruneConfig.from_dict(res["prune_config"])
     target = res["grid"]["targets"][0]
     seed = res["grid"]["seeds"][0] if seed is None else seed
     runs = {_key(r): r for r in res["runs"]}
@@ -336,7 +395,8 @@ def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None
                 why = run["reason"] if run else "the sweep has no run for it"
                 entry[task] = {"target": target, "seed": seed, "rows": [], "note": f"no circuit: {why}"}
             else:
-                c = prune(load(key, device=device), task, target, res["ablation"], seed, cfg, progress=progress)
+                c = prune(load(key, device=device), task, target, res["ablation"], seed, run_config(res, run),
+                          progress=progress)
                 same = (c.n_nodes, c.n_edges) == (run["nodes"], run["edges"])
                 rows = validate(c, n_test=n_test, draws=draws, seed=seed, progress=progress)
                 entry[task] = {"target": target, "seed": seed, "rows": [asdict(r) for r in rows],
@@ -378,12 +438,27 @@ def _num(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _set(changed: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "file's config"
+
+
+def _tried(r: dict[str, Any]) -> str:
+    if "tried" not in r:
+        return ""
+    each = "; ".join(f"{_set(t['prune_set'])}: {t['edges'] if t['status'] == 'ok' else t['status']}"
+                     for t in r["tried"])
+    return f"  {_set(r.get('prune_set', {}))} (edges: {each})"
+
+
 def format_summary(res: dict[str, Any]) -> str:
     """The human table: one line per finished (model, task, seed), one per task a model cannot do,
     then the geometric means and the dense / sparse ratios, for every target."""
     summ = res["summary"]
     lines = [f"{res['ablation']} ablation; loss = calibrated held-out task loss; geometric means count a "
              f"circuit with no edges as 1" + ("" if summ["complete"] else f"; {summ['pending']} runs pending")]
+    if any("tried" in r for r in res["runs"]):
+        lines.append("a run with a config at its end is the smallest circuit of those its configs reached "
+                     "(sweep-merge --smallest); seconds are the kept run's")
     for target, s in summ["targets"].items():
         lines += ["", f"target {target}",
                   f"{'task':28s} {'model':16s} {'seed':>4s} {'nodes':>6s} {'edges':>7s} {'loss':>7s} {'seconds':>8s}"]
@@ -399,7 +474,7 @@ def format_summary(res: dict[str, Any]) -> str:
                         lines.append(f"{t:28s} {_name(res, key):16s} {r['seed']:>4d} failed: {r['reason']}")
                     else:
                         lines.append(f"{t:28s} {_name(res, key):16s} {r['seed']:>4d} {r['nodes']:>6d} "
-                                     f"{r['edges']:>7d} {r['loss']:>7.4f} {r['seconds']:>8.0f}")
+                                     f"{r['edges']:>7d} {r['loss']:>7.4f} {r['seconds']:>8.0f}" + _tried(r))
         common = s["tasks_all_can_do"]
         lines += ["", f"geometric mean of edges over the tasks a model can do (own) and those every model can do "
                       f"(common: {', '.join(common) or 'none'}); gmean over seeds [min, max]"]

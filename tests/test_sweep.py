@@ -220,3 +220,70 @@ def test_merging_split_sweeps_gives_the_whole_sweep(swept, pair, tmp_path, capsy
     parts[1].write_text(json.dumps(other))
     with pytest.raises(ValueError, match="prune_config"):
         sweep_mod.merge(parts, tmp_path / "bad.json")
+
+
+def test_smallest_keeps_each_runs_smallest_circuit_with_the_config_that_made_it(swept, pair, tmp_path, capsys):
+    """Two sweeps of the same grid with different penalties: each run keeps the circuit with the
+    fewest edges and the config it came from, which prunes it again; controls follow the kept run."""
+    base = json.loads(swept.read_text())
+    low = tmp_path / "low.json"
+    _run(capsys, "--models", *pair, "--tasks", TASKS, "--targets", 10, 1e-9, "--seeds", 0, 1, "--out", low,
+         "--set", "k_coef=1e-6")
+    # the real second sweep may tie the first everywhere on this tiny model: make its first
+    # circuit strictly smaller and its last strictly larger, so both ways of choosing are
+    # exercised, and the first sweep's second circuit larger, so that a real run of the
+    # second sweep is kept
+    other = json.loads(low.read_text())
+    ok = [r for r in other["runs"] if r["status"] == "ok"]
+    first = {sweep_mod._key(r): r for r in base["runs"]}
+    ok[0]["edges"] = first[sweep_mod._key(ok[0])]["edges"] - 1
+    ok[-1]["edges"] = first[sweep_mod._key(ok[-1])]["edges"] + 1
+    first[sweep_mod._key(ok[1])]["edges"] = ok[1]["edges"] + 1000
+    task = ok[0]["task"]
+    fake = {"target": ok[0]["target"], "seed": ok[0]["seed"], "rows": [], "note": "made on the smaller circuit"}
+    other["controls"] = {ok[0]["model"]: {task: fake}}
+    low.write_text(json.dumps(other))
+    base["controls"] = {ok[0]["model"]: {task: {**fake, "note": "made on the other circuit"}},
+                        ok[-1]["model"]: {ok[-1]["task"]: {**fake, "target": ok[-1]["target"],
+                                                           "seed": ok[-1]["seed"], "note": "kept"}}}
+    high = tmp_path / "high.json"
+    high.write_text(json.dumps(base))
+
+    code = cli.main(["sweep-merge", str(high), str(low), "--smallest", "--out", str(tmp_path / "best.json"), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res == json.loads((tmp_path / "best.json").read_text())
+    lows = {sweep_mod._key(r): r for r in other["runs"]}
+    assert len(res["runs"]) == len(base["runs"])
+    for r in res["runs"]:
+        k = sweep_mod._key(r)
+        assert [t["prune_set"] for t in r["tried"]] == [{}, {"k_coef": 1e-6}]
+        if r["status"] != "ok":
+            assert r["status"] == first[k]["status"] == "unsolved" and "prune_set" not in r
+            continue
+        pick = lows[k] if lows[k]["edges"] < first[k]["edges"] else first[k]
+        assert r["edges"] == pick["edges"] == min(t["edges"] for t in r["tried"])
+        assert r.get("prune_set", {}) == ({"k_coef": 1e-6} if pick is lows[k] else {})
+    assert next(r for r in res["runs"] if sweep_mod._key(r) == sweep_mod._key(ok[0]))["prune_set"] == {"k_coef": 1e-6}
+    assert res["controls"] == {ok[0]["model"]: {task: fake},
+                               ok[-1]["model"]: {ok[-1]["task"]: base["controls"][ok[-1]["model"]][ok[-1]["task"]]}}
+    assert res["summary"] == sweep_mod.summarize(res)
+    text = sweep_mod.format_summary(res)
+    assert "sweep-merge --smallest" in text and "k_coef=1e-06 (edges: file's config:" in text
+
+    # the config a kept run records prunes its circuit again (an untouched run of the second sweep)
+    real = next(r for r in res["runs"] if sweep_mod._key(r) == sweep_mod._key(ok[1]))
+    assert real["prune_set"] == {"k_coef": 1e-6} and real["edges"] == ok[1]["edges"]
+    cfg = sweep_mod.run_config(res, real)
+    assert cfg.k_coef == 1e-6 and cfg.steps == 4
+    c = cspkit.prune.prune(cspkit.load(real["model"]), real["task"], real["target"], "mean", real["seed"], cfg)
+    assert (c.n_nodes, c.n_edges) == (real["nodes"], real["edges"])
+
+    code = cli.main(["sweep", "--models", str(pair[0]), "--tasks", TASKS, "--targets", "10", *FAST,
+                     "--out", str(tmp_path / "best.json")])
+    assert code == 2 and "sweep-merge --smallest" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least two"):
+        sweep_mod.smallest([high], tmp_path / "x.json")
+    other["ablation"] = "zero"
+    low.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="one ablation"):
+        sweep_mod.smallest([high, low], tmp_path / "x.json")
