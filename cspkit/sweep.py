@@ -335,7 +335,7 @@ def smallest(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str
         i, best = min(cands, key=lambda c: _rank(*c))
         origin[key] = i
         tried = [{"prune_set": r.get("prune_set", {}), "status": r["status"], "nodes": r.get("nodes"),
-                  "edges": r.get("edges")} for _, r in cands]
+                  "edges": r.get("edges"), "seconds": r["seconds"]} for _, r in cands]
         res["runs"].append({**best, "tried": tried})
     for i, f in enumerate(files):
         for key, per_task in f.get("controls", {}).items():
@@ -438,16 +438,16 @@ def _num(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _set(changed: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "file's config"
-
-
-def _tried(r: dict[str, Any]) -> str:
+def _tried(res: dict[str, Any], r: dict[str, Any], searched: list[str]) -> str:
     if "tried" not in r:
         return ""
-    each = "; ".join(f"{_set(t['prune_set'])}: {t['edges'] if t['status'] == 'ok' else t['status']}"
+
+    def made_with(changed: dict[str, Any]) -> str:
+        cfg = {**res["prune_config"], **changed}
+        return ", ".join(f"{k}={cfg[k]}" for k in searched)
+    each = "; ".join(f"{made_with(t['prune_set'])}: {t['edges'] if t['status'] == 'ok' else t['status']}"
                      for t in r["tried"])
-    return f"  {_set(r.get('prune_set', {}))} (edges: {each})"
+    return f"  {made_with(r.get('prune_set', {}))} (edges: {each})"
 
 
 def format_summary(res: dict[str, Any]) -> str:
@@ -456,9 +456,10 @@ def format_summary(res: dict[str, Any]) -> str:
     summ = res["summary"]
     lines = [f"{res['ablation']} ablation; loss = calibrated held-out task loss; geometric means count a "
              f"circuit with no edges as 1" + ("" if summ["complete"] else f"; {summ['pending']} runs pending")]
+    searched = sorted({k for r in res["runs"] for t in r.get("tried", []) for k in t["prune_set"]})
     if any("tried" in r for r in res["runs"]):
-        lines.append("a run with a config at its end is the smallest circuit of those its configs reached "
-                     "(sweep-merge --smallest); seconds are the kept run's")
+        lines.append(f"a run with {', '.join(searched)} at its end is the smallest circuit of those its configs "
+                     "reached (sweep-merge --smallest); seconds are the kept run's")
     for target, s in summ["targets"].items():
         lines += ["", f"target {target}",
                   f"{'task':28s} {'model':16s} {'seed':>4s} {'nodes':>6s} {'edges':>7s} {'loss':>7s} {'seconds':>8s}"]
@@ -474,7 +475,8 @@ def format_summary(res: dict[str, Any]) -> str:
                         lines.append(f"{t:28s} {_name(res, key):16s} {r['seed']:>4d} failed: {r['reason']}")
                     else:
                         lines.append(f"{t:28s} {_name(res, key):16s} {r['seed']:>4d} {r['nodes']:>6d} "
-                                     f"{r['edges']:>7d} {r['loss']:>7.4f} {r['seconds']:>8.0f}" + _tried(r))
+                                     f"{r['edges']:>7d} {r['loss']:>7.4f} {r['seconds']:>8.0f}"
+                                     + _tried(res, r, searched))
         common = s["tasks_all_can_do"]
         lines += ["", f"geometric mean of edges over the tasks a model can do (own) and those every model can do "
                       f"(common: {', '.join(common) or 'none'}); gmean over seeds [min, max]"]
@@ -491,8 +493,10 @@ def format_summary(res: dict[str, Any]) -> str:
                          f"{len(r['tasks'])} tasks both can do: {', '.join(r['tasks']) or 'none'}): "
                          f"{_num(r['gmean'], '.2f')}  [{_num(r['min'], '.2f')}, {_num(r['max'], '.2f')}]  ({per}; "
                          f"val loss {_num(vd, '.3f')} vs {_num(vs, '.3f')})")
-    hours = sum(r.get("seconds", 0.0) for r in res["runs"]) / 3600
-    lines += ["", f"pruning time: {hours:.2f} h, the runs' seconds summed (runs in parallel overlap)"]
+    hours = sum(sum(t["seconds"] for t in r["tried"]) if "tried" in r else r.get("seconds", 0.0)
+                for r in res["runs"]) / 3600
+    lines += ["", f"pruning time: {hours:.2f} h, the runs' seconds summed (runs in parallel overlap; a search's "
+                  "every config)"]
     if res.get("controls"):
         lines += ["", "controls: cspkit.validate rows per model and task in the file's \"controls\""]
     return "\n".join(lines)

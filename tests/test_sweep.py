@@ -268,7 +268,10 @@ def test_smallest_keeps_each_runs_smallest_circuit_with_the_config_that_made_it(
                                ok[-1]["model"]: {ok[-1]["task"]: base["controls"][ok[-1]["model"]][ok[-1]["task"]]}}
     assert res["summary"] == sweep_mod.summarize(res)
     text = sweep_mod.format_summary(res)
-    assert "sweep-merge --smallest" in text and "k_coef=1e-06 (edges: file's config:" in text
+    assert "sweep-merge --smallest" in text and "k_coef=1e-06 (edges: k_coef=0.003:" in text
+    tried = sum(t["seconds"] for r in res["runs"] for t in r["tried"])
+    assert tried == pytest.approx(sum(r["seconds"] for r in base["runs"] + other["runs"]))
+    assert f"pruning time: {tried / 3600:.2f} h" in text
 
     # the config a kept run records prunes its circuit again (an untouched run of the second sweep)
     real = next(r for r in res["runs"] if sweep_mod._key(r) == sweep_mod._key(ok[1]))
