@@ -118,8 +118,11 @@ class TrainConfig:
         if self.corpus_weights is not None:
             self.corpus_weights = [float(w) for w in self.corpus_weights]
             entries = self.corpus or ["stdlib"]
-            # a shard directory may be built from several entries: cspkit.data.TokenData counts them
-            n = None if len(entries) == 1 and is_shard_dir(entries[0]) else len(entries)
+            # a shard directory may be built from several entries, and a path that is not on this
+            # machine (a config recorded on another) may have been one: neither can be counted
+            # here, and cspkit.data counts the one and names the other when it reads them
+            one = entries[0] if len(entries) == 1 else None
+            n = None if one and (is_shard_dir(one) or "/" in one and not Path(one).exists()) else len(entries)
             check_corpus_weights(self.corpus_weights, n, f"{entries}")
         if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")
