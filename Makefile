@@ -33,23 +33,24 @@ bench: $(VENV)/.installed
 DEVICE ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 JOBS ?= 2
 frontier: $(VENV)/.installed paper-models
-	$(small-sweep)
 	$(VENV)/bin/cspkit sweep --models data/models/paper-e1-sparse data/models/paper-e1-dense \
 		data/models/paper-e1-sparser data/models/paper-e2-sparse --tasks all --seeds 0 1 --jobs $(JOBS) \
 		--device $(DEVICE) --out results/sweep_paper_scaled.json
-	$(VENV)/bin/cspkit sweep-merge $(RESULTS)/sparse_vs_dense_search.json results/sweep_paper_scaled.json \
-		--out results/frontier.json --plot results/frontier.png
+	$(small-frontier)
 
 # The small pair's sweep at the default penalty and at a third of it, reduced to each run's
 # smallest circuit (a per-task search, as the paper's: the default collapses the dense model's
-# masks on some tasks, README "Sparse against dense"), with the controls of two tasks' circuits
-define small-sweep
+# masks on some tasks, README "Sparse against dense"), with the controls of two tasks' circuits,
+# then merged with the paper-shaped models' sweep into the frontier
+define small-frontier
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) \
 		--out $(RESULTS)/sparse_vs_dense.json --controls single_double_quote,var_if
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) --set k_coef=0.001 \
 		--out $(RESULTS)/sparse_vs_dense_k0.001.json
 	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense.json $(RESULTS)/sparse_vs_dense_k0.001.json --smallest \
 		--out $(RESULTS)/sparse_vs_dense_search.json --controls single_double_quote,var_if
+	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense_search.json results/sweep_paper_scaled.json \
+		--out $(RESULTS)/frontier.json --plot $(RESULTS)/frontier.png
 endef
 
 # Everything in results/ measured on the shipped small pair: task scores, circuits and their
@@ -101,9 +102,7 @@ $(RESULTS)/intervene_quote_site.txt: $(RESULTS)/bridge_quality.txt $(CIRCUITS)/s
 		--strength 0.25 0.5 1 2 4 --circuit $(CIRCUITS)/single_double_quote.json --out $(@:.txt=.json) \
 		$(call save,$@)
 $(RESULTS)/frontier.json: | $(VENV)/.installed
-	$(small-sweep)
-	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense_search.json results/sweep_paper_scaled.json \
-		--out $@ --plot $(@:.json=.png)
+	$(small-frontier)
 
 # The paper-shaped models' weights (47 MB) are not in the checkout, to keep data/ under 40 MB;
 # their configs, logs and node means are. This restores the exact weights every committed

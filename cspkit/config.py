@@ -59,6 +59,14 @@ def is_shard_dir(path: str) -> bool:
     return (Path(path) / "info.json").is_file()
 
 
+def may_stand_for_several(entry: str) -> bool:
+    """Whether a lone corpus entry may stand for several, so that its weights cannot be counted
+    here: shards built before, or a path that is not on this machine (a config recorded on
+    another, where it may have been shards). cspkit.data counts the one and names the other when
+    it reads them."""
+    return is_shard_dir(entry) or "/" in entry and not Path(entry).exists()
+
+
 def check_corpus_weights(weights: list[float], n: int | None, entries: str) -> None:
     """Refuse weights that are not one non-negative number per corpus entry, some positive;
     ``n`` None: the entries are not known yet (a shard directory), so their count is left."""
@@ -118,11 +126,7 @@ class TrainConfig:
         if self.corpus_weights is not None:
             self.corpus_weights = [float(w) for w in self.corpus_weights]
             entries = self.corpus or ["stdlib"]
-            # a shard directory may be built from several entries, and a path that is not on this
-            # machine (a config recorded on another) may have been one: neither can be counted
-            # here, and cspkit.data counts the one and names the other when it reads them
-            one = entries[0] if len(entries) == 1 else None
-            n = None if one and (is_shard_dir(one) or "/" in one and not Path(one).exists()) else len(entries)
+            n = None if len(entries) == 1 and may_stand_for_several(entries[0]) else len(entries)
             check_corpus_weights(self.corpus_weights, n, f"{entries}")
         if not 0 < self.l0_frac <= 1 or not 0 < self.l0_frac_embed <= 1:
             raise ValueError("l0_frac and l0_frac_embed must be in (0, 1]")

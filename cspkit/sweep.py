@@ -292,6 +292,17 @@ def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: boo
     return res
 
 
+def _read_alike(paths: list[str | os.PathLike], keys: tuple[str, ...], why: str) -> list[dict[str, Any]]:
+    """The results files at ``paths``, which must agree with the first on ``keys`` (``why`` says
+    why in the error)."""
+    files = [_read(p, "merge only files written by cspkit sweep") for p in paths]
+    for p, f in zip(paths[1:], files[1:]):
+        for k in keys:
+            if f[k] != files[0][k]:
+                raise ValueError(f"{p} was swept with another {k} than {paths[0]} ({f[k]} vs {files[0][k]}); {why}")
+    return files
+
+
 def run_config(res: dict[str, Any], run: dict[str, Any]) -> PruneConfig:
     """The pruning config ``run`` was made with: the file's, with what a search changed for it."""
     return PruneConfig.from_dict({**res["prune_config"], **run.get("prune_set", {})})
@@ -314,12 +325,8 @@ def smallest(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str
     ``tried``; a file's controls are kept only for the runs kept from it."""
     if len(paths) < 2:
         raise ValueError("--smallest needs at least two results files, swept with different pruning configs")
-    files = [_read(p, "merge only files written by cspkit sweep") for p in paths]
+    files = _read_alike(paths, ("ablation",), "a search compares configs of one ablation")
     base = files[0]
-    for p, f in zip(paths[1:], files[1:]):
-        if f["ablation"] != base["ablation"]:
-            raise ValueError(f"{p} was swept with {f['ablation']} ablation, {paths[0]} with {base['ablation']}; "
-                             "a search compares configs of one ablation")
     res = {**base, "runs": [], "controls": {}}
     for p, f in zip(paths[1:], files[1:]):
         _add(res, f["models"], f["grid"], f"the files before {p}")
@@ -351,16 +358,8 @@ def merge(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, A
     must share the ablation and pruning config, and a model in two files the same weights."""
     if not paths:
         raise ValueError("merge needs at least one results file")
-    res = None
-    for p in paths:
-        new = _read(p, "merge only files written by cspkit sweep")
-        if res is None:
-            res = new
-            continue
-        for k in ("ablation", "prune_config"):
-            if new[k] != res[k]:
-                raise ValueError(f"{p} was swept with another {k} than {paths[0]} ({new[k]} vs {res[k]}); "
-                                 "only runs made the same way can be merged")
+    res, *rest = _read_alike(paths, ("ablation", "prune_config"), "only runs made the same way can be merged")
+    for p, new in zip(paths[1:], rest):
         _add(res, new["models"], new["grid"], f"the files before {p}")
         have = {_key(r) for r in res["runs"] if r["status"] != "failed"}
         incoming = {_key(r) for r in new["runs"]}
