@@ -217,8 +217,8 @@ def test_small_profile_is_the_shipped_sparse_models_chain():
     before, copied elsewhere), with seeds 0, 1, 2, 3."""
     from cspkit.train import stages
     m, t = config_for("small", overrides=["autocast=null"])
-    runs = [json.loads((REPO / f"data/models/small-sparse/{p}config.json").read_text())
-            for p in ("stages/0/", "stages/1/", "stages/2/", "")]
+    shipped = REPO / "data/models/small-sparse"
+    runs = [ckpt.read_config(d) for d in [*(ckpt.stage_dir(shipped, k) for k in range(3)), shipped]]
     chain = stages(t, Path("runs/small-sparse"))
     assert len(chain) == len(runs) == 4
     for k, ((tk, _), cfg) in enumerate(zip(chain, runs)):
