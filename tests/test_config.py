@@ -229,6 +229,15 @@ def test_small_profile_is_the_shipped_sparse_models_chain():
     assert log[-1]["step"] == sum(cfg["train"]["max_steps"] for cfg in runs) == 7500 + 3 * 2400
 
 
+def test_small_hour_profile_is_the_shipped_hour_model():
+    """`--profile small-hour` configures the run data/models/small-hour was trained by (issue 2's
+    hour, made as small-v2 with overrides before the profile had its name), and its seed-1 twin."""
+    for path in ("data/models/small-hour/config.json", "results/small_hour/seed1_config.json"):
+        cfg = json.loads((REPO / path).read_text())
+        m, t = config_for("small-hour", seed=cfg["train"]["seed"])
+        _assert_configured_by(cfg, m, t)
+
+
 @pytest.mark.parametrize("path", _train_configs())
 def test_model_is_its_recorded_command_under_todays_profile(path):
     """Each shipped small model's config.json, and each config a result names its command for,
