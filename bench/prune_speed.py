@@ -1,6 +1,6 @@
 """Seconds to find one task's circuit on a shipped model, with the default PruneConfig.
 
-Goal (issue 4): 120 s or less per task on a 2-core CPU, 60 s ideally. The node means are
+Goal: 120 s or less per task on a 2-core CPU, 60 s ideally. The node means are
 computed (or read from means.safetensors) before timing starts; each task is pruned
 ``--repeats`` times and the median is printed, with the split between mask training and the
 bisection.
