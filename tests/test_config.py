@@ -128,21 +128,22 @@ def test_config_for():
 # profile their command resolved to ("profile"); the one made between the two (no "profile",
 # `--profile small`) meant small-v2.
 _MADE_UNDER_SMALL_V1 = {
-    "results/corpus_numpy/config.json",
-    "results/corpus_tests/sparse_config.json", "results/corpus_tests/more_config.json",
-    "results/corpus_tests/wide_config.json", "results/corpus_tests/bf16_config.json",
-    "results/corpus_idioms/sparse_config.json", "results/corpus_idioms/fixed_config.json",
-    "results/corpus_idioms/wide_config.json", "results/corpus_idioms/wide_more_config.json",
-    "results/corpus_idioms/idioms3_config.json", "results/corpus_idioms/long_config.json",
+    "results/history/corpus_numpy/config.json",
+    "results/history/corpus_tests/sparse_config.json", "results/history/corpus_tests/more_config.json",
+    "results/history/corpus_tests/wide_config.json", "results/history/corpus_tests/bf16_config.json",
+    "results/history/corpus_idioms/sparse_config.json", "results/history/corpus_idioms/fixed_config.json",
+    "results/history/corpus_idioms/wide_config.json", "results/history/corpus_idioms/wide_more_config.json",
+    "results/history/corpus_idioms/idioms3_config.json", "results/history/corpus_idioms/long_config.json",
 }
 # what `--profile small` meant in the configs that do not record their profile
 _OLD_SMALL = {**dict.fromkeys(_MADE_UNDER_SMALL_V1, "small-v1"),
-              "results/corpus_idioms/dense128_config.json": "small-v2"}
+              "results/history/corpus_idioms/dense128_config.json": "small-v2"}
 
 
-# results/corpus_mix/ was made while the `small` profile itself held its corpus (see the
-# git_commit in each config): its commands name no corpus and reproduce only at that commit.
-_PROFILE_OF_THEIR_COMMIT = {"results/corpus_mix/sparse_config.json", "results/corpus_mix/dense_config.json"}
+# results/history/corpus_mix/ was made while the `small` profile itself held its corpus (see
+# the git_commit in each config): its commands name no corpus and reproduce only at that commit.
+_PROFILE_OF_THEIR_COMMIT = {"results/history/corpus_mix/sparse_config.json",
+                            "results/history/corpus_mix/dense_config.json"}
 
 
 def _train_configs() -> list[str]:
@@ -165,7 +166,7 @@ def test_recorded_configs_are_found():
     found = set(_train_configs())
     assert _MADE_UNDER_SMALL_V1 <= found
     assert {"data/models/small-sparse/config.json", "data/models/small-dense/config.json",
-            "data/models/paper-e1-sparse/config.json", "results/corpus_idioms/long_config.json"} <= found
+            "data/models/paper-e1-sparse/config.json", "results/history/corpus_idioms/long_config.json"} <= found
 
 
 # (dense model, the sparse model it is matched to): the shipped pair
@@ -205,8 +206,8 @@ def test_packages_read_as_corpus_are_pinned_at_the_recorded_versions():
 
 def test_small_v2_profile_is_the_wide_idioms_long_recipe():
     """`--profile small-v2`, the first stage of today's `small`, configures the run
-    results/corpus_idioms/ measured (11 tasks solved)."""
-    _assert_configured_by(json.loads((REPO / "results/corpus_idioms/long_config.json").read_text()),
+    results/history/corpus_idioms/ measured (11 tasks solved)."""
+    _assert_configured_by(json.loads((REPO / "results/history/corpus_idioms/long_config.json").read_text()),
                           *config_for("small-v2"))
 
 

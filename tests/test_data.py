@@ -199,7 +199,7 @@ def test_prebuilt_shards_of_several_entries_take_their_weights(tmp_path):
         TokenData(again, "train", TrainConfig(corpus=[str(moved)], corpus_weights=[1, 1, 1]).corpus_weights)
     with pytest.raises(ValueError, match="one per corpus entry"):  # a plain directory is one entry
         TrainConfig(corpus=[str(a)], corpus_weights=[1, 3])
-    # a config recorded where the shards were (results/hour_recipe/runs) still reads here, and
+    # a config recorded where the shards were (results/history/hour_recipe/runs) still reads here, and
     # reading its corpus names the missing path
     elsewhere = TrainConfig(corpus=[str(tmp_path / "gone" / "shards")], corpus_weights=[1, 3])
     with pytest.raises(FileNotFoundError, match="does not exist"):

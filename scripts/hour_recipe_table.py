@@ -1,17 +1,22 @@
-"""The sweep's evaluations, one row per run: validation loss and the two tasks of issue 2 at
-each of the steps named (the in-training evaluations of log.jsonl: 128 test pairs a task).
+"""The hour-recipe sweep's evaluations (scripts/hour_recipe_sweep.sh), one row per run:
+validation loss, bracket counting and the quote task at each of the steps named (the
+in-training evaluations of log.jsonl: 128 test pairs a task). RUNS defaults to the committed
+sweep's run directories.
 
-    python results/hour_recipe/table.py [STEP ...] > results/hour_recipe/table.txt
+    python scripts/hour_recipe_table.py [--runs RUNS] [STEP ...] > results/history/hour_recipe/table.txt
 """
 import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
-steps = [int(s) for s in sys.argv[1:]] or [1200, 1600, 2000]
+args = sys.argv[1:]
+RUNS = Path(__file__).resolve().parent.parent / "results" / "history" / "hour_recipe" / "runs"
+if args[:1] == ["--runs"]:
+    RUNS, args = Path(args[1]), args[2:]
+steps = [int(s) for s in args] or [1200, 1600, 2000]
 print("run".ljust(17) + "".join(f"| step {s}: val, bracket loss/acc, quote loss/acc ".ljust(52) for s in steps)
       + "| overrides")
-for run in sorted((HERE / "runs").iterdir()):
+for run in sorted(RUNS.iterdir()):
     evals = {r["step"]: r for line in open(run / "log.jsonl") if "val_loss" in (r := json.loads(line))}
     cells = []
     for s in steps:

@@ -2,7 +2,7 @@
 # Variants of the small recipe cut to what one hour of 2 CPU cores trains (2,800 steps of the
 # small-v2 shape under bf16, about 1.25 s a step with its evaluations), run side by side on one
 # GPU to find which levers move bracket counting within that budget.
-#   results/hour_recipe/sweep.sh SHARDS OUT [DEADLINE_S] [NAME ...]
+#   scripts/hour_recipe_sweep.sh SHARDS OUT [DEADLINE_S] [NAME ...]
 # SHARDS: the small profile's corpus tokenized here (its cspkit cache directory, copied), so that
 # every machine reads the same tokens. OUT gets runs/NAME and NAME.json (cspkit eval, all tasks,
 # test split). Runs still going at DEADLINE_S are stopped and left unscored.

@@ -5,8 +5,8 @@ newline in its Python files (the prior a model learns for closing a list of numb
 model: validation loss on the recipe's mix and on each source alone (the same validation
 windows for every model), and bracket counting's test loss and mean margin on each side.
 
-    .venv/bin/python results/corpus_idioms/by_source.py data/models/small-sparse runs/small-sparse-more \
-        runs/small-sparse-more2 runs/small-sparse-more3 > results/corpus_idioms/by_source.txt
+    .venv/bin/python scripts/by_source.py data/models/small-sparse runs/small-sparse-more \
+        runs/small-sparse-more2 runs/small-sparse-more3 > results/history/corpus_idioms/by_source.txt
 """
 import dataclasses
 import re

@@ -3,9 +3,9 @@ prompts by whether an earlier line of their context already closes a nested list
 Then, for templates and natural prompts, how well the model tells nested from flat apart
 whatever its bias: the AUC of its ``]]`` minus ``]`` logit, nested prompts against flat ones.
 
-    .venv/bin/python results/corpus_tests/nested_context.py runs/tests-sparse runs/tests-sparse-more \
+    .venv/bin/python scripts/nested_context.py runs/tests-sparse runs/tests-sparse-more \
         runs/wide-sparse runs/idioms-sparse runs/idioms2-sparse runs/wide-idioms-sparse \
-        > results/corpus_tests/nested_context.txt
+        > results/history/corpus_tests/nested_context.txt
 """
 import sys
 from collections import defaultdict
