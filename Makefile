@@ -19,6 +19,7 @@ lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) notebooks/
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
 
 # stdout to a file, written only when the command succeeds
@@ -40,7 +41,7 @@ frontier: $(VENV)/.installed paper-models
 
 # The small pair's sweep at the default penalty and at a third of it, reduced to each run's
 # smallest circuit (a per-task search, as the paper's: the default collapses the dense model's
-# masks on some tasks, README "Sparse against dense"), with the controls of two tasks' circuits,
+# masks on some tasks, docs/results.md, "Sparse against dense"), with the controls of two tasks' circuits,
 # then merged with the paper-shaped models' sweep into the frontier
 define small-frontier
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) \
@@ -57,8 +58,8 @@ endef
 # validation, the pruning bench, the bridge and its steering, and the sparse-vs-dense sweep
 # (on 2 CPU cores each of the sweep's two penalties is 80 prunings, about 80 minutes, and the
 # controls 20; the bridge 5). Each result is a file target, so make builds only what is missing:
-# a run stopped part-way (a session's end) carries on with the same command (the sweep from its
-# results file, the bridge from its checkpoint within a session). The variables measure another
+# a run stopped part-way carries on with the same command (the sweep from its
+# results file, the bridge from its checkpoint). The variables measure another
 # pair into other folders, as the shipped pair was measured beside the first one before it
 # replaced it. After replacing a model, delete what was built on it first: circuit, bridge and
 # sweep files name the weights they belong to.

@@ -16,9 +16,10 @@ import torch
 import cspkit
 from cspkit import tasks
 from cspkit.ablation import node_widths
-from cspkit.config import override_configs
+from cspkit.circuit import split_pairs
+from cspkit.config import PruneConfig, override_configs
 from cspkit.files import atomic_write
-from cspkit.prune import PruneConfig, RankedLoss, split_pairs, ranking, train_masks
+from cspkit.pruning import RankedLoss, ranking, train_masks
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 
 import cspkit
 from cspkit.ablation import node_means
-from cspkit.prune import prune
+from cspkit.pruning import prune
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from cspkit.config import resolve_profile
 from cspkit.files import atomic_write
 from cspkit.model import GPT
-from cspkit.train import config_for, decayed, native_bf16, schedule, train_step
+from cspkit.profiles import config_for, resolve_profile
+from cspkit.training import decayed, native_bf16, schedule, train_step
 
 
 class Runner:

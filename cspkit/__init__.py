@@ -1,7 +1,33 @@
-"""cspkit: train weight-sparse transformers, find their circuits, explore them, bridge to dense models."""
-from . import checkpoint, data, tasks
-from .checkpoint import load
-from .tokenizer import get_encoding
+"""cspkit: train weight-sparse transformers, find the circuits they use for Python next-token
+tasks, explore them, and bridge them to dense models (Gao et al. 2025, "Weight-sparse
+transformers have interpretable circuits"; docs/method.md).
 
-__all__ = ["load", "get_encoding", "checkpoint", "data", "tasks"]
+The pipeline, one call a step:
+
+    model   = cspkit.load("small-sparse")                  # or cspkit.train(*cspkit.config_for("tiny"), out)
+    scores  = cspkit.evaluate(model, "single_double_quote")  # a task from cspkit.tasks
+    circuit = cspkit.prune(model, "single_double_quote")     # the smallest node set at loss 0.15
+    table   = cspkit.validate(circuit)                       # the controls
+    cspkit.circuit_graph(circuit)                            # or cspkit.explore(model, tasks)
+    cspkit.bridges.load(path)                                # a sparse model steering a dense one
+
+Modules, in the order they depend on each other: paths, files, config, profiles, tokenizer,
+tasks, data, hooks, model, sparsity, checkpoint, training, natural, ablation, circuit, pruning,
+validation, sweeps, viz, bridges, compat, cli.
+"""
+from . import bridges, tasks
+from .checkpoint import load
+from .circuit import Circuit
+from .compat import load_openai_checkpoint
+from .profiles import config_for
+from .pruning import prune
+from .sweeps import sweep
+from .tasks import evaluate
+from .tokenizer import get_encoding
+from .training import train
+from .validation import validate
+from .viz import circuit_graph, explore, token_heatmap
+
+__all__ = ["load", "get_encoding", "config_for", "train", "tasks", "evaluate", "prune", "Circuit", "validate",
+           "sweep", "circuit_graph", "explore", "token_heatmap", "load_openai_checkpoint", "bridges"]
 __version__ = "0.1.0"

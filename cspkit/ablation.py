@@ -9,6 +9,7 @@ tokens (``mean``), zero (``zero``), or its activation on another task prompt (``
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from .model import GPT, location_names
 
 ABLATIONS = ("mean", "zero", "resample")
 MEANS_FILE = "means.safetensors"
+# each live model's node means, with the metadata they were computed under; dropped with the model
+_MEANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def node_widths(cfg: ModelConfig) -> dict[str, int]:
@@ -72,11 +75,11 @@ def compute_means(model: GPT, n_tokens: int = 65536, seed: int = 0, corpus: list
 
 
 def node_means(model: GPT, n_tokens: int = 65536, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Node means, computed once per model: kept on the model object and, for a model loaded
-    from a checkpoint directory, in ``means.safetensors`` beside its weights."""
+    """Node means, computed once per model: kept in memory while the model lives and, for a model
+    loaded from a checkpoint directory, in ``means.safetensors`` beside its weights."""
     fp = fingerprint(model)
     meta = {"fingerprint": fp, "n_tokens": str(n_tokens), "seed": str(seed)}
-    cached = getattr(model, "_node_means", None)
+    cached = _MEANS.get(model)
     if cached is not None and cached[0] == meta:
         return cached[1]
     path = Path(model.path) / MEANS_FILE if getattr(model, "path", None) else None
@@ -94,7 +97,7 @@ def node_means(model: GPT, n_tokens: int = 65536, seed: int = 0) -> dict[str, to
             except OSError:
                 pass  # a read-only checkpoint: keep the means in memory only
     means = {k: v.to(model.device) for k, v in means.items()}
-    model._node_means = (meta, means)
+    _MEANS[model] = (meta, means)
     return means
 
 

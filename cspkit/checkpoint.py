@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig, from_dict, to_dict
 from .files import atomic_path, atomic_write
 from .model import GPT
-from .tokenizer import DEFAULT_PATH as TOKENIZER_PATH, get_encoding, tokenizer_id
-
+from .paths import TOKENIZER_PATH, model_path
+from .sparsity import density_report, format_density
+from .tokenizer import get_encoding, tokenizer_id
 
 TOKENIZER_FILE = "tokenizer.tiktoken"
 
@@ -86,17 +87,6 @@ def save(model: GPT, out: str | os.PathLike, extra: dict[str, Any] | None = None
     return out
 
 
-def models_dir(start: str | os.PathLike | None = None) -> Path:
-    """The repository's ``data/models``, found from ``start`` (default: the working directory)
-    or any of its parents, so notebooks run from ``notebooks/`` find the shipped models."""
-    here = Path(start or Path.cwd()).resolve()
-    for p in (here, *here.parents):
-        if (p / "data" / "models" / "small-sparse").is_dir():
-            return p / "data" / "models"
-    raise FileNotFoundError(f"no data/models/small-sparse in {here} or its parents; "
-                            "run inside the cspkit repository")
-
-
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
@@ -130,8 +120,15 @@ def _no_weights(path: Path, cfg: dict[str, Any]) -> str:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None) -> GPT:
-    """A GPT from a checkpoint directory, with ``.config`` and ``.encoding`` set, in eval mode."""
-    path = Path(path)
+    """A GPT from a checkpoint directory or a shipped model's name (``cspkit.paths.model_path``),
+    with ``.config`` and ``.encoding`` set, in eval mode.
+
+    >>> import cspkit
+    >>> model = cspkit.load("small-sparse")
+    >>> model.config.n_layer
+    4
+    """
+    path = model_path(path)
     cfg = read_config(path)
     own = path / TOKENIZER_FILE  # a checkpoint may carry its own tokenizer (converted openai models do)
     tok_path = tokenizer or str(own if own.is_file() else TOKENIZER_PATH)
@@ -160,13 +157,13 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def stage_dir(out: str | os.PathLike, k: int) -> Path:
     """Where run ``k`` of a chain of warm restarts into ``out`` keeps its checkpoint (all but the
-    last, which is ``out`` itself; ``cspkit.train.stages``)."""
+    last, which is ``out`` itself; ``cspkit.training.stages``)."""
     return Path(out) / "stages" / str(k)
 
 
 def read_chain_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The log of a run and of the stages before it (``cycles``: ``path/stages/K``, see
-    ``cspkit.train.stages``) as one run's: rows in order, each with its ``stage`` and with its
+    ``cspkit.training.stages``) as one run's: rows in order, each with its ``stage`` and with its
     ``step`` and ``tokens`` counted from the start of stage 0. A run without stages reads as
     ``read_log`` does, each row at stage 0."""
     path = Path(path)
@@ -199,3 +196,65 @@ def training_seconds(log: list[dict[str, Any]]) -> list[float]:
 def eval_rows(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of a log written at evaluations (those with a validation loss)."""
     return [r for r in log if "val_loss" in r]
+
+
+def describe(path: str | os.PathLike, evals: bool = False, against: str | os.PathLike | None = None
+             ) -> tuple[dict[str, Any], str]:
+    """What ``cspkit info`` shows of a checkpoint: its config, parameter count, nonzeros per
+    matrix, step and validation loss, training time per stage and, with ``evals`` or
+    ``against``, every evaluation of its log (beside another run's at the same steps). Returns
+    the JSON object and the human text."""
+    model = load(path)
+    # a run with warm restarts (cycles) reads as one, its steps counted from its first stage
+    log = read_chain_log(model.path)
+    seconds = training_seconds(log)
+    rep = density_report(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = model.checkpoint
+    # the checkpoint's step is its own stage's; the chain's counts from the first stage
+    chain_step, last_stage = (log[-1]["step"], log[-1]["stage"]) if log else (meta.get("step"), 0)
+    obj = {"config": to_dict(model.config), "params": n_params, "step": meta.get("step"), "chain_step": chain_step,
+           "val_loss": meta.get("val_loss"), "dense": meta.get("dense"), "tokenizer": meta.get("tokenizer"),
+           "density": rep, "training_seconds": seconds}
+    step = f"step {meta.get('step')}" + (f" of stage {last_stage} ({chain_step} from the start of stage 0)"
+                                         if last_stage else "")
+    lines = [f"{path}: {n_params:,} parameters, {step}, val loss {meta.get('val_loss')}, "
+             f"{'dense' if meta.get('dense') else 'weight-sparse'}",
+             "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
+             format_density(rep)]
+    if seconds:
+        per_stage = f" ({', '.join(f'stage {k}: {t / 3600:.2f} h' for k, t in enumerate(seconds))})"
+        lines.append(f"training time: {sum(seconds) / 3600:.2f} h{per_stage if len(seconds) > 1 else ''}, "
+                     "the log's seconds summed over resumed parts")
+    if evals or against:
+        rows = eval_rows(log)
+        obj["evals"] = rows
+        ref = {}
+        if against:
+            ref_rows = eval_rows(read_chain_log(against))
+            if not ref_rows:
+                raise ValueError(f"--against {against}: no evaluations there; give a run directory "
+                                 "(or its log.jsonl) whose log has val_loss rows")
+            ref = {r["step"]: r for r in ref_rows}
+            obj["against"] = {"dir": str(against), "evals": [ref[r["step"]] for r in rows if r["step"] in ref]}
+        lines += ["", format_evals(rows, ref, against)]
+    return obj, "\n".join(lines)
+
+
+def format_evals(rows: list[dict[str, Any]], ref: dict[int, dict[str, Any]], against=None) -> str:
+    """A log's evaluations as a table (step, tokens, L0, val loss, each task's loss / accuracy),
+    each followed by the reference run's row at the same step where ``ref`` has one."""
+    names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
+    nan = float("nan")
+
+    def line(r: dict, head: str) -> str:
+        return f"{head} {r.get('l0', nan):6.3f} {r['val_loss']:8.3f}" + "".join(
+            f" {r.get(f'task/{n}/loss', nan):10.3f} / {r.get(f'task/{n}/accuracy', nan):5.3f}" for n in names)
+    lines = ["evaluations; each task: loss / accuracy" + (f"; under each step, {against} at that step" if ref else ""),
+             f"{'step':>6s} {'tokens':>11s} {'l0':>6s} {'val loss':>8s}" + "".join(f" {n[:18]:>18s}" for n in names)]
+    for r in rows:
+        lines.append(line(r, f"{r['step']:6d} {r['tokens']:11,d}"))
+        if ref:
+            lines.append(line(ref[r["step"]], f"{'':6s} {'against':>11s}") if r["step"] in ref
+                         else f"{'':6s} {'against':>11s} (no evaluation at this step)")
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
 """The Circuit: kept nodes, the edges the model's nonzero weights draw between them, and
-re-evaluating it on the model (METHOD.md section 4).
+re-evaluating it on the model (docs/method.md, "Pruning").
 
 Counted edges (the circuit size) are nonzero weights whose two end nodes are both kept:
 ``L.attn.in -> L.attn.q/k/v`` (c_attn), ``L.attn.v -> L.attn.out`` (the attention output
@@ -11,25 +11,25 @@ attention score, q_i * k_i, not through a weight).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import networkx as nx
 import torch
 
 from . import tasks as tasks_mod
 from .ablation import ABLATIONS, ablation_values, fingerprint, gate_hooks, keep_gates, node_widths
+from .config import PruneConfig
 from .files import atomic_write
 from .model import GPT, node_name, parse_node
 
-if TYPE_CHECKING:
-    from .prune import PruneConfig
-
 FORMAT = "cspkit.circuit/1"
+UNSAVED = ("taus", "mean_taus", "mask_seconds", "source")  # fields a circuit file does not hold
 Edge = tuple[str, str, float]
 
 
@@ -90,7 +90,18 @@ def extra_edges(nodes: dict[str, list[int]]) -> list[tuple[str, str, str]]:
 class Circuit:
     """A task's circuit in one model. ``loss`` is the held-out task loss the pruning reached
     (calibrated); ``calibration`` is the (scale, shift) applied to the candidates' logit
-    difference; ``trace`` the (k, loss) points the bisection evaluated."""
+    difference; ``trace`` the (k, loss) points the bisection evaluated.
+
+    >>> import cspkit
+    >>> path = cspkit.paths.results_dir() / "circuits" / "small-sparse" / "single_double_quote.json"
+    >>> circuit = cspkit.Circuit.load(path)      # with the model it was found in
+    >>> (circuit.n_nodes, circuit.n_edges)
+    (47, 69)
+    >>> circuit.evaluate()["accuracy"] > 0.9
+    True
+    >>> circuit.to_networkx().number_of_nodes() == circuit.n_nodes
+    True
+    """
     task: str
     nodes: dict[str, list[int]]
     edges: list[Edge]
@@ -108,6 +119,13 @@ class Circuit:
     trace: list[tuple[int, float]] = field(default_factory=list)
     model: GPT | None = field(default=None, repr=False, compare=False)
     task_obj: Any = field(default=None, repr=False, compare=False)
+    # Not saved: what pruning learned (the masks' final and step-averaged taus, which rank the
+    # nodes; cspkit.pruning.loss_curve and the explorer's k slider reuse them), the seconds the
+    # masks took, and where a loaded circuit came from (a file path, or "pruned").
+    taus: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    mean_taus: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    mask_seconds: float | None = field(default=None, repr=False, compare=False)
+    source: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_nodes(self) -> int:
@@ -145,8 +163,9 @@ class Circuit:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("model"), d.pop("task_obj")
+        # not asdict: it would deep-copy the attached model and the masks
+        d = copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self)
+                           if f.name not in ("model", "task_obj", *UNSAVED)})
         d["calibration"] = list(self.calibration)
         d["edges"] = [list(e) for e in self.edges]
         d["trace"] = [list(t) for t in self.trace]
@@ -159,7 +178,7 @@ class Circuit:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], model: GPT | None = None, task=None) -> "Circuit":
+    def from_dict(cls, d: dict[str, Any], model: GPT | None = None, task=None) -> Circuit:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a cspkit circuit file (format {d.get('format')!r}, expected {FORMAT!r})")
         d = {k: v for k, v in d.items() if k not in ("format", "n_nodes", "n_edges")}
@@ -178,7 +197,7 @@ class Circuit:
         return c
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: GPT | None = None, task=None) -> "Circuit":
+    def load(cls, path: str | os.PathLike, model: GPT | None = None, task=None) -> Circuit:
         """A circuit file; ``model`` (default: loaded from the file's model_path) must be the
         model it was found in, checked by a fingerprint of the weights."""
         path = Path(path)
@@ -192,7 +211,7 @@ class Circuit:
             c.attach(model)
         return c
 
-    def attach(self, model: GPT) -> "Circuit":
+    def attach(self, model: GPT) -> Circuit:
         fp = fingerprint(model)
         if self.model_fingerprint and fp != self.model_fingerprint:
             raise ValueError(f"this circuit was found in model {self.model_fingerprint} "
@@ -206,7 +225,8 @@ class Circuit:
         return self
 
     # ------------------------------------------------------------------ evaluation
-    def _task(self):
+    def get_task(self):
+        """The circuit's task: the one it was given, else the registered one of its name."""
         return self.task_obj if self.task_obj is not None else tasks_mod.get(self.task)
 
     def require_model(self, purpose: str = "evaluating it") -> GPT:
@@ -224,7 +244,7 @@ class Circuit:
         the circuit and fits that model its own calibration, as ``validate`` does for necessity:
         the circuit's scale and shift were fit to the circuit alone and mean nothing for the rest."""
         model = self.require_model()
-        pairs = self._task().pairs(split, n=n)
+        pairs = self.get_task().pairs(split, n=n)
         keep = self.nodes if nodes is None else nodes
         gates = keep_gates(model.config, keep, model.device, invert=invert)
         two, label = masked_pair_logits(model, pairs, gates, self.ablation)
@@ -232,19 +252,47 @@ class Circuit:
 
     def prune_config(self) -> PruneConfig:
         """The PruneConfig the circuit was found with (the defaults for a circuit built by hand)."""
-        from .prune import PruneConfig
         return PruneConfig.from_dict(self.config) if self.config else PruneConfig()
 
     def calibration_for(self, gates: dict[str, torch.Tensor]) -> tuple[float, float]:
         """The scale and shift that pruning fits, fit for the model under ``gates`` on the circuit's
         own calibration pairs (its pruning config's first ``calib_pairs`` train pairs)."""
-        from .prune import fit_calibration, split_pairs    # prune builds on this module
         cfg = self.prune_config()
-        calib = split_pairs(self._task(), cfg)[0][:cfg.calib_pairs]
+        calib = split_pairs(self.get_task(), cfg)[0][:cfg.calib_pairs]
         return fit_calibration(*masked_pair_logits(self.require_model(), calib, gates, self.ablation), cfg.calib_steps)
 
 
-# ---------------------------------------------------------------------- shared by prune / validate
+# ---------------------------------------------------------------------- shared by pruning / validation
+def split_pairs(task, cfg: PruneConfig):
+    """The task's train pairs as pruning uses them: (pairs the masks train on, whose first
+    ``calib_pairs`` fit the calibration; the last ``heldout_pairs``, which every loss is measured on)."""
+    pairs = task.pairs("train")
+    if len(pairs) < cfg.heldout_pairs + 2:
+        raise ValueError(f"task {task.name} has {len(pairs)} train pairs; pruning needs more than "
+                         f"heldout_pairs={cfg.heldout_pairs} + 2")
+    return pairs[:-cfg.heldout_pairs], pairs[-cfg.heldout_pairs:]
+
+
+def fit_calibration(two: torch.Tensor, label: torch.Tensor, steps: int = 16) -> tuple[float, float]:
+    """Scale and shift of the candidates' logit difference, fit by LBFGS on task loss."""
+    diff = (two[:, 0] - two[:, 1]).double()
+    is_a = (label == 0).double()
+    p = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([p], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(p[0] * diff + p[1], is_a)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    scale, shift = p.detach().tolist()
+    if not (math.isfinite(scale) and math.isfinite(shift)):
+        return 1.0, 0.0
+    return scale, shift
+
+
 def masked_pair_logits(model: GPT, pairs, gates: dict[str, torch.Tensor], ablation: str,
                        batch_size: int = 128, shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(2N, 2) candidate logits of every prompt with ``gates`` applied, and the labels."""
@@ -273,12 +321,6 @@ def score(two: torch.Tensor, label: torch.Tensor, calibration: tuple[float, floa
     right = (z > 0).float() == is_a
     return {"loss": float(torch.nn.functional.binary_cross_entropy_with_logits(z, is_a)),
             "raw_loss": float(tasks_mod.task_loss(two, label)), "accuracy": float(right.float().mean())}
-
-
-def validate(circuit: Circuit, **kw):
-    """The table of faithfulness controls; see cspkit.validate.validate for the options."""
-    from .validate import validate as run
-    return run(circuit, **kw)
 
 
 def geometric_mean_edges(circuits: list[Circuit]) -> float:

@@ -4,350 +4,126 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import os
 import sys
 from pathlib import Path
-
-import torch
 
 
 def _emit(args, obj: dict, human: str) -> None:
     print(json.dumps(obj) if getattr(args, "json", False) else human)
 
 
+def _command() -> str:
+    """The command line as typed, recorded beside what it trains."""
+    return "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def cmd_train(args) -> None:
-    from .config import resolve_profile
-    from .train import config_for, last_run, train
-    mcfg, tcfg = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
-                            overrides=args.overrides)
-    command = "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    train(mcfg, tcfg, args.out, progress=not args.json, command=command, profile=resolve_profile(args.profile))
-    from .checkpoint import read_config
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary (one JSON object), from rank 0
-        return
-    out = last_run(tcfg, args.out)  # with cycles, a stage's directory where the chain stopped early
-    cfg = read_config(out)
-    _emit(args, {"out": str(out), "step": cfg.get("step"), "val_loss": cfg.get("val_loss")},
-          f"trained {args.profile}{' (dense)' if tcfg.dense else ''} to step {cfg.get('step')}: "
-          f"val loss {cfg.get('val_loss')} -> {out}")
+    from .training import train_profile
+    done = train_profile(args.profile, args.out, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
+                         overrides=args.overrides, command=_command(), progress=not args.json)
+    if done is not None:   # under torchrun, one summary from the first process
+        _emit(args, *done)
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import eval_rows, load, read_chain_log, training_seconds
-    from .sparsity import density_report, format_density
-    model = load(args.dir)
-    # a run with warm restarts (cycles) reads as one, its steps counted from its first stage
-    log = read_chain_log(args.dir)
-    seconds = training_seconds(log)
-    rep = density_report(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    meta = model.checkpoint
-    # the checkpoint's step is its own stage's; the chain's counts from the first stage
-    chain_step, last_stage = (log[-1]["step"], log[-1]["stage"]) if log else (meta.get("step"), 0)
-    obj = {"config": model.config.__dict__, "params": n_params, "step": meta.get("step"), "chain_step": chain_step,
-           "val_loss": meta.get("val_loss"), "dense": meta.get("dense"), "tokenizer": meta.get("tokenizer"),
-           "density": rep, "training_seconds": seconds}
-    step = f"step {meta.get('step')}" + (f" of stage {last_stage} ({chain_step} from the start of stage 0)"
-                                         if last_stage else "")
-    lines = [f"{args.dir}: {n_params:,} parameters, {step}, val loss {meta.get('val_loss')}, "
-             f"{'dense' if meta.get('dense') else 'weight-sparse'}",
-             "model: " + ", ".join(f"{k}={v}" for k, v in model.config.__dict__.items()),
-             format_density(rep)]
-    if seconds:
-        per_stage = f" ({', '.join(f'stage {k}: {t / 3600:.2f} h' for k, t in enumerate(seconds))})"
-        lines.append(f"training time: {sum(seconds) / 3600:.2f} h{per_stage if len(seconds) > 1 else ''}, "
-                     "the log's seconds summed over resumed parts")
-    if args.evals or args.against:
-        rows = eval_rows(log)
-        obj["evals"] = rows
-        names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
-        ref = {}
-        if args.against:
-            ref_rows = eval_rows(read_chain_log(args.against))
-            if not ref_rows:
-                raise ValueError(f"--against {args.against}: no evaluations there; give a run directory "
-                                 "(or its log.jsonl) whose log has val_loss rows")
-            ref = {r["step"]: r for r in ref_rows}
-            obj["against"] = {"dir": str(args.against), "evals": [ref[r["step"]] for r in rows if r["step"] in ref]}
-        nan = float("nan")
-
-        def line(r: dict, head: str) -> str:
-            return f"{head} {r.get('l0', nan):6.3f} {r['val_loss']:8.3f}" + "".join(
-                f" {r.get(f'task/{n}/loss', nan):10.3f} / {r.get(f'task/{n}/accuracy', nan):5.3f}" for n in names)
-        lines += ["", "evaluations; each task: loss / accuracy"
-                  + (f"; under each step, {args.against} at that step" if ref else ""),
-                  f"{'step':>6s} {'tokens':>11s} {'l0':>6s} {'val loss':>8s}"
-                  + "".join(f" {n[:18]:>18s}" for n in names)]
-        for r in rows:
-            lines.append(line(r, f"{r['step']:6d} {r['tokens']:11,d}"))
-            if ref:
-                lines.append(line(ref[r["step"]], f"{'':6s} {'against':>11s}") if r["step"] in ref
-                             else f"{'':6s} {'against':>11s} (no evaluation at this step)")
-    _emit(args, obj, "\n".join(lines))
+    from .checkpoint import describe
+    _emit(args, *describe(args.dir, evals=args.evals, against=args.against))
 
 
 def cmd_sample(args) -> None:
     from .checkpoint import load
-    model = load(args.dir)
-    enc = model.encoding
-    idx = torch.tensor([enc.encode_ordinary(args.prompt) or [enc.eot_token]])
-    g = torch.Generator().manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
-    text = enc.decode(out[0, idx.shape[1]:].tolist())
+    from .tasks import complete
+    text = complete(load(args.dir), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     _emit(args, {"prompt": args.prompt, "completion": text}, args.prompt + text)
 
 
 def cmd_tasks(args) -> None:
-    from . import tasks
     if args.corpus and not args.evidence:
         raise ValueError("--corpus only applies with --evidence (cspkit tasks --evidence --corpus PATH ...)")
     if args.evidence:
-        from . import natural
-        rows = natural.evidence(args.corpus)
-        _emit(args, {"evidence": rows}, natural.format_evidence(rows))
+        from .natural import evidence_report
+        _emit(args, *evidence_report(args.corpus))
         return
-    rows = []
-    for name in tasks.names():
-        t = tasks.get(name)
-        p = t.pairs("train", n=1, seed=args.seed)[0]
-        rows.append({"task": name, "description": t.description, "candidates": [p.cand_a, p.cand_b],
-                     "example": {"prompt_a": p.prompt_a, "prompt_b": p.prompt_b}})
-    human = []
-    for r in rows:
-        tail_a = r["example"]["prompt_a"].rsplit("\n", 1)[-1]
-        tail_b = r["example"]["prompt_b"].rsplit("\n", 1)[-1]
-        human.append(f"{r['task']:28s} {r['description']}\n{'':28s} A: ...{tail_a!r} -> {r['candidates'][0]!r}\n"
-                     f"{'':28s} B: ...{tail_b!r} -> {r['candidates'][1]!r}")
-    _emit(args, {"tasks": rows}, "\n".join(human))
+    from .tasks import describe
+    rows, human = describe(args.seed)
+    _emit(args, {"tasks": rows}, human)
 
 
 def cmd_viz(args) -> None:
-    from .checkpoint import load
-    from .circuit import Circuit
-    from .viz import circuit_graph
-    circuit = Circuit.load(args.circuit, model=load(args.model) if args.model else None)
-    if circuit.model is None:
-        raise ValueError(f"{args.circuit} does not name its model (no model_path); pass --model DIR")
-    net = circuit_graph(circuit, n_pairs=args.pairs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    net.write_html(args.out)
-    if args.graphml:
-        args.graphml.parent.mkdir(parents=True, exist_ok=True)
-        net.write_graphml(args.graphml)
-    obj = {"circuit": str(args.circuit), "task": circuit.task, "nodes": circuit.n_nodes, "edges": circuit.n_edges,
-           "html": str(args.out), "html_bytes": args.out.stat().st_size,
-           "graphml": str(args.graphml) if args.graphml else None}
-    _emit(args, obj, f"{circuit.task} circuit, {circuit.n_nodes} nodes and {circuit.n_edges} edges -> {args.out} "
-                     f"({obj['html_bytes'] / 1e3:.0f} kB, self-contained, works offline)"
-                     + (f" and {args.graphml}" if args.graphml else ""))
+    from .viz import write_graph
+    _emit(args, *write_graph(args.circuit, args.out, args.graphml, args.model, args.pairs))
 
 
 def cmd_eval(args) -> None:
-    from . import tasks
-    from .checkpoint import load
-    names = tasks.names() if args.task == "all" else args.task.split(",")
-    scored = {n: tasks.get(n) for n in names}
-    unmined: list[str] = []
-    if args.natural:
-        from . import natural
-        corpus = natural.real_code_corpus(args.model[0])
-        for n in natural.TASKS:
-            try:
-                scored[f"{n}_natural"] = natural.mine(n, corpus=corpus)
-            except ValueError as e:   # no example of it in these validation files
-                unmined.append(str(e))
-    out = []
-    for path in args.model:
-        model = load(path, device=args.device)
-        results = [tasks.evaluate(model, t, args.split, n=args.n) for t in scored.values()]
-        if args.detail:
-            for r in results:
-                p = scored[r["task"]].pairs(args.split, n=1)[0]
-                r["example"] = [(prompt, want, tasks.next_tokens(model, prompt))
-                                for prompt, want in ((p.prompt_a, p.cand_a), (p.prompt_b, p.cand_b))]
-        out.append({"model": str(path), "results": results})
-    for m in out:   # the natural examples test the same tasks again: they are not counted twice
-        m["solved"] = len(tasks.solved([r for r in m["results"] if r["task"] in names]))
-    res = {"split": args.split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out}
-    if args.natural:
-        res["natural_unmined"] = unmined
-    human = "\n".join([tasks.format_scores(res), *unmined]) + (
-        "\n\n" + tasks.format_detail(res) if args.detail else "")
-    _emit(args, res, human)
+    from .natural import score_models
+    _emit(args, *score_models(args.model, args.task, args.split, args.n, args.device, args.detail, args.natural))
 
 
 def cmd_prune(args) -> None:
-    from . import tasks
-    from .checkpoint import load
-    from .prune import prune
-    names = tasks.names() if args.task == "all" else [args.task]
-    for n in names:
-        tasks.get(n)
-    cfg = _prune_config(args.set)
-    model = load(args.model)
-    rows, lines = [], []
-    for n in names:
-        out = args.out / f"{n}.json" if args.task == "all" else args.out
-        try:
-            c = prune(model, n, args.target, args.ablation, args.seed, cfg, progress=not args.json)
-        except ValueError as e:
-            if args.task != "all":
-                raise
-            rows.append({"task": n, "error": str(e)})
-            lines.append(f"{n:28s} not pruned: {e}")
-            continue
-        c.save(out)
-        rows.append({"task": n, "nodes": c.n_nodes, "edges": c.n_edges, "loss": c.loss, "full_loss": c.full_loss,
-                     "seconds": c.seconds, "out": str(out)})
-        lines.append(f"{n:28s} {c.n_nodes:6d} nodes {c.n_edges:6d} edges  held-out loss {c.loss:.4f} "
-                     f"(target {args.target}, full model {c.full_loss:.4f})  {c.seconds:.0f} s -> {out}")
-    _emit(args, {"model": str(args.model), "ablation": args.ablation, "seed": args.seed, "target": args.target,
-                 "results": rows}, "\n".join(lines))
+    from .pruning import prune_to_files
+    _emit(args, *prune_to_files(args.model, args.task, args.out, args.target, args.ablation, args.seed,
+                                _prune_config(args.set), progress=not args.json))
 
 
 def _prune_config(sets: list[str] | None):
-    from .config import override_configs
-    from .prune import PruneConfig
+    from .config import PruneConfig, override_configs
     return override_configs({"prune": PruneConfig()}, sets or [])["prune"]
 
 
 def cmd_validate(args) -> None:
-    from dataclasses import asdict
-    from .checkpoint import load
-    from .circuit import Circuit
-    from .validate import format_table, validate
-    circuit = Circuit.load(args.circuit, model=load(args.model) if args.model else None)
-    if circuit.model is None:
-        raise ValueError(f"{args.circuit} does not name its model (no model_path); pass --model DIR")
-    rows = validate(circuit, n_test=args.n, draws=args.draws, seed=args.seed,
-                    prune_controls=not args.no_prune_controls, progress=not args.json)
-    obj = {"circuit": str(args.circuit), "task": circuit.task, "model": circuit.model_path,
-           "rows": [asdict(r) for r in rows]}
-    if args.out:
-        from .files import atomic_write
-        atomic_write(args.out, json.dumps(obj, indent=1) + "\n")
-    _emit(args, obj, f"{circuit.task} circuit in {circuit.model_path} ({circuit.ablation} ablation); "
-                     "loss: calibrated task loss on the test split (raw: uncalibrated), chance 0.693\n"
-                     + format_table(rows))
+    from .validation import validate_file
+    _emit(args, *validate_file(args.circuit, args.model, args.n, args.draws, args.seed,
+                               prune_controls=not args.no_prune_controls, out=args.out, progress=not args.json))
 
 
 def cmd_sweep(args) -> None:
-    from . import tasks
-    from .sweep import SweepConfig, format_summary, run_controls, sweep
-    names = tasks.names() if args.tasks == "all" else args.tasks.split(",")
-    cfg = SweepConfig(models=[str(m) for m in args.models], tasks=names, targets=args.targets, seeds=args.seeds,
-                      ablation=args.ablation, prune=_prune_config(args.set))
-    res = sweep(cfg, args.out, jobs=args.jobs, progress=not args.json, device=args.device)
-    if args.controls:
-        res = run_controls(args.out, args.controls.split(","), progress=not args.json, device=args.device)
-    _emit(args, res, format_summary(res) + f"\n-> {args.out}")
+    from .config import SweepConfig
+    from .sweeps import sweep_report
+    cfg = SweepConfig(models=[str(m) for m in args.models],
+                      tasks=None if args.tasks == "all" else args.tasks.split(","), targets=args.targets,
+                      seeds=args.seeds, ablation=args.ablation, prune=_prune_config(args.set))
+    _emit(args, *sweep_report(cfg, args.out, args.jobs, args.device, _names(args.controls), progress=not args.json))
+
+
+def _names(joined: str | None) -> list[str] | None:
+    return joined.split(",") if joined else None
 
 
 def cmd_sweep_merge(args) -> None:
-    from .sweep import format_summary, merge, run_controls, smallest
-    res = (smallest if args.smallest else merge)(args.files, args.out)
-    if args.controls:
-        res = run_controls(args.out, args.controls.split(","), progress=not args.json)
+    from .sweeps import merge_report
+    res, human = merge_report(args.files, args.out, args.smallest, _names(args.controls), progress=not args.json)
     if args.plot:
-        from .files import atomic_path
-        from .plots import plot_frontier
-        with atomic_path(args.plot) as tmp:
-            fig = plot_frontier(res, target=res["grid"]["targets"][0])
-            fig.savefig(tmp, dpi=120, format=args.plot.suffix.lstrip(".") or "png")
-    _emit(args, res, format_summary(res) + f"\n-> {args.out}" + (f", {args.plot}" if args.plot else ""))
+        from .viz import save_frontier
+        save_frontier(res, args.plot)
+        human += f", {args.plot}"
+    _emit(args, res, human)
 
 
 def cmd_convert_openai(args) -> None:
-    from .checkpoint import read_config
-    from .compat import convert
-    from .config import to_dict
-    model = convert(args.src, args.dst, args.tokenizer)
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    nz = sum(int((p != 0).sum()) for p in model.parameters())
-    tok = read_config(args.dst)["tokenizer"]
-    _emit(args, {"src": str(args.src), "dst": str(args.dst), "params": n, "nonzero": nz, "tokenizer": tok,
-                 "config": to_dict(c)},
-          f"converted {args.src} -> {args.dst}: {n:,} parameters, {nz / n:.2%} nonzero; {c.n_layer} layers, "
-          f"d_model {c.d_model}, {c.n_head} heads of {c.d_head}, {c.norm} norm, sink {c.sink}, "
-          f"afrac {c.afrac}, tokenizer {tok}")
+    from .compat import convert_report
+    _emit(args, *convert_report(args.src, args.dst, args.tokenizer))
 
 
 def cmd_bridge(args) -> None:
-    from . import bridges
-    from .checkpoint import read_config
-    mcfg, bcfg, tcfg = bridges.configs_for(args.profile, args.dense, args.sparse, args.seed, args.max_steps,
-                                           args.overrides)
-    command = "cspkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    dense, sparse, bridge = bridges.train(args.dense, args.out, bcfg, tcfg, mcfg, progress=not args.json,
-                                          command=command)
-    q = bridges.quality(dense, sparse, bridge, bridges.val_tokens(tcfg, sparse.config.block_size), tcfg.batch_size)
-    cfg = read_config(args.out)
-    mode = f"fine-tuned from {args.sparse}" if args.sparse else "trained from scratch"
-    _emit(args, {"out": str(args.out), "step": cfg["step"], "val_loss": cfg["val_loss"], "sparse": mode,
-                 "quality": q},
-          f"bridge to {args.dense}, sparse model {mode}, step {cfg['step']}: sparse val loss {cfg['val_loss']} "
-          f"-> {args.out}\n" + bridges.format_quality(q))
-
-
-def _shown(path) -> str:
-    """A path as the user would type it: relative to the working directory when under it."""
-    if path is None or not os.path.isabs(path):  # "pruned": found live, not read from a file
-        return str(path)
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
+    from .bridges import train_report
+    _emit(args, *train_report(args.profile, args.dense, args.out, args.sparse, args.seed, args.max_steps,
+                              args.overrides, command=_command(), progress=not args.json))
 
 
 def cmd_intervene(args) -> None:
-    from . import bridges
-    dense, sparse, bridge = bridges.load(args.bridge)
-    circuit = None
-    if args.node == "auto":
-        ch, circuit = bridges.circuit_channel(sparse, args.task, args.circuit, progress=not args.json, at=args.at)
-        how = (f" (auto: of the {len(bridges.read_nodes(circuit))} read channels of the {circuit.n_nodes}-node "
-               f"circuit {_shown(circuit.source)}, the one that best separates the two prompt classes)")
-    else:
-        ch, how = bridges.channel_stats(sparse, args.task, [args.node], at=args.at)[0], ""
-    if args.site_channels:
-        if circuit is None:
-            circuit = bridges.task_circuit(sparse, args.task, args.circuit, progress=not args.json)
-        ch = bridges.site_channels(sparse, args.task, circuit, ch)
-        how += f", with all {len(ch)} of the circuit's read channels at its site, each by its own delta"
-    r = bridges.flip_rates(dense, sparse, bridge, args.task, ch, args.strength, args.split, args.n, args.seed)
-    if circuit is not None:
-        r["circuit"] = {"source": _shown(circuit.source), "nodes": circuit.n_nodes,
-                        "read_nodes": bridges.read_nodes(circuit)}
-    if args.out:
-        from .files import atomic_write
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, json.dumps(r, indent=1) + "\n")
-    token = "last token" if r["at"] == "last" else "first token where the pair's prompts differ"
-    first = lambda k: r[k] if isinstance(r[k], float) else r[k][0]
-    lines = [f"{r['task']}: steering {ch.node if isinstance(ch, bridges.Channel) else ch[0].node}{how}, through "
-             f"the bridge at site {r['site']} at every token",
-             f"class means of {r['node'] if isinstance(r['node'], str) else r['node'][0]} at the {token}, train "
-             f"prompts: A {first('mean_a'):.3f}, B {first('mean_b'):.3f} ({first('score'):+.2f} pooled sd); "
-             f"delta = B - A = {first('delta'):+.3f} (A prompts +delta, B prompts -delta)",
-             f"{r['split']} split: the dense model prefers the right candidate on {r['dense_right']} of "
-             f"{r['prompts']} prompts; flip rate = the fraction of those that switch to the other class's answer; "
-             "logit shift = mean change of their other-minus-own candidate logit gap",
-             bridges.format_flips(r["rows"])]
-    _emit(args, r, "\n".join(lines))
+    from .bridges import steer_report
+    _emit(args, *steer_report(args.bridge, args.task, args.node, args.circuit, args.circuits, args.at,
+                              args.site_channels, args.strength, args.split, args.n, args.seed, args.out,
+                              progress=not args.json))
 
 
 def cmd_bridge_report(args) -> None:
-    from . import bridges
-    q = bridges.report(args.bridge, dense=args.dense, batches=args.batches)
-    human = (f"bridge {args.bridge} at step {q['step']} of {q['max_steps']}\n" + bridges.format_quality(q))
-    if args.out:
-        from .files import atomic_write
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, human + "\n")
-    _emit(args, q, human)
+    from .bridges import report_file
+    _emit(args, *report_file(args.bridge, dense=args.dense, batches=args.batches, out=args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import BRIDGE_PROFILES, PROFILE_ALIASES, PROFILES
+    from .profiles import BRIDGE_PROFILES, PROFILE_ALIASES, PROFILES
     p = argparse.ArgumentParser(prog="cspkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -491,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--node", required=True, help="a sparse read channel, e.g. 3.mlp.in[41], or 'auto': the read "
                                                  "channel of the task's circuit that best separates the two classes")
     v.add_argument("--circuit", type=Path, help="with --node auto or --site-channels, the task's circuit file in "
-                                                "the sparse model (default: results/circuits/<model>/<task>.json, "
-                                                "else prune one)")
+                                                "the sparse model (default: found in --circuits, else pruned live, "
+                                                "a minute or two on CPU)")
+    v.add_argument("--circuits", type=Path, metavar="DIR", help="a directory of circuit files laid out "
+                   "DIR/<model name>/<task>.json, searched when --circuit is not given (e.g. results/circuits)")
     v.add_argument("--at", choices=["diff", "last"], default="diff",
                    help="the token whose class means set delta (and pick the auto channel): the first token where "
                         "the pair's two prompts differ (default), or the last")

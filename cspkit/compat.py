@@ -1,4 +1,4 @@
-"""OpenAI's released circuit_sparsity models and tokenizer in cspkit (METHOD.md section 6).
+"""OpenAI's released circuit_sparsity models and tokenizer in cspkit (docs/method.md, "OpenAI checkpoints").
 
 A released model directory holds ``beeg_config.json`` (the fields of openai's GPTConfig) and
 ``final_model.pt`` (a plain state dict). ``load_openai_checkpoint`` builds the cspkit GPT that
@@ -28,7 +28,7 @@ import tiktoken
 import torch
 
 from . import checkpoint
-from .config import ModelConfig
+from .config import ModelConfig, to_dict
 from .files import atomic_dir, atomic_write
 from .model import GPT
 from .tokenizer import EOT, EOT_ID, PAT_STR, save_ranks, tokenizer_id
@@ -202,6 +202,13 @@ def load_openai_checkpoint(path: str | os.PathLike, tokenizer: str | os.PathLike
 
     ``tokenizer``: a directory with encoder.json + vocab.bpe; by default ``path`` itself when it
     holds them. Without one, ``model.encoding`` is None: feed token ids of the openai tokenizer.
+
+    The released weights are not shipped (notebook 10 shows where to put them), so this example
+    runs only where they are:
+
+    >>> import cspkit
+    >>> model = cspkit.load_openai_checkpoint("csp_yolo1")  # doctest: +SKIP
+    >>> cspkit.evaluate(model, "single_double_quote")["accuracy"]  # doctest: +SKIP
     """
     path = Path(path)
     theirs = read_openai_config(path)
@@ -332,3 +339,17 @@ def export_datagym(enc: tiktoken.Encoding, path: str | os.PathLike) -> Path:
     atomic_write(path / MERGES_FILE, "\n".join(lines) + "\n")
     atomic_write(path / ENCODER_FILE, json.dumps(encoder, ensure_ascii=False))
     return path
+
+
+def convert_report(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+                   ) -> tuple[dict, str]:
+    """What ``cspkit convert-openai`` does: ``convert`` and a summary (object and text)."""
+    model = convert(src, dst, tokenizer)
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    nz = sum(int((p != 0).sum()) for p in model.parameters())
+    tok = checkpoint.read_config(dst)["tokenizer"]
+    obj = {"src": str(src), "dst": str(dst), "params": n, "nonzero": nz, "tokenizer": tok, "config": to_dict(c)}
+    return obj, (f"converted {src} -> {dst}: {n:,} parameters, {nz / n:.2%} nonzero; {c.n_layer} layers, "
+                 f"d_model {c.d_model}, {c.n_head} heads of {c.d_head}, {c.norm} norm, sink {c.sink}, "
+                 f"afrac {c.afrac}, tokenizer {tok}")

@@ -1,15 +1,16 @@
-"""Plain dataclass configs, JSON on disk, named profiles; unknown keys are rejected by name."""
+"""Every config dataclass (model, training, bridge, pruning, sweep): plain dataclasses, JSON on
+disk, ``key=value`` overrides; unknown keys are rejected with a suggestion. Named recipes are in
+cspkit.profiles."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The node locations of one layer, in forward order (METHOD.md section 1).
+# The node locations of one layer, in forward order (docs/method.md, "Model").
 LOCATION_TYPES = ("attn.in", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.neuron", "mlp.out")
 
 
@@ -101,12 +102,12 @@ class TrainConfig:
     ckpt_interval: int = 250
     stop_at_val_loss: float | None = None  # end early at the first eval at or below this
     # end this invocation after this step, with a checkpoint; the schedule stays max_steps', so the
-    # same command without it (or with a later one) resumes the run: a long run spans sessions
+    # same command without it (or with a later one) resumes the run: a long run spans several invocations
     stop_at_step: int | None = None
     init_from: str | None = None      # checkpoint dir whose weights start the run (continued training)
     # warm restarts after the schedule above, one per entry, of that many steps: each is a run of
     # its own (OUT/stages/K, the last in OUT) begun from the weights before it with a fresh
-    # optimizer, seed + K, warm-up and linear decay at the final sparsity (cspkit.train.stages)
+    # optimizer, seed + K, warm-up and linear decay at the final sparsity (cspkit.training.stages)
     cycles: list[int] | None = None
     seed: int = 0
     corpus: list[str] | None = None   # directories / files / globs / stdlib / package:NAME; None = stdlib
@@ -143,7 +144,7 @@ class TrainConfig:
 
 @dataclass
 class BridgeConfig:
-    """A bridge between a dense and a sparse model and its loss (METHOD.md section 5; cspkit.bridges).
+    """A bridge between a dense and a sparse model and its loss (docs/method.md, "Bridge loss"; cspkit.bridges).
 
     loss = sparse LM loss + nmse_coef * (NMSE of encoder + NMSE of decoder)
                           + kl_coef * (KL(dense || dense->sparse hybrid) + KL(dense || sparse->dense hybrid)),
@@ -164,7 +165,61 @@ class BridgeConfig:
             raise ValueError("nmse_coef and kl_coef must be >= 0")
 
 
-def _check_keys(cls, d: dict[str, Any], what: str, names: list[str] | None = None) -> None:
+@dataclass
+class PruneConfig:
+    # Defaults chosen on the shipped small sparse model's quote task, then kept for every task
+    # and model (no per-task sweep). The paper's search centres are k_coef 1e-4, noise 1e-2,
+    # bias 1e-1, weight decay 1e-3, lr 3e-3, beta2 0.95, warm-up 5 percent, temperature 1; its
+    # models are far larger and it trains masks far longer. Here, with 100 steps: k_coef 1e-3
+    # gave 141 nodes, 3e-3 gave 92, 5e-3 drove all but 43 masks to the clamp (2000 nodes after
+    # bisection); lr 1e-2 with 200 steps gave 85 nodes in twice the time.
+    # k_coef is the penalty per kept node on a model of k_ref_nodes nodes (small-v1's, the shipped
+    # 11,264); on a model of n nodes each node costs k_coef * k_ref_nodes / n, so keeping a given
+    # fraction of the nodes costs the same at every size. Unscaled, 3e-3 on the paper-e1 shape
+    # (22,528 nodes) collapsed the quote masks to 6 nodes at chance with one seed
+    # (results/mask_diagnosis_paper-e1-sparse.txt); halved, both seeds kept about 100 nodes at
+    # held-out loss 0. None: k_coef per node as given, at every size.
+    steps: int = 100
+    batch_pairs: int = 16
+    lr: float = 3e-2
+    k_coef: float = 3e-3
+    k_ref_nodes: int | None = 11264
+    init_noise: float = 1e-2
+    init_bias: float = 1e-1
+    weight_decay: float = 1e-3
+    beta2: float = 0.95
+    warmup_frac: float = 0.05
+    temperature: float = 1.0
+    heldout_pairs: int = 64
+    calib_pairs: int = 32
+    calib_steps: int = 16
+
+    def __post_init__(self):
+        if self.k_ref_nodes is not None and self.k_ref_nodes < 1:
+            raise ValueError(f"k_ref_nodes={self.k_ref_nodes} must be a positive node count, or None for no scaling")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneConfig:
+        check_keys(cls, d, "prune config")
+        return cls(**d)
+
+    def node_penalty(self, n_nodes: int) -> float:
+        """The penalty per kept node on a model of ``n_nodes`` nodes."""
+        return self.k_coef if self.k_ref_nodes is None else self.k_coef * self.k_ref_nodes / n_nodes
+
+
+@dataclass
+class SweepConfig:
+    """Circuit sizes over models x tasks x targets x pruning seeds (cspkit.sweeps)."""
+    models: list[str]
+    tasks: list[str] | None = None    # None: every registered task
+    targets: list[float] = field(default_factory=lambda: [0.15])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    ablation: str = "mean"
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+
+def check_keys(cls, d: dict[str, Any], what: str, names: list[str] | None = None) -> None:
     names = names or [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
     if unknown:
@@ -174,115 +229,13 @@ def _check_keys(cls, d: dict[str, Any], what: str, names: list[str] | None = Non
 
 
 def from_dict(cls, d: dict[str, Any], what: str | None = None):
-    _check_keys(cls, d, what or cls.__name__)
+    check_keys(cls, d, what or cls.__name__)
     return cls(**d)
 
 
 def to_dict(cfg) -> dict[str, Any]:
     d = asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _paper(e: int) -> tuple[ModelConfig, TrainConfig]:
-    # Paper shapes: base d_model 256 / d_mlp 1024 / 16 heads of 16, scaled by E; matrices keep
-    # L0frac / E^2 and embeddings L0frac / E (METHOD.md section 2), with L0frac = 1/8 here.
-    m = ModelConfig(n_layer=8, d_model=256 * e, d_mlp=1024 * e, n_head=16 * e, d_head=16, pos_emb="none")
-    t = TrainConfig(max_steps=20000, batch_size=64, lr=0.01 / e ** 0.5, l0_frac=1 / 8 / e ** 2,
-                    l0_frac_embed=1 / 8 / e, anneal_end=0.5 if e < 4 else 0.8, eval_interval=500,
-                    ckpt_interval=500, eval_batches=20)
-    return m, t
-
-
-# small-v2: the recipe of the second shipped pair (results/HISTORY.md) and the first stage of
-# small-v3 (results/corpus_idioms/, "The recipe as one command"): the fixed nonzeros of small-v1 spread
-# over 1.5 times the width (matrices keep 1/36 of their entries, embeddings and biases 1/6),
-# cut by 30% of a 7,500-step schedule; numpy's and sympy's tests for the nested literals
-# bracket_counting needs, and a tenth of the windows from the tasks' own train-split idioms.
-# bf16 autocast: 1.4x faster where the CPU has native bfloat16 (about 2.6 hours on 2 such
-# cores); cspkit.train warns where it has not.
-_SMALL_V2 = (ModelConfig(sink=False, d_model=384, d_mlp=1536, n_head=24),
-             TrainConfig(max_steps=7500, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200,
-                         l0_frac=0.027778, l0_frac_embed=0.166667, anneal_end=0.3, autocast="bf16",
-                         corpus=["stdlib", "package:numpy/**/tests", "package:sympy/**/tests", "tasks:train"],
-                         corpus_weights=[0.25, 0.3, 0.35, 0.1],
-                         eval_tasks=["single_double_quote", "bracket_counting", "set_or_string",
-                                     "class_init", "enumerate_range"]))
-
-
-PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
-    # unit tests, CI and the live notebook: a couple of minutes on 2 CPU cores
-    "tiny": (ModelConfig(n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, block_size=64),
-             TrainConfig(max_steps=300, batch_size=16, lr=0.02, eval_interval=50, eval_batches=4,
-                         ckpt_interval=100, l0_frac=1 / 8, l0_frac_embed=1 / 2)),
-    "small-v2": _SMALL_V2,
-    # `small` (PROFILE_ALIASES), the recipe of the shipped pair: small-v2 and three warm restarts
-    # of 2,400 steps, bracket counting's loss under issue 3's 0.15, about 2.6 + 3.5 hours here
-    # (results/corpus_idioms/, "A second and a third cycle"; the shipped sparse model was
-    # measured as four runs, the first of them in fp32: data/models/small-sparse/stages/)
-    "small-v3": (_SMALL_V2[0], dataclasses.replace(_SMALL_V2[1], cycles=[2400, 2400, 2400])),
-    # issue 2's hour: small-v2's width, sparsity and corpus on 2 layers instead of 4 (half the
-    # step), 2,800 steps at learning rate 0.02, in fp32. Learns quote and bracket counting
-    # (accuracy 0.9 or more) in about an hour on 2 AVX2 cores (data/models/small-hour, whose seed-1
-    # twin is in results/small_hour/). The shipped pair is the longer `small`: bracket counting's
-    # loss under issue 3's 0.15 took the restarts.
-    "small-hour": (dataclasses.replace(_SMALL_V2[0], n_layer=2),
-                   dataclasses.replace(_SMALL_V2[1], max_steps=2800, lr=0.02, autocast=None)),
-    # the first shipped pair (in git history) and the results made with it: about an hour on 2
-    # CPU cores, d_model 256, matrices 1/16 and embeddings 1/4, the standard library alone (which
-    # closes a nested list literal 41 times, too few for bracket_counting). No attention sink
-    # in either (until session 25 it cost 1.5 to 2.2 times the CPU step; README, "Speed").
-    "small-v1": (ModelConfig(sink=False),
-                 TrainConfig(max_steps=2400, batch_size=16, lr=6e-3, eval_interval=200, ckpt_interval=200)),
-    **{f"paper-e{e}": _paper(e) for e in (1, 2, 4, 8)},
-}
-
-
-# Bridge training (cspkit.bridges): the BridgeConfig and the schedule. The sparse model either
-# starts from a checkpoint (fine-tuning: cspkit.bridges.configs_for then holds its sparsity from
-# the first step) or from scratch in the dense model's shape, annealed as set here.
-BRIDGE_PROFILES: dict[str, tuple[BridgeConfig, TrainConfig]] = {
-    "tiny": (BridgeConfig(),
-             TrainConfig(max_steps=200, batch_size=8, lr=0.01, eval_interval=50, eval_batches=2, ckpt_interval=50,
-                         l0_frac=1 / 8, l0_frac_embed=1 / 2)),
-    # the shipped bridge: only the maps learn, so small-sparse (and the circuits found in it) stay
-    # as they are; one site per step runs the hybrid passes (all eight cost about 5x more per
-    # step on CPU). 120 steps of 2,048 tokens after the least-squares start: what a shared
-    # 2-core CPU allowed.
-    "small": (BridgeConfig(kl_sites=1, train_sparse=False),
-              TrainConfig(max_steps=120, batch_size=8, lr=3e-3, warmup_frac=0.02, eval_interval=40,
-                          eval_batches=4, ckpt_interval=40)),
-    # small-sparse fine-tuned jointly with the maps, as the paper trains them jointly (from
-    # scratch there): a closer bridge, but a new sparse model whose circuits must be found again
-    # (results/bridge_joint/, 22 minutes on 2 idle CPU cores)
-    "small-joint": (BridgeConfig(kl_sites=1, train_sparse=True),
-                    TrainConfig(max_steps=500, batch_size=8, lr=2e-3, warmup_frac=0.02, eval_interval=100,
-                                eval_batches=4, ckpt_interval=100)),
-}
-
-
-def bridge_profile(name: str) -> tuple[BridgeConfig, TrainConfig]:
-    if name not in BRIDGE_PROFILES:
-        raise ValueError(f"unknown bridge profile {name!r}; choose one of {', '.join(BRIDGE_PROFILES)}")
-    # deep copies: the profiles hold lists, which a caller's edit must not change
-    return copy.deepcopy(BRIDGE_PROFILES[name])
-
-
-# A profile's recipe never changes; `small` names the newest small one. config.json records the
-# name a run's profile resolved to ("profile"), so each model stays checkable against its recipe
-# after the alias moves on (before this, `small` itself changed: it was what is now small-v1).
-PROFILE_ALIASES = {"small": "small-v3"}
-
-
-def resolve_profile(name: str) -> str:
-    """The profile ``name`` stands for: itself, or the one an alias points to."""
-    name = PROFILE_ALIASES.get(name, name)
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join([*PROFILE_ALIASES, *PROFILES])}")
-    return name
-
-
-def profile(name: str) -> tuple[ModelConfig, TrainConfig]:
-    return copy.deepcopy(PROFILES[resolve_profile(name)])
 
 
 def apply_overrides(mcfg: ModelConfig, tcfg: TrainConfig, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
@@ -312,8 +265,8 @@ def override_configs(cfgs: dict[str, Any], overrides: list[str]) -> dict[str, An
         else:
             d = next((d for d in ds.values() if name in d), None)
             if d is None:
-                _check_keys(None, {name: 0}, " or ".join(ds), names=[k for d in ds.values() for k in d])
+                check_keys(None, {name: 0}, " or ".join(ds), names=[k for d in ds.values() for k in d])
         if name not in d:
-            _check_keys(type(cfgs[scope]), {name: 0}, scope)
+            check_keys(type(cfgs[scope]), {name: 0}, scope)
         d[name] = val
     return {scope: from_dict(type(cfgs[scope]), d) for scope, d in ds.items()}

@@ -18,8 +18,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import platform
 import os
+import platform
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import tasks
 from .config import check_corpus_weights, is_shard_dir
 from .files import atomic_dir, atomic_write
-from .tokenizer import get_encoding, tokenizer_id, DEFAULT_PATH as TOKENIZER_PATH
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CSPKIT_CACHE", Path.home() / ".cache" / "cspkit"))
+from .paths import TOKENIZER_PATH, cache_dir
+from .tasks import generators as task_generators
+from .tokenizer import get_encoding, tokenizer_id
 
 
 def default_roots() -> list[str]:
@@ -65,12 +64,11 @@ def _package_spec(spec: str) -> tuple[str, str]:
 def _task_root(spec: str) -> Path:
     """The directory of ``tasks:train`` (cspkit.tasks.corpus_files), written once into the cache
     under a digest of the task generators' source and of the tokenizer they check names against."""
-    from . import tasks
     split = spec.removeprefix("tasks:")
     if split != "train":
         raise ValueError(f"corpus root {spec!r}: only 'tasks:train' exists; the test split of the tasks "
                          "is what they are scored on, so it is never trained on")
-    h = hashlib.sha256(Path(tasks.__file__).read_bytes())
+    h = hashlib.sha256(Path(task_generators.__file__).read_bytes())
     h.update(tokenizer_id(str(TOKENIZER_PATH)).encode())
     root = cache_dir() / "tasks-corpus" / h.hexdigest()[:16] / "tasks"
     if not root.is_dir():

@@ -7,7 +7,7 @@ or inside the ``hooks`` context manager.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn

@@ -1,4 +1,4 @@
-"""A GPT-2 style decoder in which every node location is a named hook point (METHOD.md section 1).
+"""A GPT-2 style decoder in which every node location is a named hook point (docs/method.md, "Model").
 
 Per layer L the hook points are ``L.attn.in``, ``L.attn.q``, ``L.attn.k``, ``L.attn.v``,
 ``L.attn.out``, ``L.mlp.in``, ``L.mlp.neuron``, ``L.mlp.out``; plus ``embed`` (the residual
@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, LOCATION_TYPES
-from .hooks import HookPoint, HookedMixin
+from .config import LOCATION_TYPES, ModelConfig
+from .hooks import HookedMixin, HookPoint
 
 
 def location_names(n_layer: int, extra: bool = False) -> list[str]:
@@ -78,7 +78,7 @@ class Norm(nn.Module):
     """RMSNorm (gain only, so zero stays zero) or, for openai compat, LayerNorm."""
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "Norm":
+    def from_config(cls, cfg: ModelConfig) -> Norm:
         return cls(cfg.d_model, cfg.norm, cfg.norm_bias, 1e-5 if cfg.norm_eps is None else cfg.norm_eps)
 
     def __init__(self, d: int, kind: str = "rms", bias: bool = False, eps: float = 1e-5):
@@ -177,6 +177,7 @@ class GPT(HookedMixin, nn.Module):
         self.config = cfg
         self.encoding = None  # set by cspkit.load / the trainer
         self.path = None      # the checkpoint directory, when loaded from one
+        self.checkpoint = {}  # what its config.json records besides the model config, when loaded
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.h = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))

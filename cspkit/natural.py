@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tasks as tasks_mod
-from .checkpoint import read_config
+from .checkpoint import load, read_config
 from .data import Corpus, build_shards, load_corpus
 from .tasks import Pair, Task, check_pair
 from .tokenizer import get_encoding
@@ -85,7 +85,7 @@ def real_code_corpus(model) -> Corpus:
     files are real code the model never trained on, where natural examples are mined."""
     if isinstance(model, (str, os.PathLike)):
         meta = read_config(model)
-    elif hasattr(model, "checkpoint"):
+    elif getattr(model, "checkpoint", None):
         meta = model.checkpoint
     else:
         raise ValueError("real_code_corpus needs a checkpoint directory or a model loaded from one "
@@ -191,3 +191,45 @@ def format_evidence(rows: list[dict]) -> str:
         lines.append(f"{r['task']:28s} {show(r['candidates_a']):>14s} {show(r['candidates_b']):>14s} "
                      f"{r['tokens_a']:>10,} {r['tokens_b']:>10,} {ctx.get('a', '-'):>11} {ctx.get('b', '-'):>11}")
     return "\n".join(lines)
+
+
+def score_models(paths: list[str | os.PathLike], task: str = "all", split: str = "test", n: int | None = None,
+                 device: str = "cpu", detail: bool = False, natural: bool = False) -> tuple[dict, str]:
+    """What ``cspkit eval`` shows: each model's loss and accuracy on the tasks (``all``, a name, or
+    names joined by commas), with ``natural`` the natural examples mined from the held-out files
+    of the first model's training corpus too (scored, not counted as solved tasks again), and
+    with ``detail`` how each model decides on one pair. Returns the JSON object and the text."""
+    names = tasks_mod.names() if task == "all" else task.split(",")
+    scored = {name: tasks_mod.get(name) for name in names}
+    unmined: list[str] = []
+    if natural:
+        corpus = real_code_corpus(paths[0])
+        for name in TASKS:
+            try:
+                scored[f"{name}_natural"] = mine(name, corpus=corpus)
+            except ValueError as e:   # no example of it in these validation files
+                unmined.append(str(e))
+    out = []
+    for path in paths:
+        model = load(path, device=device)
+        results = [tasks_mod.evaluate(model, t, split, n=n) for t in scored.values()]
+        if detail:
+            for r in results:
+                p = scored[r["task"]].pairs(split, n=1)[0]
+                r["example"] = [(prompt, want, tasks_mod.next_tokens(model, prompt))
+                                for prompt, want in ((p.prompt_a, p.cand_a), (p.prompt_b, p.cand_b))]
+        out.append({"model": str(path), "results": results})
+    for m in out:
+        m["solved"] = len(tasks_mod.solved([r for r in m["results"] if r["task"] in names]))
+    res = {"split": split, "chance_loss": 0.6931, "chance_accuracy": 0.5, "models": out}
+    if natural:
+        res["natural_unmined"] = unmined
+    human = "\n".join([tasks_mod.format_scores(res), *unmined]) + (
+        "\n\n" + tasks_mod.format_detail(res) if detail else "")
+    return res, human
+
+
+def evidence_report(paths: list[str] | None = None) -> tuple[dict, str]:
+    """What ``cspkit tasks --evidence`` shows: ``evidence`` as an object and as text."""
+    rows = evidence(paths)
+    return {"evidence": rows}, format_evidence(rows)

@@ -11,13 +11,14 @@ import functools
 import hashlib
 import heapq
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import regex
 import tiktoken
 
 from .files import atomic_write
+from .paths import TOKENIZER_PATH
 
 PAT_STR = (
     r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -25,9 +26,9 @@ PAT_STR = (
 EOT = "<|endoftext|>"
 VOCAB_SIZE = 2048
 EOT_ID = VOCAB_SIZE - 1
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "tokenizer" / "tinypython_2k.tiktoken"
+DEFAULT_PATH = TOKENIZER_PATH  # package data: a wheel installs it
 
-# Task candidates (METHOD.md section 3) that must each be one token. Each is a whole
+# Task candidates (docs/method.md, "Tasks") that must each be one token. Each is a whole
 # pre-token chunk, and tiktoken returns a chunk found in the vocabulary as one token.
 REQUIRED_TOKENS = [
     '")', "')", "]", "]]", ".add", "+=", " +=", " as", " in", " ==", " =", " enumerate",
@@ -146,7 +147,15 @@ def _load(path: str) -> tiktoken.Encoding:
 
 
 def get_encoding(path: str | os.PathLike | None = None) -> tiktoken.Encoding:
-    """The shipped tokenizer (or the one at ``path``) as a tiktoken Encoding; no network."""
+    """The shipped tokenizer (or the one at ``path``) as a tiktoken Encoding; no network.
+
+    >>> import cspkit
+    >>> enc = cspkit.get_encoding()
+    >>> enc.n_vocab
+    2048
+    >>> enc.decode(enc.encode("print('hi')"))
+    "print('hi')"
+    """
     return _load(str(Path(path or DEFAULT_PATH).resolve()))
 
 

@@ -14,8 +14,8 @@ import sys
 
 import cspkit
 from cspkit import data, tasks
-from cspkit.config import profile
-from cspkit.train import evaluate_loss
+from cspkit.profiles import profile
+from cspkit.training import evaluate_loss
 
 BATCHES = 32  # batches of 16 windows of 256 tokens per mixture: 131k validation tokens each
 

@@ -45,7 +45,7 @@ def tiny_overrides(corpus: Path, *extra: str) -> list[str]:
 
 
 def tiny_train_config(corpus: Path, *extra: str) -> tuple[ModelConfig, TrainConfig]:
-    from cspkit.train import config_for
+    from cspkit.profiles import config_for
     return config_for("tiny", overrides=tiny_overrides(
         corpus, "max_steps=30", "ckpt_interval=10", "eval_interval=10", "log_interval=5", *extra))
 
@@ -77,7 +77,7 @@ class Trained:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Trained:
     """The tiny profile, shrunk, trained weight-sparse for 30 steps (log every 5, eval and checkpoint every 10)."""
-    from cspkit.train import train
+    from cspkit.training import train
     root = tmp_path_factory.mktemp("trained")
     corpus = make_corpus(root / "corpus")
     mcfg, tcfg = tiny_train_config(corpus)

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from cspkit import bridges
-from cspkit import tasks as tasks_mod
 from cspkit import checkpoint as ckpt
+from cspkit import tasks as tasks_mod
 from cspkit.cli import main
 from cspkit.config import BridgeConfig, ModelConfig, from_dict, to_dict
 from cspkit.data import TokenData
 from cspkit.model import GPT, parse_node
-from cspkit.train import train as train_model
-from conftest import tiny_train_config
+from cspkit.training import train as train_model
 
 
 class Killed(Exception):
@@ -413,7 +413,7 @@ def quote_circuit(model, nodes, task="single_double_quote"):
 
 
 def test_circuit_channel_picks_among_the_circuits_read_nodes(pair, tmp_path, monkeypatch):
-    from cspkit import prune as prune_mod
+    from cspkit import pruning as prune_mod
     run_bridge(pair, tmp_path / "b", max_steps=1)
     _, sparse, _ = bridges.load(tmp_path / "b")
     task, reads = "single_double_quote", ["0.attn.in[1]", "1.mlp.in[2]", "1.attn.in[7]"]
@@ -426,9 +426,8 @@ def test_circuit_channel_picks_among_the_circuits_read_nodes(pair, tmp_path, mon
     ch, got = bridges.circuit_channel(sparse, task, path, n=8)
     assert ch == want and got.source == str(path) and got.nodes == c.nodes
 
-    # no circuit given: results/circuits/<name>/<task>.json, for the names of the bridge's sparse model
-    root = tmp_path / "results"
-    monkeypatch.setattr(bridges, "circuits_dir", lambda: root)
+    # no circuit given: <circuits>/<name>/<task>.json, for the names of the bridge's sparse model
+    root = tmp_path / "circuits"
     names = bridges.model_names(sparse)
     assert names == ["sparse", "b", pair[1].dir.name]  # its dir, the bridge's, the checkpoint it started from
     stranger = quote_circuit(sparse, reads)
@@ -441,13 +440,16 @@ def test_circuit_channel_picks_among_the_circuits_read_nodes(pair, tmp_path, mon
         return quote_circuit(model, ["1.attn.in[7]", "1.attn.q[0]"])
 
     monkeypatch.setattr(prune_mod, "prune", fake_prune)
-    assert bridges.find_circuit(sparse, task) is None
-    ch, got = bridges.circuit_channel(sparse, task, n=8, progress=False)
+    assert bridges.find_circuit(sparse, task, root) is None
+    ch, got = bridges.circuit_channel(sparse, task, circuits=root, n=8, progress=False)
     assert calls == [(sparse, task)] and got.source == "pruned" and ch.node == "1.attn.in[7]"
     c.save(root / pair[1].dir.name / f"{task}.json")
-    assert bridges.find_circuit(sparse, task) == root / pair[1].dir.name / f"{task}.json"
-    ch, got = bridges.circuit_channel(sparse, task, n=8)
-    assert ch == want and len(calls) == 1
+    assert bridges.find_circuit(sparse, task, root) == root / pair[1].dir.name / f"{task}.json"
+    ch, got = bridges.circuit_channel(sparse, task, circuits=root, n=8)
+    assert ch == want and len(calls) == 1 and got.source == str(root / pair[1].dir.name / f"{task}.json")
+    # neither a circuit nor a directory of them: pruned live, whatever files lie about
+    ch, got = bridges.circuit_channel(sparse, task, n=8, progress=False)
+    assert len(calls) == 2 and got.source == "pruned" and ch.node == "1.attn.in[7]"
 
     with pytest.raises(ValueError, match="no read channel"):
         bridges.circuit_channel(sparse, task, quote_circuit(sparse, ["1.attn.v[3]"]))
@@ -497,7 +499,7 @@ def test_cli_bridge_and_intervene(pair, tmp_path, capsys, monkeypatch):
     assert rep["step"] == rep["max_steps"] == 2 and rep["sites"] == res_quality["sites"]
     assert (tmp_path / "q.txt").read_text().startswith(f"bridge {out} at step 2 of 2\nsite ")
 
-    from cspkit.plots import plot_bridge_quality, plot_steering
+    from cspkit.viz import plot_bridge_quality, plot_steering
     assert len(plot_bridge_quality(rep).axes) == 2
     assert len(plot_steering({"a": res, "b": saved}).axes[0].lines) == 4
 

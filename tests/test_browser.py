@@ -21,7 +21,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-
 from conftest import REPO
 
 NOTEBOOK = REPO / "notebooks" / "05_explore_circuits.ipynb"

@@ -10,10 +10,19 @@ import torch
 
 import cspkit
 from cspkit.ablation import fingerprint, keep_gates, node_widths
-from cspkit.circuit import (Circuit, compute_edges, extra_edges, geometric_mean_edges, masked_pair_logits, node_list,
-                            score)
+from cspkit.circuit import (
+    Circuit,
+    compute_edges,
+    extra_edges,
+    fit_calibration,
+    geometric_mean_edges,
+    masked_pair_logits,
+    node_list,
+    score,
+    split_pairs,
+)
+from cspkit.config import PruneConfig
 from cspkit.model import GPT, node_name
-from cspkit.prune import PruneConfig, fit_calibration, split_pairs
 from cspkit.sparsity import project_model_
 
 
@@ -38,10 +47,10 @@ def _brute_force_edges(model, nodes):
     kept = {node_name(l, i) for l, idx in nodes.items() for i in idx}
     out = set()
     for L, b in enumerate(model.h):
-        mats = [(b.attn.c_attn.weight, lambda r: f"{L}.attn.{'qkv'[r // inner]}[{r % inner}]", f"{L}.attn.in"),
-                (b.attn.c_proj.weight, lambda r: f"{L}.attn.out[{r}]", f"{L}.attn.v"),
-                (b.mlp.c_fc.weight, lambda r: f"{L}.mlp.neuron[{r}]", f"{L}.mlp.in"),
-                (b.mlp.c_proj.weight, lambda r: f"{L}.mlp.out[{r}]", f"{L}.mlp.neuron")]
+        mats = [(b.attn.c_attn.weight, lambda r, L=L: f"{L}.attn.{'qkv'[r // inner]}[{r % inner}]", f"{L}.attn.in"),
+                (b.attn.c_proj.weight, lambda r, L=L: f"{L}.attn.out[{r}]", f"{L}.attn.v"),
+                (b.mlp.c_fc.weight, lambda r, L=L: f"{L}.mlp.neuron[{r}]", f"{L}.mlp.in"),
+                (b.mlp.c_proj.weight, lambda r, L=L: f"{L}.mlp.out[{r}]", f"{L}.mlp.neuron")]
         for W, dst_of, src_loc in mats:
             W = W.detach()
             for r in range(W.shape[0]):
@@ -128,15 +137,16 @@ def test_ablating_the_circuit_fits_its_own_calibration(trained):
     model = cspkit.load(trained.dir)
     c = _circuit(model, {"0.mlp.neuron": [1, 2], "1.attn.v": [0]}, calibration=(-3.0, 1.0))
     cfg = PruneConfig()
-    calib = split_pairs(c._task(), cfg)[0][:cfg.calib_pairs]
+    calib = split_pairs(c.get_task(), cfg)[0][:cfg.calib_pairs]
     gates = keep_gates(model.config, c.nodes, model.device, invert=True)
     own = fit_calibration(*masked_pair_logits(model, calib, gates, "mean"), cfg.calib_steps)
     assert c.calibration_for(gates) == own and own != c.calibration
-    test = masked_pair_logits(model, c._task().pairs("test", n=8), gates, "mean")
+    test = masked_pair_logits(model, c.get_task().pairs("test", n=8), gates, "mean")
     assert c.evaluate("test", n=8, invert=True) == score(*test, own)
     # another node set is scored under the circuit's own calibration (the explorer's what-if)
     rest = {"0.mlp.neuron": [1]}
-    kept = masked_pair_logits(model, c._task().pairs("test", n=8), keep_gates(model.config, rest, model.device), "mean")
+    gates = keep_gates(model.config, rest, model.device)
+    kept = masked_pair_logits(model, c.get_task().pairs("test", n=8), gates, "mean")
     assert c.evaluate("test", n=8, nodes=rest) == score(*kept, c.calibration)
 
 
@@ -150,3 +160,12 @@ def test_geometric_mean_and_node_list(sparse_tiny):
     with pytest.raises(ValueError):
         geometric_mean_edges([])
     assert math.isfinite(geometric_mean_edges([_circuit(sparse_tiny, {})]))
+
+
+def test_every_attribute_of_a_circuit_is_a_declared_field():
+    from dataclasses import fields
+
+    from cspkit.paths import results_dir
+    c = Circuit.load(results_dir() / "circuits" / "small-sparse" / "single_double_quote.json")
+    c.evaluate("test", n=4)
+    assert set(vars(c)) == {f.name for f in fields(c)}

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from cspkit import checkpoint as ckpt
 from cspkit.cli import main
 from cspkit.sparsity import density_report
-from conftest import tiny_overrides
 
 
 def test_info_json(trained, capsys):

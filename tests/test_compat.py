@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import JSON_FILES, STDLIB
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 import cspkit
 from cspkit import compat, tasks
 from cspkit.cli import main
 from cspkit.model import GPT
-from conftest import JSON_FILES, STDLIB
 
 ALL_LOCTYPES = "attn_in,attn_out,mlp_in,mlp_out,mlp_neuron,attn_q,attn_k,attn_v"
 # What the released beeg_config.json files look like, shrunk; the last keys only matter in training.

@@ -1,15 +1,14 @@
 import json
-from dataclasses import replace
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from cspkit import checkpoint as ckpt
-from cspkit.config import (LOCATION_TYPES, PROFILES, RUNTIME_FIELDS, ModelConfig, TrainConfig, apply_overrides,
-                           from_dict, profile, resolve_profile, to_dict)
-from cspkit.train import config_for
-from conftest import REPO
+from cspkit.config import LOCATION_TYPES, RUNTIME_FIELDS, ModelConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from cspkit.profiles import PROFILES, config_for, profile, resolve_profile
 
 
 def test_from_dict_rejects_unknown_keys_with_suggestions():
@@ -175,13 +174,13 @@ _MATCHED = [("data/models/small-dense", "data/models/small-sparse")]
 
 @pytest.mark.parametrize("dense,sparse", _MATCHED)
 def test_dense_model_ends_within_005_nats_of_its_sparse_one(dense, sparse):
-    """Issue 2: a shipped dense model is compared with its sparse one at matched validation loss."""
+    """A shipped dense model is compared with its sparse one at matched validation loss."""
     final = {p: ckpt.eval_rows(ckpt.read_log(REPO / p))[-1]["val_loss"] for p in (dense, sparse)}
     assert abs(final[dense] - final[sparse]) <= 0.05, final
 
 
 def test_data_stays_under_40_mb():
-    """Issue 2: what a clone carries in data/ (tokenizer, shipped models) stays small;
+    """What a clone carries in data/ (tokenizer, shipped models) stays small;
     weights that `make paper-models` restores from history are not tracked and not counted."""
     tracked = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True,
                              check=True, text=True).stdout.split("\0")
@@ -216,7 +215,7 @@ def test_small_profile_is_the_shipped_sparse_models_chain():
     (data/models/small-sparse and its stages/), save for their numerics (the first run in fp32,
     the restarts under bf16) and the directories they began from (each restart from the run
     before, copied elsewhere), with seeds 0, 1, 2, 3."""
-    from cspkit.train import stages
+    from cspkit.training import stages
     m, t = config_for("small", overrides=["autocast=null"])
     shipped = REPO / "data/models/small-sparse"
     runs = [ckpt.read_config(d) for d in [*(ckpt.stage_dir(shipped, k) for k in range(3)), shipped]]
@@ -231,8 +230,8 @@ def test_small_profile_is_the_shipped_sparse_models_chain():
 
 
 def test_small_hour_profile_is_the_shipped_hour_model():
-    """`--profile small-hour` configures the run data/models/small-hour was trained by (issue 2's
-    hour, made as small-v2 with overrides before the profile had its name), and its seed-1 twin."""
+    """`--profile small-hour` configures the run data/models/small-hour was trained by (the hour
+    recipe, made as small-v2 with overrides before the profile had its name), and its seed-1 twin."""
     for path in ("data/models/small-hour/config.json", "results/small_hour/seed1_config.json"):
         cfg = json.loads((REPO / path).read_text())
         m, t = config_for("small-hour", seed=cfg["train"]["seed"])
@@ -245,6 +244,7 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     equals what its recorded ``cspkit train`` command configures now: the profile and the
     models or results it made cannot drift apart."""
     import shlex
+
     from cspkit.cli import build_parser
     cfg = json.loads((REPO / path).read_text())
     args = build_parser().parse_args(shlex.split(cfg["command"])[1:])
@@ -256,8 +256,8 @@ def test_model_is_its_recorded_command_under_todays_profile(path):
     args.profile = cfg.get("profile") or args.profile
     m, t = config_for(args.profile, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                       overrides=args.overrides)
-    if t.cycles:  # one run of a chain records its own stage's config (cspkit.train.stages)
-        from cspkit.train import stages
+    if t.cycles:  # one run of a chain records its own stage's config (cspkit.training.stages)
+        from cspkit.training import stages
         t = next(tk for tk, _ in stages(t, Path(args.out))
                  if (tk.seed, tk.max_steps) == (cfg["train"]["seed"], cfg["train"]["max_steps"]))
     _assert_configured_by(cfg, m, t)

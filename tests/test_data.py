@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import JSON_FILES, VAL_FILES, VAL_PERCENT, write_modules
 
 import cspkit
 from cspkit.config import TrainConfig
-from cspkit.data import TokenData, build_shards, cache_dir, is_val, list_files, load_corpus, sources
+from cspkit.data import TokenData, build_shards, is_val, list_files, load_corpus, sources
+from cspkit.paths import cache_dir
 from cspkit.tokenizer import get_encoding
-from conftest import JSON_FILES, VAL_FILES, VAL_PERCENT, write_modules
 
 
 def test_cache_dir_follows_env(tmp_path):
@@ -314,7 +315,7 @@ def test_tasks_train_root_holds_the_train_idioms_and_never_the_test_split():
     flat = [enc.decode([t]) for t in enc.encode_ordinary(text)]
     assert flat.count("]]") >= 3 * 2 and flat.count("]\n") >= 3 * 2 and "]\n\n" not in flat
     with pytest.raises(RuntimeError, match="merges with every ending"):
-        cspkit.tasks._completed("    x = y", "n", "demo", enc)
+        cspkit.tasks.completed("    x = y", "n", "demo", enc)
     for name in cspkit.tasks.PAPER_TASKS:
         for p in cspkit.tasks.get(name).pairs("test", 16):
             assert p.prompt_a not in text and p.prompt_b not in text, name

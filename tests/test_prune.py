@@ -5,13 +5,15 @@ import math
 
 import pytest
 import torch
+from conftest import make_corpus
 
 import cspkit
 from cspkit import tasks
 from cspkit.ablation import ablation_values, gate_hooks, keep_gates, node_means, node_widths, resample_shift
+from cspkit.circuit import fit_calibration
+from cspkit.config import PruneConfig
 from cspkit.model import GPT, parse_node
-from cspkit.prune import PruneConfig, bisect, fit_calibration, gate, prune, ranking, top_nodes
-from conftest import make_corpus
+from cspkit.pruning import bisect, gate, prune, ranking, top_nodes
 
 FAST = PruneConfig(steps=6, batch_pairs=8, heldout_pairs=16, calib_pairs=16)
 
@@ -185,6 +187,7 @@ def test_untrained_model_means_need_a_corpus(tiny_cfg, corpus_dir):
 
 def test_cli_prune_and_validate(trained, tmp_path, capsys):
     import json
+
     from cspkit.cli import main
     out = tmp_path / "c.json"
     sets = ["--set", "steps=4", "--set", "batch_pairs=4", "--set", "heldout_pairs=16", "--set", "calib_pairs=8"]
@@ -212,7 +215,7 @@ def test_node_penalty_scales_with_the_node_count():
 
 
 def test_scaled_penalty_trains_the_same_masks_as_the_equal_unscaled_one(tiny):
-    from cspkit.prune import train_masks
+    from cspkit.pruning import train_masks
     n = sum(node_widths(tiny.config).values())
     runs = [train_masks(tiny, _task(), PruneConfig(steps=4, batch_pairs=4, heldout_pairs=16, calib_pairs=8,
                                                    k_coef=k, k_ref_nodes=ref), progress=False)[0]

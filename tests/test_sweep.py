@@ -7,10 +7,11 @@ import math
 import pytest
 
 import cspkit
-from cspkit import cli, sweep as sweep_mod
+from cspkit import cli
+from cspkit import sweeps as sweep_mod
 from cspkit.checkpoint import save
-from cspkit.plots import plot_frontier
-from cspkit.validate import reinit_like
+from cspkit.validation import reinit_like
+from cspkit.viz import plot_frontier
 
 TASKS = "single_double_quote,bracket_counting"
 FAST = ["--set", "steps=4", "--set", "batch_pairs=4", "--set", "heldout_pairs=16", "--set", "calib_pairs=8"]
@@ -36,7 +37,7 @@ def swept(pair, tmp_path_factory):
     """Both models, two tasks, a target everything meets (10) and one nothing meets, two seeds."""
     out = tmp_path_factory.mktemp("sweep") / "res.json"
     cfg = sweep_mod.SweepConfig(models=[str(p) for p in pair], tasks=TASKS.split(","), targets=[10.0, 1e-9],
-                                seeds=[0, 1], prune=cspkit.prune.PruneConfig(steps=4, batch_pairs=4,
+                                seeds=[0, 1], prune=cspkit.config.PruneConfig(steps=4, batch_pairs=4,
                                                                              heldout_pairs=16, calib_pairs=8))
     sweep_mod.sweep(cfg, out, progress=False)
     return out
@@ -120,7 +121,7 @@ def test_a_finished_sweep_recomputes_nothing_and_a_killed_one_only_the_rest(swep
     swept.write_text(json.dumps(res))
     again = _run(capsys, *argv)
     assert calls == [lost["task"]]
-    redone = next(r for r in again["runs"] if sweep_mod._key(r) == sweep_mod._key(lost))
+    redone = next(r for r in again["runs"] if sweep_mod.run_key(r) == sweep_mod.run_key(lost))
     assert {k: redone[k] for k in ("nodes", "edges", "loss", "full_loss")} == \
            {k: lost[k] for k in ("nodes", "edges", "loss", "full_loss")}
 
@@ -159,11 +160,11 @@ def test_resuming_with_another_config_is_refused(swept, pair, capsys):
 def test_parallel_jobs_give_the_serial_results(swept, pair, tmp_path, capsys):
     res = _run(capsys, "--models", pair[0], "--tasks", "single_double_quote", "--targets", "10", "--seeds", "0", "1",
                "--jobs", "2", "--out", tmp_path / "par.json")
-    serial = {sweep_mod._key(r): r for r in json.loads(swept.read_text())["runs"]}
+    serial = {sweep_mod.run_key(r): r for r in json.loads(swept.read_text())["runs"]}
     assert len(res["runs"]) == 2
     for r in res["runs"]:
         assert r["threads"] == 1
-        assert {k: r[k] for k in ("nodes", "edges", "loss")} == {k: serial[sweep_mod._key(r)][k]
+        assert {k: r[k] for k in ("nodes", "edges", "loss")} == {k: serial[sweep_mod.run_key(r)][k]
                                                                  for k in ("nodes", "edges", "loss")}
 
 
@@ -179,7 +180,7 @@ def test_frontier_plot(swept):
 def test_controls_are_written_into_the_results(pair, tmp_path):
     out = tmp_path / "res.json"
     cfg = sweep_mod.SweepConfig(models=[str(pair[0])], tasks=["single_double_quote", "bracket_counting"],
-                                targets=[10.0], prune=cspkit.prune.PruneConfig(steps=4, batch_pairs=4,
+                                targets=[10.0], prune=cspkit.config.PruneConfig(steps=4, batch_pairs=4,
                                                                                heldout_pairs=16, calib_pairs=8))
     sweep_mod.sweep(cfg, out, progress=False)
     run = json.loads(out.read_text())["runs"][0]
@@ -235,10 +236,10 @@ def test_smallest_keeps_each_runs_smallest_circuit_with_the_config_that_made_it(
     # second sweep is kept
     other = json.loads(low.read_text())
     ok = [r for r in other["runs"] if r["status"] == "ok"]
-    first = {sweep_mod._key(r): r for r in base["runs"]}
-    ok[0]["edges"] = first[sweep_mod._key(ok[0])]["edges"] - 1
-    ok[-1]["edges"] = first[sweep_mod._key(ok[-1])]["edges"] + 1
-    first[sweep_mod._key(ok[1])]["edges"] = ok[1]["edges"] + 1000
+    first = {sweep_mod.run_key(r): r for r in base["runs"]}
+    ok[0]["edges"] = first[sweep_mod.run_key(ok[0])]["edges"] - 1
+    ok[-1]["edges"] = first[sweep_mod.run_key(ok[-1])]["edges"] + 1
+    first[sweep_mod.run_key(ok[1])]["edges"] = ok[1]["edges"] + 1000
     task = ok[0]["task"]
     fake = {"target": ok[0]["target"], "seed": ok[0]["seed"], "rows": [], "note": "made on the smaller circuit"}
     other["controls"] = {ok[0]["model"]: {task: fake}}
@@ -252,10 +253,10 @@ def test_smallest_keeps_each_runs_smallest_circuit_with_the_config_that_made_it(
     code = cli.main(["sweep-merge", str(high), str(low), "--smallest", "--out", str(tmp_path / "best.json"), "--json"])
     res = json.loads(capsys.readouterr().out)
     assert code == 0 and res == json.loads((tmp_path / "best.json").read_text())
-    lows = {sweep_mod._key(r): r for r in other["runs"]}
+    lows = {sweep_mod.run_key(r): r for r in other["runs"]}
     assert len(res["runs"]) == len(base["runs"])
     for r in res["runs"]:
-        k = sweep_mod._key(r)
+        k = sweep_mod.run_key(r)
         assert [t["prune_set"] for t in r["tried"]] == [{}, {"k_coef": 1e-6}]
         if r["status"] != "ok":
             assert r["status"] == first[k]["status"] == "unsolved" and "prune_set" not in r
@@ -263,7 +264,8 @@ def test_smallest_keeps_each_runs_smallest_circuit_with_the_config_that_made_it(
         pick = lows[k] if lows[k]["edges"] < first[k]["edges"] else first[k]
         assert r["edges"] == pick["edges"] == min(t["edges"] for t in r["tried"])
         assert r.get("prune_set", {}) == ({"k_coef": 1e-6} if pick is lows[k] else {})
-    assert next(r for r in res["runs"] if sweep_mod._key(r) == sweep_mod._key(ok[0]))["prune_set"] == {"k_coef": 1e-6}
+    first = next(r for r in res["runs"] if sweep_mod.run_key(r) == sweep_mod.run_key(ok[0]))
+    assert first["prune_set"] == {"k_coef": 1e-6}
     assert res["controls"] == {ok[0]["model"]: {task: fake},
                                ok[-1]["model"]: {ok[-1]["task"]: base["controls"][ok[-1]["model"]][ok[-1]["task"]]}}
     assert res["summary"] == sweep_mod.summarize(res)
@@ -274,11 +276,11 @@ def test_smallest_keeps_each_runs_smallest_circuit_with_the_config_that_made_it(
     assert f"pruning time: {tried / 3600:.2f} h" in text
 
     # the config a kept run records prunes its circuit again (an untouched run of the second sweep)
-    real = next(r for r in res["runs"] if sweep_mod._key(r) == sweep_mod._key(ok[1]))
+    real = next(r for r in res["runs"] if sweep_mod.run_key(r) == sweep_mod.run_key(ok[1]))
     assert real["prune_set"] == {"k_coef": 1e-6} and real["edges"] == ok[1]["edges"]
     cfg = sweep_mod.run_config(res, real)
     assert cfg.k_coef == 1e-6 and cfg.steps == 4
-    c = cspkit.prune.prune(cspkit.load(real["model"]), real["task"], real["target"], "mean", real["seed"], cfg)
+    c = cspkit.prune(cspkit.load(real["model"]), real["task"], real["target"], "mean", real["seed"], cfg)
     assert (c.n_nodes, c.n_edges) == (real["nodes"], real["edges"])
 
     code = cli.main(["sweep", "--models", str(pair[0]), "--tasks", TASKS, "--targets", "10", *FAST,

@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import write_modules
 
 from cspkit import tasks
 from cspkit.config import ModelConfig
 from cspkit.model import GPT
 from cspkit.natural import mine
 from cspkit.tokenizer import get_encoding
-
-from conftest import write_modules
 
 PAPER_TASKS = ["single_double_quote", "bracket_counting", "set_or_string", "set_or_string_fixedvarname",
                "final_kwarg", "class_init", "with_as", "bracket_brace", "with_open", "for_while", "else_elif",
@@ -67,12 +66,13 @@ def test_splits_are_disjoint_and_deterministic(name):
 
 
 def test_split_pools_share_no_names():
-    pools = [tasks._NAMES, tasks._token_names(), tasks._WORDS, tasks._FUNCS, tasks._CALLS, tasks._PREAMBLES]
-    train = set().union(*(tasks._vocab(p, "train") for p in pools))
-    test = set().union(*(tasks._vocab(p, "test") for p in pools))
+    gen = tasks.generators
+    pools = [gen.NAMES, gen.token_names(), gen.WORDS, gen.FUNCS, gen.CALLS, gen.PREAMBLES]
+    train = set().union(*(gen.vocab(p, "train") for p in pools))
+    test = set().union(*(gen.vocab(p, "test") for p in pools))
     assert train and test and not train & test
     for p in pools:
-        assert len(tasks._vocab(p, "train")) >= 3 and len(tasks._vocab(p, "test")) >= 3
+        assert len(gen.vocab(p, "train")) >= 3 and len(gen.vocab(p, "test")) >= 3
     with pytest.raises(ValueError, match="split"):
         tasks.get("for_while").pairs("validation")
 

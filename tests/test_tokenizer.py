@@ -1,11 +1,22 @@
 import random
 
 import pytest
+from conftest import JSON_FILES, STDLIB
 
 import cspkit
-from cspkit.tokenizer import (DEFAULT_PATH, EOT, EOT_ID, REQUIRED_TOKENS, encoding_from_ranks, is_single_token,
-                              load_ranks, pretokenize, save_ranks, tokenizer_id, train_bpe)
-from conftest import JSON_FILES, STDLIB
+from cspkit.tokenizer import (
+    DEFAULT_PATH,
+    EOT,
+    EOT_ID,
+    REQUIRED_TOKENS,
+    encoding_from_ranks,
+    is_single_token,
+    load_ranks,
+    pretokenize,
+    save_ranks,
+    tokenizer_id,
+    train_bpe,
+)
 
 
 @pytest.fixture(scope="module")

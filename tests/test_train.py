@@ -8,14 +8,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import REPO, make_corpus, tiny_overrides, tiny_train_config
 
 from cspkit import checkpoint as ckpt
-from cspkit.config import profile
 from cspkit.data import TokenData, build_shards
 from cspkit.model import GPT
+from cspkit.profiles import profile
 from cspkit.sparsity import density_report, n_keep
-from cspkit.train import _check_resumable, check_autocast, evaluate_loss, native_bf16, schedule, train
-from conftest import REPO, make_corpus, tiny_overrides, tiny_train_config
+from cspkit.training import check_autocast, check_config_resumable, evaluate_loss, native_bf16, schedule, train
 
 
 class Killed(Exception):
@@ -124,13 +124,13 @@ def test_loss_decreases(trained):
 
 def test_refuses_resume_with_other_config(trained):
     mcfg, tcfg = trained.mcfg, trained.tcfg
-    _check_resumable(trained.dir, mcfg, tcfg)  # the same config resumes
-    _check_resumable(trained.dir, mcfg, replace(tcfg, device="cpu", threads=2))  # runtime-only fields
+    check_config_resumable(trained.dir, mcfg, tcfg)  # the same config resumes
+    check_config_resumable(trained.dir, mcfg, replace(tcfg, device="cpu", threads=2))  # runtime-only fields
     with pytest.raises(ValueError, match=r"train\.lr: checkpoint 0\.02 vs now 0\.05") as e:
-        _check_resumable(trained.dir, mcfg, replace(tcfg, lr=0.05))
+        check_config_resumable(trained.dir, mcfg, replace(tcfg, lr=0.05))
     assert "--out" in str(e.value)
     with pytest.raises(ValueError, match=r"model\.d_model"):
-        _check_resumable(trained.dir, replace(mcfg, d_model=64), tcfg)
+        check_config_resumable(trained.dir, replace(mcfg, d_model=64), tcfg)
     with pytest.raises(ValueError, match=r"train\.max_steps"):
         train(mcfg, replace(tcfg, max_steps=40), trained.dir, progress=False)
     assert final_state(trained.dir)["step"] == 30  # nothing was touched
@@ -170,7 +170,7 @@ def test_schedule():
 
 RANK_DUMP = """
 import os, sys, torch
-import cspkit.train as T
+import cspkit.training as T
 from cspkit import cli
 real = T.train
 def train(m, t, out, **kw):
@@ -229,7 +229,7 @@ def test_eval_tasks_are_logged_at_every_eval(tmp_path, corpus_dir):
 
 
 def test_plot_task_curves_draws_each_scored_task(trained):
-    from cspkit.plots import plot_task_curves
+    from cspkit.viz import plot_task_curves
     rows = [{"step": 10, "tokens": 40, "task/a/loss": 0.6, "task/b/loss": 0.5},
             {"step": 20, "tokens": 80, "task/a/loss": 0.4, "task/b/loss": 0.3}, {"step": 25, "tokens": 100}]
     fig = plot_task_curves({"run": rows, "other": rows[:1]})
@@ -260,7 +260,7 @@ def test_bf16_autocast_run_keeps_fp32_weights_and_exact_sparsity(tmp_path, corpu
     assert logs["bf16"][-1]["val_loss"] == pytest.approx(logs["fp32"][-1]["val_loss"], abs=0.15)
     assert ckpt.read_config(tmp_path / "bf16")["train"]["autocast"] == "bf16"
     with pytest.raises(ValueError, match="autocast"):
-        _check_resumable(tmp_path / "bf16", mcfg, replace(tcfg, autocast=None))
+        check_config_resumable(tmp_path / "bf16", mcfg, replace(tcfg, autocast=None))
 
 
 def test_bf16_without_native_support_warns_with_the_fix(monkeypatch):
@@ -269,13 +269,13 @@ def test_bf16_without_native_support_warns_with_the_fix(monkeypatch):
     cpu = torch.device("cpu")
     mcfg, tcfg = profile("small")
     assert tcfg.autocast == "bf16"
-    monkeypatch.setattr("cspkit.train.native_bf16", lambda device: False)
+    monkeypatch.setattr("cspkit.training.native_bf16", lambda device: False)
     with pytest.warns(UserWarning, match="autocast=null"):
         check_autocast(tcfg, cpu)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_autocast(replace(tcfg, autocast=None), cpu)
-        monkeypatch.setattr("cspkit.train.native_bf16", lambda device: True)
+        monkeypatch.setattr("cspkit.training.native_bf16", lambda device: True)
         check_autocast(tcfg, cpu)
     assert isinstance(native_bf16(cpu), bool)
 
@@ -308,7 +308,7 @@ def test_cycles_are_the_chain_of_init_from_runs(trained, tmp_path):
     begun from the weights before it (seed + k, final sparsity from step 0), the last into OUT.
     The chain's weights equal those of the same runs started by hand; a run that ended is not
     run again; a pause by stop_at_step resumes to the same weights."""
-    from cspkit.train import last_run, stages
+    from cspkit.training import last_run, stages
     mcfg, tcfg = trained.mcfg, replace(trained.tcfg, cycles=[6, 6])
     out = tmp_path / "chain"
     train(mcfg, tcfg, out, progress=False)
@@ -334,7 +334,7 @@ def test_cycles_are_the_chain_of_init_from_runs(trained, tmp_path):
                                         for k, part in enumerate(parts) for r in part]
     assert log[-1]["step"] == 42 and log[-1]["tokens"] == sum(part[-1]["tokens"] for part in parts)
     assert ckpt.read_chain_log(trained.dir) == [{**r, "stage": 0} for r in ckpt.read_log(trained.dir)]
-    from cspkit.plots import plot_schedule
+    from cspkit.viz import plot_schedule
     lr = plot_schedule(tcfg).axes[0].lines[0].get_ydata()
     assert len(lr) == 42 and lr[29] < lr[30] and lr[35] < lr[30] < lr[36] * 1.001  # each restart starts again
     # the restarts hold the final sparsity: no matrix has more nonzeros than the first run kept
@@ -357,7 +357,7 @@ def test_cycles_are_the_chain_of_init_from_runs(trained, tmp_path):
 
 def test_cycles_end_at_the_target_loss(trained, tmp_path):
     """A run of the chain that reaches stop_at_val_loss ends it: no later run starts."""
-    from cspkit.train import last_run
+    from cspkit.training import last_run
     tcfg = replace(trained.tcfg, cycles=[6], stop_at_val_loss=100.0)
     out = tmp_path / "target"
     model = train(trained.mcfg, tcfg, out, progress=False)

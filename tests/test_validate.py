@@ -6,9 +6,19 @@ import torch
 
 import cspkit
 from cspkit import tasks
-from cspkit.prune import PruneConfig, prune
-from cspkit.validate import (NONSENSE, PRUNE_CONTROLS, REINIT, Row, attribution_scores, format_table, nonsense_task,
-                             reinit_like, validate)
+from cspkit.config import PruneConfig
+from cspkit.pruning import prune
+from cspkit.validation import (
+    NONSENSE,
+    PRUNE_CONTROLS,
+    REINIT,
+    Row,
+    attribution_scores,
+    format_table,
+    nonsense_task,
+    reinit_like,
+    validate,
+)
 
 FAST = PruneConfig(steps=4, batch_pairs=4, heldout_pairs=16, calib_pairs=8)
 

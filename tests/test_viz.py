@@ -13,8 +13,8 @@ import torch
 import cspkit
 from cspkit import viz
 from cspkit.ablation import fingerprint
-from cspkit.model import parse_node
 from cspkit.circuit import Circuit, compute_edges
+from cspkit.model import parse_node
 
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "&amp;", "</div>'"]
 
@@ -185,7 +185,7 @@ def test_graph_files_are_written_whole_or_not_at_all(circuit, tmp_path, monkeypa
         Path(path).write_text("<graphml half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(viz.nx, "write_graphml", crash)
+    monkeypatch.setattr(viz.graph.nx, "write_graphml", crash)
     with pytest.raises(OSError, match="disk full"):
         net.write_graphml(out / "c.graphml")
     assert (out / "c.graphml").read_bytes() == before
@@ -262,7 +262,9 @@ def test_explorer_filters_redraw(explorer, circuit, monkeypatch):
     def again(*args, **kwargs):
         raise AssertionError("a filter change recomputed the annotated graph")
 
-    monkeypatch.setattr(viz, "annotated_graph", again)   # redrawing reuses the explorer's graph
+    # redrawing reuses the explorer's graph: neither the explorer nor circuit_graph recomputes it
+    monkeypatch.setattr(viz.explorer, "annotated_graph", again)
+    monkeypatch.setattr(viz.graph, "annotated_graph", again)
     explorer.kinds["mlp.neuron"].value = False
     explorer.layers[1].value = False
     page = explorer.graph.value
@@ -272,7 +274,7 @@ def test_explorer_filters_redraw(explorer, circuit, monkeypatch):
 
 
 def test_explorer_node_details_and_toggle(explorer, circuit):
-    name = "0.mlp.neuron[%d]" % circuit.nodes["0.mlp.neuron"][0]
+    name = f"0.mlp.neuron[{circuit.nodes['0.mlp.neuron'][0]}]"
     explorer.node.value = name
     d = explorer.details.value
     assert name in d and "incoming edges" in d and "outgoing edges" in d
@@ -298,7 +300,7 @@ def test_explorer_node_details_and_toggle(explorer, circuit):
 
 
 def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
-    from cspkit import prune
+    from cspkit import pruning
     calls = []
 
     def fake_prune(m, task, target, ablation, seed):
@@ -310,7 +312,7 @@ def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
         c.mean_taus = c.taus
         return c
 
-    monkeypatch.setattr(prune, "prune", fake_prune)
+    monkeypatch.setattr(pruning, "prune", fake_prune)
     monkeypatch.setenv("CSPKIT_CACHE", str(tmp_path))
     ex = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero")
     assert ex.circuit is None and "compute circuit" in ex.status.value
@@ -334,16 +336,18 @@ def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
     fresh = viz.explore(model, "single_double_quote", n_pairs=4, cache=False)
     fresh.mode.value = "k"
     fresh.k.value = 3
-    fresh.compute.click()   # no masks yet: trains them (cspkit.prune.train_masks), keeps the top 3
+    fresh.compute.click()   # no masks yet: trains them (cspkit.pruning.train_masks), keeps the top 3
     c = fresh.circuit
     assert c.n_nodes == 3 and c.target is None and 0 <= c.loss < 10 and c.calibration != (1.0, 0.0)
     # scored as prune scores a target circuit: calibrated loss on the held-out train pairs
     from cspkit.ablation import keep_gates
-    from cspkit.circuit import masked_pair_logits, score
-    held = prune.split_pairs(cspkit.tasks.get("single_double_quote"), prune.PruneConfig())[1]
+    from cspkit.circuit import masked_pair_logits, score, split_pairs
+    from cspkit.config import PruneConfig
+    held = split_pairs(cspkit.tasks.get("single_double_quote"), PruneConfig())[1]
     two, label = masked_pair_logits(model, held, keep_gates(model.config, c.nodes, model.device), c.ablation)
     assert score(two, label, c.calibration)["loss"] == pytest.approx(c.loss, abs=1e-5)
     assert "k = 3" in fresh.graph.value
+
 
 def test_explorer_loads_a_directory_and_reports_errors(model, circuit, tmp_path, monkeypatch):
     circuit.save(tmp_path / "quote.json")
@@ -365,12 +369,30 @@ def test_explorer_loads_a_directory_and_reports_errors(model, circuit, tmp_path,
     with pytest.raises(ValueError, match="malformed target"):
         viz.explore(model, ["single_double_quote"], circuits=[tmp_path / "hostile.json"], cache=False)
 
-    from cspkit import prune
+    from cspkit import pruning
 
     def failing(*args, **kwargs):
         raise ValueError("the full model's own held-out task loss is 0.65, above the target 0.2")
 
-    monkeypatch.setattr(prune, "prune", failing)
+    monkeypatch.setattr(pruning, "prune", failing)
     ex.target.value = 0.2
     ex.compute.click()   # the button reports the error instead of raising it
     assert ex.circuit is None and "above the target 0.2" in ex.status.value
+
+
+# --------------------------------------------------------------------------- figures
+def test_figures_display_in_jupyter_and_still_save(tmp_path):
+    from IPython.core.formatters import DisplayFormatter
+
+    rows = [{"task": t, "accuracy": a} for t, a in (("single_double_quote", 0.95), ("bracket_counting", 0.7))]
+    fig = viz.plot_task_scores({"sparse": rows, "dense": rows})
+    assert isinstance(fig, viz.NotebookFigure)
+    # what a notebook cell ending in the figure shows: a PNG, not "<Figure size ... with 1 Axes>"
+    data, _ = DisplayFormatter().format(fig)
+    assert data["image/png"][:8] == b"\x89PNG\r\n\x1a\n" and len(data["image/png"]) > 1000
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig.canvas.manager is None      # made without pyplot: nothing keeps it once unreferenced
+    fig.savefig(tmp_path / "scores.png")
+    fig.savefig(tmp_path / "scores.svg")
+    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert b"<svg" in (tmp_path / "scores.svg").read_bytes()

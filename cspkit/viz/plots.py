@@ -1,7 +1,16 @@
 """Matplotlib figures for the notebooks: training curves, task loss during training, the LR / L0
-schedule, weight density, task scores, the loss-against-circuit-size frontier, bridge quality and steering."""
+schedule, weight density, task scores, the loss-against-circuit-size frontier, bridge quality and
+steering.
+
+Every function returns a ``NotebookFigure``: a plain matplotlib Figure (``savefig`` and the rest
+work as usual) that a notebook cell ending in it shows as a PNG, with or without
+``%matplotlib inline``. The figures are made without pyplot, so no figure manager holds on to
+them: a kernel that runs for days keeps only the figures it still refers to.
+"""
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,17 +18,28 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .checkpoint import eval_rows
-from .config import TrainConfig
-from .sparsity import density_report
-from .train import schedule, stages
+from ..checkpoint import eval_rows
+from ..config import TrainConfig
+from ..files import atomic_path
+from ..sparsity import density_report
+from ..training import schedule, stages
 
 
-def plot_training(logs: dict[str, list[dict[str, Any]]]) -> Figure:
+class NotebookFigure(Figure):
+    """A matplotlib Figure with a PNG rich representation, so Jupyter displays it (a bare
+    Figure made without pyplot shows as ``<Figure size 650x420 with 1 Axes>``)."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
+
+
+def plot_training(logs: dict[str, list[dict[str, Any]]]) -> NotebookFigure:
     """Train and validation loss against tokens, and the L0 fraction of the matrices against
     step, for one or more runs (label -> rows of ``cspkit.checkpoint.read_log``, or of
     ``read_chain_log`` for a run with warm restarts)."""
-    fig = Figure(figsize=(11, 3.8))
+    fig = NotebookFigure(figsize=(11, 3.8))
     ax_loss, ax_l0 = fig.subplots(1, 2)
     for label, rows in logs.items():
         evals = eval_rows(rows)
@@ -37,13 +57,13 @@ def plot_training(logs: dict[str, list[dict[str, Any]]]) -> Figure:
     return fig
 
 
-def plot_task_curves(logs: dict[str, list[dict[str, Any]]], target: float = 0.15) -> Figure:
+def plot_task_curves(logs: dict[str, list[dict[str, Any]]], target: float = 0.15) -> NotebookFigure:
     """Task loss against tokens for the tasks a run scored while training (its ``eval_tasks``: the
     ``task/NAME/loss`` fields of its log), one panel per task, with chance and the circuit target."""
     names = sorted({k.split("/")[1] for rows in logs.values() for r in rows for k in r if k.startswith("task/")})
     if not names:
         raise ValueError("no run in these logs scored tasks while training; train with eval_tasks=[...]")
-    fig = Figure(figsize=(5.5 * len(names), 3.8))
+    fig = NotebookFigure(figsize=(5.5 * len(names), 3.8))
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
         for label, rows in logs.items():
@@ -59,12 +79,12 @@ def plot_task_curves(logs: dict[str, list[dict[str, Any]]], target: float = 0.15
     return fig
 
 
-def plot_schedule(t: TrainConfig) -> Figure:
-    """Learning rate and kept fractions of ``cspkit.train.schedule`` over a whole run, and over
-    each warm restart after it where the config has ``cycles`` (``cspkit.train.stages``)."""
+def plot_schedule(t: TrainConfig) -> NotebookFigure:
+    """Learning rate and kept fractions of ``cspkit.training.schedule`` over a whole run, and over
+    each warm restart after it where the config has ``cycles`` (``cspkit.training.stages``)."""
     rows = [schedule(s, tk) for tk, _ in stages(t, Path(".")) for s in range(tk.max_steps)]
     steps = range(len(rows))
-    fig = Figure(figsize=(11, 3.5))
+    fig = NotebookFigure(figsize=(11, 3.5))
     ax_lr, ax_frac = fig.subplots(1, 2)
     ax_lr.plot(steps, [r["lr"] for r in rows])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="LR: warm-up, linear decay, sharkfin factor")
@@ -78,11 +98,11 @@ def plot_schedule(t: TrainConfig) -> Figure:
     return fig
 
 
-def plot_density(model: nn.Module) -> Figure:
+def plot_density(model: nn.Module) -> NotebookFigure:
     """Fraction of nonzero entries in every sparse parameter, coloured by group."""
     rows = {k: r for k, r in density_report(model).items() if not k.startswith("total:")}
     groups = {"matrix": ("tab:blue", "matrices"), "embed": ("tab:orange", "embeddings, unembedding, biases")}
-    fig = Figure(figsize=(7, 0.22 * len(rows) + 1.2))
+    fig = NotebookFigure(figsize=(7, 0.22 * len(rows) + 1.2))
     ax = fig.subplots()
     fracs = [r["fraction"] for r in rows.values()]
     bars = ax.barh(list(rows), fracs, color=[groups[r["group"]][0] for r in rows.values()])
@@ -97,12 +117,12 @@ def plot_density(model: nn.Module) -> Figure:
     return fig
 
 
-def plot_task_scores(results: dict[str, list[dict[str, Any]]]) -> Figure:
+def plot_task_scores(results: dict[str, list[dict[str, Any]]]) -> NotebookFigure:
     """Per-task accuracy of one or more models (label -> rows of ``cspkit.tasks.evaluate``, in the
     same task order), with chance (0.5) and the 0.9 line a task counts as solved at."""
     tasks = [r["task"] for r in next(iter(results.values()), [])]
     width = 0.8 / max(len(results), 1)
-    fig = Figure(figsize=(11, 4))
+    fig = NotebookFigure(figsize=(11, 4))
     ax = fig.subplots()
     for i, (label, rows) in enumerate(results.items()):
         if [r["task"] for r in rows] != tasks:
@@ -119,7 +139,7 @@ def plot_task_scores(results: dict[str, list[dict[str, Any]]]) -> Figure:
     return fig
 
 
-def plot_frontier(results: dict[str, Any], target: float | None = None, common: bool = True) -> Figure:
+def plot_frontier(results: dict[str, Any], target: float | None = None, common: bool = True) -> NotebookFigure:
     """One point per model of a ``cspkit sweep`` results file: its validation loss against the
     geometric mean of circuit edges (log scale; the bar spans the pruning seeds), over the tasks
     every model can do (``common``) or over each model's own."""
@@ -130,7 +150,7 @@ def plot_frontier(results: dict[str, Any], target: float | None = None, common: 
     if key not in targets:
         raise ValueError(f"no target {target} in the results; they hold {', '.join(targets)}")
     summ = targets[key]
-    fig = Figure(figsize=(6.5, 4.2))
+    fig = NotebookFigure(figsize=(6.5, 4.2))
     ax = fig.subplots()
     colors = {True: "tab:orange", False: "tab:blue"}
     for path, m in summ["models"].items():
@@ -153,7 +173,18 @@ def plot_frontier(results: dict[str, Any], target: float | None = None, common: 
     return fig
 
 
-def _finish(fig: Figure, *axes) -> Figure:
+def save_frontier(results: dict[str, Any], path: str | os.PathLike, target: float | None = None,
+                  dpi: int = 120) -> Path:
+    """``plot_frontier`` of a sweep results file at ``target`` (default: the results' first
+    target) written whole to ``path`` (its format from the suffix, PNG without one)."""
+    path = Path(path)
+    target = results["grid"]["targets"][0] if target is None else target
+    with atomic_path(path) as tmp:
+        plot_frontier(results, target=target).savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def _finish(fig: NotebookFigure, *axes) -> NotebookFigure:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -161,14 +192,14 @@ def _finish(fig: Figure, *axes) -> Figure:
     return fig
 
 
-def plot_bridge_quality(q: dict[str, Any]) -> Figure:
+def plot_bridge_quality(q: dict[str, Any]) -> NotebookFigure:
     """A bridge's quality per site (``cspkit.bridges.quality`` / ``report``): the maps' fraction
     of variance explained, and the KL from the dense output of the two hybrid passes beside the
     two baselines (the site's sublayer skipped, its residual mean-ablated) and the sparse model's
     own output (log scale)."""
     sites = [r["site"] for r in q["sites"]]
     x = range(len(sites))
-    fig = Figure(figsize=(11, 3.8))
+    fig = NotebookFigure(figsize=(11, 3.8))
     ax_fve, ax_kl = fig.subplots(1, 2)
     for off, key, label in ((-0.2, "fve_enc", "encoder (dense -> sparse)"),
                             (0.2, "fve_dec", "decoder (sparse -> dense)")):
@@ -189,10 +220,10 @@ def plot_bridge_quality(q: dict[str, Any]) -> Figure:
     return _finish(fig, ax_fve, ax_kl)
 
 
-def plot_steering(results: dict[str, dict[str, Any]]) -> Figure:
+def plot_steering(results: dict[str, dict[str, Any]]) -> NotebookFigure:
     """Flip rate and logit shift against steering strength (label -> a ``cspkit.bridges.flip_rates``
     result), each beside its random-direction control of the same norm (dashed)."""
-    fig = Figure(figsize=(11, 3.8))
+    fig = NotebookFigure(figsize=(11, 3.8))
     ax_flip, ax_shift = fig.subplots(1, 2)
     for label, r in results.items():
         s = [row["strength"] for row in r["rows"]]

@@ -1,4 +1,4 @@
-"""The trainer: the weight-sparse recipe of METHOD.md section 2, checkpoints, resume and DDP.
+"""The trainer: the weight-sparse recipe of docs/method.md ("Weight-sparse training"), checkpoints, resume and DDP.
 
 Each step: forward, backward, (all-reduce), rescale the whole gradient to RMS 1, Adam
 (eps 0.1), weight decay by hand on matrices, then project every sparse matrix to its top-k.
@@ -13,19 +13,21 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt, tasks
+from . import checkpoint as ckpt
+from . import tasks
 from .config import RUNTIME_FIELDS, ModelConfig, TrainConfig, from_dict, to_dict
 from .data import TokenData, build_shards, sources
 from .files import atomic_path, atomic_write
 from .model import GPT
+from .profiles import config_for, resolve_profile
 from .sparsity import l0_fraction, project_model_
 from .tokenizer import get_encoding
 
@@ -39,7 +41,7 @@ def pick_device(name: str = "auto") -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matmuls run in hardware on ``device``. A CPU without AVX512-BF16 or AMX
     emulates them: there the small profile's bf16 step took 45 s against 2.3 s in fp32 (2-core
-    AVX2 EPYC, session 14)."""
+    AVX2 EPYC; docs/results.md, "Speed")."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -210,7 +212,8 @@ def check_resumable(out: Path, sections: dict[str, dict]) -> None:
                          "resume with the same settings or choose a new --out")
 
 
-def _check_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+def check_config_resumable(out: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    """Refuse to resume ``out`` with another model or training config than the one it recorded."""
     check_resumable(out, {"model": to_dict(mcfg), "train": to_dict(tcfg)})
 
 
@@ -238,7 +241,7 @@ def check_same_corpus(out: Path, corpus: dict) -> None:
 def provenance(out: Path, start: int, command: str | None) -> dict:
     """The command and commit that started the run in ``out`` (the commit read once, so that
     commits made while it trains do not change it); a resumed run keeps them and adds the step,
-    command and commit of each resume, so that a run split across sessions still names the
+    command and commit of each resume, so that a run split across invocations still names the
     command that reproduces it."""
     if not start:
         return {"command": command, "git_commit": ckpt.git_commit()}
@@ -263,7 +266,15 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
           command: str | None = None, profile: str | None = None) -> GPT:
     """Train (or resume) a model into the checkpoint directory ``out``; returns the model.
     ``command`` (the command line that started it) and ``profile`` (the name of the profile it
-    configures, aliases resolved) are recorded in config.json."""
+    configures, aliases resolved) are recorded in config.json.
+
+    >>> import tempfile, cspkit
+    >>> mcfg, tcfg = cspkit.config_for("tiny", max_steps=4, eval_interval=2, eval_batches=1)
+    >>> out = tempfile.mkdtemp()
+    >>> model = cspkit.train(mcfg, tcfg, out, progress=False)
+    >>> cspkit.load(out).checkpoint["step"]
+    4
+    """
     out = Path(out)
     if tcfg.cycles:
         return train_stages(mcfg, tcfg, out, progress, command, profile)
@@ -297,7 +308,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, out: str | os.PathLike, progress
     resume = out / "resume.pt"
     corpus = corpus_record(info, tcfg)
     if resume.is_file():
-        _check_resumable(out, mcfg, tcfg)
+        check_config_resumable(out, mcfg, tcfg)
         check_same_corpus(out, corpus)
         state = torch.load(resume, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -396,14 +407,17 @@ def train_stages(mcfg: ModelConfig, tcfg: TrainConfig, out: Path, progress: bool
     return model if model is not None else ckpt.load(out_k, device=pick_device(tcfg.device))
 
 
-def config_for(profile_name: str, dense: bool = False, seed: int | None = None, max_steps: int | None = None,
-               overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
-    from .config import apply_overrides, profile
-    m, t = profile(profile_name)
-    m, t = apply_overrides(m, t, overrides or [])
-    t = replace(t, dense=dense or t.dense)
-    if seed is not None:
-        t = replace(t, seed=seed)
-    if max_steps is not None:
-        t = replace(t, max_steps=max_steps)
-    return m, t
+def train_profile(profile_name: str, out: str | os.PathLike, dense: bool = False, seed: int | None = None,
+                  max_steps: int | None = None, overrides: list[str] | None = None, command: str | None = None,
+                  progress: bool = True) -> tuple[dict, str] | None:
+    """What ``cspkit train`` does: train (or resume) a profile's run into ``out`` and summarize
+    it; None on every process but the first under torchrun (one summary per run)."""
+    mcfg, tcfg = config_for(profile_name, dense=dense, seed=seed, max_steps=max_steps, overrides=overrides)
+    train(mcfg, tcfg, out, progress=progress, command=command, profile=resolve_profile(profile_name))
+    if _dist_info()[0] != 0:
+        return None
+    last = last_run(tcfg, Path(out))  # with cycles, a stage's directory where the chain stopped early
+    cfg = ckpt.read_config(last)
+    return ({"out": str(last), "step": cfg.get("step"), "val_loss": cfg.get("val_loss")},
+            f"trained {profile_name}{' (dense)' if tcfg.dense else ''} to step {cfg.get('step')}: "
+            f"val loss {cfg.get('val_loss')} -> {last}")

@@ -1,5 +1,5 @@
 """Circuit sizes over models x tasks x targets x pruning seeds: the sparse-against-dense
-comparison of the paper (METHOD.md section 4, headline).
+comparison of the paper (docs/method.md, "Sparse against dense").
 
 One results file holds every finished run, written atomically after each one, so a killed
 sweep resumes by skipping what is done (failed runs are tried again); a later sweep into the
@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,33 +38,12 @@ from tqdm.auto import tqdm
 from . import tasks as tasks_mod
 from .ablation import check_ablation, fingerprint, node_means, node_widths
 from .checkpoint import git_commit, load, read_config
-from .config import to_dict
+from .config import PruneConfig, SweepConfig, to_dict
 from .files import atomic_write
 from .model import GPT
-from .prune import PruneConfig, RankedLoss, split_pairs, prune
+from .pruning import RankedLoss, prune, split_pairs
 
 FORMAT = "cspkit.sweep/1"
-
-
-@dataclass
-class SweepConfig:
-    models: list[str]
-    tasks: list[str] = field(default_factory=tasks_mod.names)
-    targets: list[float] = field(default_factory=lambda: [0.15])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    ablation: str = "mean"
-    prune: PruneConfig = field(default_factory=PruneConfig)
-
-    def check(self) -> None:
-        check_ablation(self.ablation)
-        for t in self.tasks:
-            tasks_mod.get(t)
-        for name, v in (("models", self.models), ("tasks", self.tasks), ("targets", self.targets),
-                        ("seeds", self.seeds)):
-            if not v:
-                raise ValueError(f"a sweep needs at least one of {name}")
-        for m in self.models:
-            read_config(m)  # a clear error for a path that is not a checkpoint, before any work
 
 
 def model_key(path: str | os.PathLike) -> str:
@@ -123,7 +102,7 @@ def _work(unit: dict[str, Any]) -> dict[str, Any]:
     return _worker(unit)
 
 
-def _key(r: dict) -> tuple:
+def run_key(r: dict) -> tuple:
     return r["model"], r["task"], float(r["target"]), int(r["seed"])
 
 
@@ -194,13 +173,13 @@ def _spread(per_seed: dict[str, float | None], floor: float = 1.0) -> dict[str, 
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
     """Per target: which tasks each model can do, geometric means of edges per model and seed,
     and the dense / sparse ratios. Recomputed from the runs at every write."""
-    grid, runs = res["grid"], {_key(r): r for r in res["runs"]}
+    grid, runs = res["grid"], {run_key(r): r for r in res["runs"]}
     models, task_names, seeds = grid["models"], grid["tasks"], grid["seeds"]
     pending = [(m, t, tg, s) for m in models for t in task_names for tg in grid["targets"] for s in seeds
                if (m, t, tg, s) not in runs or runs[m, t, tg, s]["status"] == "failed"]
     out: dict[str, Any] = {"complete": not pending, "pending": len(pending), "targets": {}}
     for target in grid["targets"]:
-        def ok(m, t, s):
+        def ok(m, t, s, target=target):
             r = runs.get((m, t, target, s))
             return r if r and r["status"] == "ok" else None
 
@@ -243,20 +222,44 @@ def _write(path: Path, res: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(res, indent=1) + "\n")
 
 
+def check_sweep(cfg: SweepConfig) -> SweepConfig:
+    """``cfg`` with its tasks filled in (None: every registered task), or a clear error for a bad
+    ablation, task name, empty list or model path, before any work."""
+    cfg = replace(cfg, tasks=list(cfg.tasks) if cfg.tasks is not None else tasks_mod.names())
+    check_ablation(cfg.ablation)
+    for t in cfg.tasks:
+        tasks_mod.get(t)
+    for name, v in (("models", cfg.models), ("tasks", cfg.tasks), ("targets", cfg.targets), ("seeds", cfg.seeds)):
+        if not v:
+            raise ValueError(f"a sweep needs at least one of {name}")
+    for m in cfg.models:
+        read_config(m)
+    return cfg
+
+
 def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: bool = True,
           device: str = "cpu") -> dict[str, Any]:
     """Prune every (model, task, target, seed) of ``cfg`` not yet finished in the results file
-    ``out`` on ``device``; returns the results (also written to ``out`` after every run)."""
-    cfg.check()
+    ``out`` on ``device``; returns the results (also written to ``out`` after every run).
+
+    >>> import tempfile, cspkit
+    >>> from cspkit.config import PruneConfig, SweepConfig
+    >>> cfg = SweepConfig(models=[str(cspkit.paths.model_path("small-hour"))], tasks=["single_double_quote"],
+    ...                   prune=PruneConfig(steps=20))
+    >>> res = cspkit.sweep(cfg, tempfile.mkdtemp() + "/sweep.json", progress=False)
+    >>> [run["status"] for run in res["runs"]]
+    ['ok']
+    """
+    cfg = check_sweep(cfg)
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, not {jobs}")
     out = Path(out)
     models = {model_key(p): load(p, device=device) for p in cfg.models}
     res = open_results(out, cfg, models)
-    done = {_key(r) for r in res["runs"] if r["status"] != "failed"}
+    done = {run_key(r) for r in res["runs"] if r["status"] != "failed"}
     units = [{"model": m, "task": t, "target": float(tg), "seed": int(s)}
              for m in models for t in cfg.tasks for tg in cfg.targets for s in cfg.seeds]
-    units = [u for u in units if _key(u) not in done]
+    units = [u for u in units if run_key(u) not in done]
     if units and cfg.ablation == "mean":
         for m in models.values():
             node_means(m)  # computed here once and cached beside the weights, not by every worker at once
@@ -265,7 +268,7 @@ def sweep(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, progress: boo
 
     def record(row: dict[str, Any]) -> None:
         row = {**row, "git_commit": commit}
-        res["runs"] = [r for r in res["runs"] if _key(r) != _key(row)] + [row]
+        res["runs"] = [r for r in res["runs"] if run_key(r) != run_key(row)] + [row]
         _write(out, res)
         bar.update()
         cell = f"{row['edges']} edges" if row["status"] == "ok" else row["status"]
@@ -336,7 +339,7 @@ def smallest(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str
             full = {**f["prune_config"], **r.get("prune_set", {})}
             changed = {k: v for k, v in full.items() if base["prune_config"].get(k) != v}
             r = {k: v for k, v in r.items() if k not in ("prune_set", "tried")}
-            candidates.setdefault(_key(r), []).append((i, {**r, "prune_set": changed} if changed else r))
+            candidates.setdefault(run_key(r), []).append((i, {**r, "prune_set": changed} if changed else r))
     origin = {}
     for key, cands in candidates.items():
         i, best = min(cands, key=lambda c: _rank(*c))
@@ -361,11 +364,11 @@ def merge(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, A
     res, *rest = _read_alike(paths, ("ablation", "prune_config"), "only runs made the same way can be merged")
     for p, new in zip(paths[1:], rest):
         _add(res, new["models"], new["grid"], f"the files before {p}")
-        have = {_key(r) for r in res["runs"] if r["status"] != "failed"}
-        incoming = {_key(r) for r in new["runs"]}
+        have = {run_key(r) for r in res["runs"] if r["status"] != "failed"}
+        incoming = {run_key(r) for r in new["runs"]}
         # a failure is replaced by the other file's run of the same unit; a finished run is kept
-        res["runs"] = [r for r in res["runs"] if r["status"] != "failed" or _key(r) not in incoming]
-        res["runs"] += [r for r in new["runs"] if _key(r) not in have]
+        res["runs"] = [r for r in res["runs"] if r["status"] != "failed" or run_key(r) not in incoming]
+        res["runs"] += [r for r in new["runs"] if run_key(r) not in have]
         for key, per_task in new.get("controls", {}).items():
             res["controls"].setdefault(key, {}).update(per_task)
     _write(Path(out), res)
@@ -377,12 +380,12 @@ def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None
     """The faithfulness controls of cspkit.validate (re-initialized weights, random labels and the
     rest) for each model's circuit of each task, at the first target, written into the results
     file under "controls". The circuit is pruned again with the sweep's config and seed."""
-    from .validate import validate
+    from .validation import validate
     out = Path(out)
     res = _read(out, "run the sweep into it first")
     target = res["grid"]["targets"][0]
     seed = res["grid"]["seeds"][0] if seed is None else seed
-    runs = {_key(r): r for r in res["runs"]}
+    runs = {run_key(r): r for r in res["runs"]}
     for key in res["grid"]["models"]:
         for task in task_names:
             tasks_mod.get(task)
@@ -411,7 +414,7 @@ def find_run(res: dict[str, Any], model: str | os.PathLike, task: str, seed: int
     target = res["grid"]["targets"][0] if target is None else target
     want = (model_key(model), task, float(target), int(seed))
     for r in res["runs"]:
-        if _key(r) == want:
+        if run_key(r) == want:
             return r
     raise KeyError(f"no run of {model} on {task} with seed {seed} at target {target} in these results")
 
@@ -499,3 +502,23 @@ def format_summary(res: dict[str, Any]) -> str:
     if res.get("controls"):
         lines += ["", "controls: cspkit.validate rows per model and task in the file's \"controls\""]
     return "\n".join(lines)
+
+
+def sweep_report(cfg: SweepConfig, out: str | os.PathLike, jobs: int = 1, device: str = "cpu",
+                 controls: list[str] | None = None, progress: bool = True) -> tuple[dict[str, Any], str]:
+    """What ``cspkit sweep`` does: ``sweep``, then the controls of ``controls``' circuits; the
+    results and their summary."""
+    res = sweep(cfg, out, jobs=jobs, progress=progress, device=device)
+    if controls:
+        res = run_controls(out, controls, progress=progress, device=device)
+    return res, format_summary(res) + f"\n-> {out}"
+
+
+def merge_report(paths: list[str | os.PathLike], out: str | os.PathLike, keep_smallest: bool = False,
+                 controls: list[str] | None = None, progress: bool = True) -> tuple[dict[str, Any], str]:
+    """What ``cspkit sweep-merge`` does: ``merge`` (or ``smallest``), then the controls the merged
+    file lacks; the results and their summary."""
+    res = (smallest if keep_smallest else merge)(paths, out)
+    if controls:
+        res = run_controls(out, controls, progress=progress)
+    return res, format_summary(res) + f"\n-> {out}"

@@ -1,10 +1,10 @@
-"""The interactive circuit explorer (``cspkit.viz.explore``): an ipywidgets app over the graph,
-the node statistics and live re-evaluation of a circuit.
+"""The interactive circuit explorer: an ipywidgets app over the graph, the node statistics and
+live re-evaluation of a circuit (``explore(model, tasks)``).
 
 Choose a task, a target loss (or a number of nodes k) and an ablation; a circuit is looked up
-among the ones given (e.g. ``results/circuits/small-sparse``), the ones computed in this
-session and the on-disk cache, and drawn; "compute" finds it with ``cspkit.prune`` when there is
-none. Filters narrow the graph to some location types and layers. Choosing a node shows its
+among the ones given (e.g. ``results/circuits/small-sparse``), the ones this explorer computed
+and the on-disk cache, and drawn; "compute" finds it with ``cspkit.pruning.prune`` when there
+is none. Filters narrow the graph to some location types and layers. Choosing a node shows its
 edges and per-token activation heatmaps on the task's prompts and on the corpus contexts where
 it is strongest; turning it off re-evaluates the task loss without it. Every callback works
 without a browser, so tests drive the widgets from Python.
@@ -18,14 +18,18 @@ from pathlib import Path
 
 import ipywidgets as W
 import torch
+from IPython import get_ipython
 
-from . import prune as prune_mod
-from . import tasks as tasks_mod
-from .ablation import ABLATIONS, fingerprint, node_widths
-from .circuit import Circuit, compute_edges
-from .config import to_dict
-from .model import GPT, node_name, parse_node
-from .viz import KIND_NAMES, PLACES, annotated_graph, circuit_graph, corpus_stats, heatmap_html, token_html
+from .. import pruning as prune_mod
+from .. import tasks as tasks_mod
+from ..ablation import ABLATIONS, fingerprint, node_widths
+from ..circuit import Circuit, compute_edges, split_pairs
+from ..config import PruneConfig, to_dict
+from ..model import GPT, node_name, parse_node
+from ..paths import cache_dir
+from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph
+from .stats import corpus_stats
+from .tokens import heatmap_html, token_html
 
 
 def _weight(edge: dict) -> str:
@@ -119,7 +123,6 @@ class Explorer:
 
     # ------------------------------------------------------------------ circuits
     def _default_cache(self) -> Path:
-        from .data import cache_dir
         return cache_dir() / "circuits" / self.fingerprint
 
     def key(self) -> tuple:
@@ -163,7 +166,7 @@ class Explorer:
         task, mode, value, ablation = key
         self.status.value = (f"computing the {html.escape(task)} circuit "
                              f"({html.escape(mode)} {value}, {ablation} ablation)…")
-        self.log.clear_output()
+        self._clear_log()
         try:
             with self.log:
                 if mode == "target":
@@ -179,9 +182,15 @@ class Explorer:
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
             c.save(f)
-        self.log.clear_output()
+        self._clear_log()
         self.show(c)
         return c
+
+    def _clear_log(self) -> None:
+        """Empty the log of progress bars. Outside a kernel the log captures nothing (the bars go
+        to the terminal) and IPython's clear_output would print terminal escape codes instead."""
+        if getattr(get_ipython(), "kernel", None) is not None:
+            self.log.clear_output()
 
     def _error(self, e: Exception) -> None:
         self.status.value = f"<span style='color:#c53030'>{html.escape(str(e))}</span>"
@@ -195,12 +204,12 @@ class Explorer:
     def _top_k(self, task: str, k: int, ablation: str) -> Circuit:
         """The k highest-ranked nodes of the pruning masks, calibrated and scored as prune does
         (on the held-out train pairs), so that its loss compares with a target circuit's."""
-        cfg = prune_mod.PruneConfig()
+        cfg = PruneConfig()
         t = self.tasks[task]
         if (task, ablation) not in self.taus:
             self.taus[(task, ablation)] = prune_mod.train_masks(self.model, t, cfg, ablation, self.seed)
         order = prune_mod.ranking(*self.taus[(task, ablation)])
-        fit, heldout = prune_mod.split_pairs(t, cfg)
+        fit, heldout = split_pairs(t, cfg)
         ranked = prune_mod.RankedLoss(self.model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
         loss = ranked(k)
         nodes = prune_mod.top_nodes(order, k)
@@ -256,7 +265,7 @@ class Explorer:
         except Exception as e:  # the explorer keeps showing the previous circuit, whole
             self._error(e)
             raise
-        self.log.clear_output()
+        self._clear_log()
         self.circuit, self.g, self.base_loss, self.off = circuit, g, base, set()
         self._busy = True
         try:
@@ -373,3 +382,23 @@ class Explorer:
                        "outlined)</p>" + "".join(blocks))
         return "".join(out)
 
+
+def explore(model: GPT, tasks, circuits=(), **kwargs) -> Explorer:
+    """The interactive explorer (an ipywidgets app; a notebook cell ending in it shows it) for a
+    model on ``tasks`` (names or Task objects). ``circuits``: Circuit objects, circuit files or
+    directories of them (e.g. ``results/circuits/small-sparse``), shown without recomputing.
+    Keyword arguments: ``target``, ``ablation``, ``n_pairs`` (pairs for losses and ablation
+    effects), ``seed``, ``height``, ``cache`` (keep computed circuits in the cspkit cache).
+
+    >>> import cspkit
+    >>> model = cspkit.load("small-sparse")
+    >>> circuits = cspkit.paths.results_dir() / "circuits" / "small-sparse"
+    >>> ex = cspkit.explore(model, ["single_double_quote"], circuits=[circuits], n_pairs=4, cache=False)
+    >>> ex.circuit.task
+    'single_double_quote'
+    >>> ex.node.value = ex.circuit.node_names()[0]
+    >>> ex.node_off.value = True            # turn the node off: the task loss is evaluated again
+    >>> ex.current_loss != ex.base_loss
+    True
+    """
+    return Explorer(model, tasks, circuits, **kwargs)

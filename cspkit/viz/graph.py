@@ -1,16 +1,12 @@
-"""Circuit graphs, per-token activation previews, and the node statistics they show.
+"""Circuit graphs: a circuit drawn as a pyvis network with a layered layout.
 
-``circuit_graph(circuit)`` draws a circuit as a pyvis network with a layered layout: layers
-left to right (attention, then MLP), node locations in fixed bands (reads, q/k/v, neurons,
-writes). Node colour is the location type, node size the node's ablation effect; edge width
-is |weight|, edge colour its sign. The HTML is self-contained and offline: vis-network is
-inlined from the pyvis package instead of pyvis's template (which links CSS and JS from CDNs),
-and a Content-Security-Policy forbids every request to any host and every script but its own.
-Every string from the vocabulary is HTML-escaped. Notebooks show it in a sandboxed
-``<iframe srcdoc>``, which JupyterLab 4 draws with no network (DESIGN.md, "Graphs in notebooks").
-
-``token_heatmap(model, text, node)`` colours any text by one node's activation.
-``explore(model, tasks)`` is the interactive explorer (cspkit/explorer.py).
+Layers run left to right (attention, then MLP); node locations sit in fixed bands (reads,
+q/k/v, neurons, writes). Node colour is the location type, node size the node's ablation
+effect; edge width is |weight|, edge colour its sign. The HTML is self-contained and offline:
+vis-network is inlined from the pyvis package instead of pyvis's template (which links CSS and
+JS from CDNs), and a Content-Security-Policy forbids every request to any host and every script
+but its own. Every string from the vocabulary is HTML-escaped. Notebooks show the page in a
+sandboxed ``<iframe srcdoc>``, which JupyterLab 4 draws with no network access.
 """
 from __future__ import annotations
 
@@ -19,22 +15,21 @@ import json
 import math
 import secrets
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 import networkx as nx
 import pyvis
-import torch
 from markupsafe import Markup
 from pyvis.network import Network
-from tqdm.auto import tqdm
 
-from . import tasks as tasks_mod
-from .ablation import ablation_values, fingerprint, gate_hooks, keep_gates, node_means, node_widths
-from .circuit import Circuit, score
-from .files import atomic_path, atomic_write
-from .model import GPT, node_name, parse_node
+from ..ablation import node_means
+from ..checkpoint import load
+from ..circuit import Circuit
+from ..files import atomic_path, atomic_write
+from ..model import node_name
+from .stats import ablation_effects, as_node, corpus_stats
+from .tokens import token_html
 
 # Location type -> (band, sublayer, stage, lane): the band is the row of the drawing; the
 # sublayer (attention 0, MLP 1) and the stage (read 0, inside 1, write 2) place the column; q, k
@@ -55,190 +50,6 @@ EDGE_COLORS = {"positive": "#2b6cb0", "negative": "#c53030", "residual": "#b8b8b
 _COL, _STAGE, _LANE, _ROW, _GAP = 400, 130, 32, 34, 50
 _WRAP, _MAX_SUB = 6, 4     # a cell of more than _WRAP nodes wraps into up to _MAX_SUB sub-columns
 VIS_JS = Path(pyvis.__file__).parent / "templates" / "lib" / "vis-9.1.2" / "vis-network.min.js"
-
-
-# --------------------------------------------------------------------------- node statistics
-def _node(node) -> tuple[str, int]:
-    """A node given as ``"1.mlp.neuron[37]"`` or ``("1.mlp.neuron", 37)``."""
-    if isinstance(node, str):
-        return parse_node(node)
-    loc, i = node
-    return loc, int(i)
-
-
-_EFFECTS: dict[tuple, dict[str, float]] = {}
-
-
-@torch.no_grad()
-def ablation_effects(circuit: Circuit, n_pairs: int = 16, split: str = "test", chunk: int = 4,
-                     progress: bool = False) -> dict[str, float]:
-    """Per circuit node, the change in the circuit's task loss when that node is ablated too:
-    ``circuit.evaluate(nodes=circuit minus node) - circuit.evaluate()`` on the first ``n_pairs``
-    pairs of ``split``, with the circuit's ablation and calibration. Positive: the circuit needs
-    the node. ``chunk`` nodes share one forward pass (the prompts repeated once per node);
-    results are cached per circuit."""
-    model = circuit.require_model("drawing it")
-    task = circuit.task_obj if circuit.task_obj is not None else tasks_mod.get(circuit.task)
-    pairs = task.pairs(split, n=n_pairs)
-    # keyed by the prompts and candidates themselves: a task redefined under the same name differs
-    key = (circuit.model_fingerprint or fingerprint(model), tasks_mod.pairs_digest(pairs), circuit.ablation,
-           tuple(circuit.calibration), json.dumps(circuit.nodes, sort_keys=True))
-    if key in _EFFECTS:
-        return _EFFECTS[key]
-    batch = tasks_mod.encode_pairs(pairs, model.config.block_size, model.encoding)
-    tokens, P = batch["tokens"].to(model.device), batch["tokens"].shape[0]
-    values = ablation_values(model, circuit.ablation, tokens)
-    keep = keep_gates(model.config, circuit.nodes, model.device)
-    names = circuit.node_names()
-    base = score(*_pair_logits(model, tokens, batch, {k: g.expand(P, 1, -1) for k, g in keep.items()}, values, 1),
-                 circuit.calibration)["loss"]
-    out = {}
-    for s in tqdm(range(0, len(names), chunk), desc=f"ablation effects {circuit.task}", disable=not progress,
-                  leave=False):
-        group = names[s:s + chunk]
-        gates = {loc: g.repeat(len(group), 1) for loc, g in keep.items()}        # (len(group), width)
-        for row, name in enumerate(group):
-            loc, i = parse_node(name)
-            gates[loc][row, i] = 0.0
-        gates = {loc: g.repeat_interleave(P, 0).unsqueeze(1) for loc, g in gates.items()}  # (len(group) * P, 1, width)
-        two, label = _pair_logits(model, tokens, batch, gates, values, len(group))
-        for row, name in enumerate(group):
-            rows = slice(row * P, (row + 1) * P)
-            out[name] = score(two[rows], label[rows], circuit.calibration)["loss"] - base
-    _EFFECTS[key] = out
-    return out
-
-
-def _pair_logits(model, tokens, batch, gates, values, copies: int):
-    """Candidate logits of the prompts repeated ``copies`` times, each copy with its own gates."""
-    if values[next(iter(values))].dim() == 3:  # resample ablation: per-prompt values, repeated like the prompts
-        values = {k: v.repeat(copies, 1, 1) for k, v in values.items()}
-    logits = model.run_with_hooks(tokens.repeat(copies, 1), gate_hooks(gates, values))
-    sel = {"last": batch["last"].repeat(copies), "cands": batch["cands"].repeat(copies, 1)}
-    return tasks_mod.pair_logits(logits, sel).float().cpu(), batch["label"].repeat(copies)
-
-
-@dataclass
-class CorpusStats:
-    """The strongest activations of every node over a few corpus windows (validation split).
-    ``top[loc]`` and ``bottom[loc]`` hold (values, flat positions), each (k, width): the k
-    largest and the k most negative activations, strongest first; a flat position is
-    window * window_length + token."""
-    tokens: torch.Tensor                               # (windows, window_length)
-    strings: list[list[str]]                           # the decoded tokens
-    top: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    bottom: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-    def extremes(self, node, sign: int = 1, n: int = 3) -> list[tuple[int, int, float]]:
-        """(window, token, activation) of the node's n strongest positive (sign 1) or negative
-        (sign -1) activations, zeros left out."""
-        loc, i = _node(node)
-        vals, pos = (self.top if sign > 0 else self.bottom)[loc]
-        T = self.tokens.shape[1]
-        out = [(*divmod(int(p), T), float(v)) for v, p in zip(vals[:, i], pos[:, i]) if v * sign > 0]
-        return out[:n]
-
-    def top_tokens(self, node, sign: int = 1, n: int = 4) -> list[tuple[str, float]]:
-        """The distinct tokens at the node's strongest activations of that sign, with the strongest value."""
-        seen: dict[str, float] = {}
-        for w, t, v in self.extremes(node, sign, n=len(self.top[_node(node)[0]][0])):
-            seen.setdefault(self.strings[w][t], v)
-        return list(seen.items())[:n]
-
-
-_STATS: dict[tuple, CorpusStats] = {}
-
-
-@torch.no_grad()
-def corpus_stats(model: GPT, n_windows: int = 32, window: int = 64, k: int = 16, seed: int = 0) -> CorpusStats:
-    """Strongest activations of every node on ``n_windows`` random windows of the validation
-    split of the model's training corpus (one forward pass; cached per model)."""
-    key = (fingerprint(model), n_windows, window, k, seed)
-    if key in _STATS:
-        return _STATS[key]
-    from .data import TokenData, build_shards
-    train_cfg = (getattr(model, "checkpoint", None) or {}).get("train") or {}
-    info = build_shards(train_cfg.get("corpus"), train_cfg.get("val_percent", 5.0))
-    x, _ = TokenData(info, "val").batch(n_windows, min(window, model.config.block_size), seed, 0)
-    top, bottom = {}, {}
-
-    def record(act, name):
-        flat = act.flatten(0, 1).float()                                   # (windows * window_length, width)
-        kk = min(k, flat.shape[0])
-        v, p = flat.topk(kk, dim=0)
-        top[name] = (v.cpu(), p.cpu())
-        v, p = (-flat).topk(kk, dim=0)
-        bottom[name] = (-v.cpu(), p.cpu())
-
-    model.run_with_hooks(x.to(model.device), {loc: record for loc in node_widths(model.config)})
-    enc = _encoding(model)
-    stats = CorpusStats(x, [[enc.decode([t]) for t in row] for row in x.tolist()], top, bottom)
-    _STATS[key] = stats
-    return stats
-
-
-def _encoding(model: GPT):
-    from .tokenizer import get_encoding
-    return model.encoding if getattr(model, "encoding", None) is not None else get_encoding()
-
-
-# --------------------------------------------------------------------------- token heatmaps
-def token_html(tok: str) -> str:
-    """One token as escaped HTML with its newlines and tabs made visible."""
-    return html.escape(tok).replace("\n", "↵").replace("\t", "⇥")
-
-
-def _shade(v: float, scale: float) -> str:
-    a = min(1.0, abs(v) / scale) if scale > 0 else 0.0
-    return f"rgba(214,39,40,{a:.2f})" if v > 0 else f"rgba(31,119,180,{a:.2f})"
-
-
-def heatmap_html(tokens: list[str], values: list[float], scale: float | None = None,
-                 mark: int | None = None) -> str:
-    """Tokens on a background coloured by value (red positive, blue negative, full colour at
-    ``scale``, default the largest |value|), line breaks kept; ``mark`` outlines one token."""
-    scale = scale or max((abs(v) for v in values), default=0.0) or 1.0
-    spans = []
-    for j, (tok, v) in enumerate(zip(tokens, values)):
-        style = f"background:{_shade(v, scale)}" + (";outline:2px solid #222" if j == mark else "")
-        text = html.escape(tok).replace("\t", "⇥").replace("\n", "↵\n")
-        spans.append(f'<span style="{style}" title="{html.escape(repr(tok))}: {v:+.3f}">{text}</span>')
-    return ('<div style="font-family:monospace;font-size:12px;white-space:pre-wrap;line-height:1.5;'
-            'border:1px solid #ddd;padding:4px;margin:2px 0">' + "".join(spans) + "</div>")
-
-
-@dataclass
-class TokenHeatmap:
-    """Per-token activations of one node on a text; shows itself as coloured HTML in notebooks."""
-    node: str
-    tokens: list[str]
-    values: list[float]
-
-    def html(self, scale: float | None = None) -> str:
-        peak = max(self.values, key=abs, default=0.0)
-        head = (f"<div style='font:12px sans-serif'><b>{html.escape(self.node)}</b>: {len(self.tokens)} tokens, "
-                f"strongest activation {peak:+.3f} (red positive, blue negative)</div>")
-        return head + heatmap_html(self.tokens, self.values, scale)
-
-    def _repr_html_(self) -> str:
-        return self.html()
-
-
-@torch.no_grad()
-def token_heatmap(model: GPT, text: str, node) -> TokenHeatmap:
-    """The activation of ``node`` (``"1.mlp.neuron[37]"`` or ``(location, index)``) at every token
-    of ``text`` (its last block_size tokens), as a TokenHeatmap."""
-    loc, i = _node(node)
-    width = node_widths(model.config).get(loc)
-    if width is None or not 0 <= i < width:
-        raise ValueError(f"{node_name(loc, i)} is not a node of this model; locations: "
-                         f"{', '.join(node_widths(model.config))}")
-    enc = _encoding(model)
-    ids = enc.encode_ordinary(text)[-model.config.block_size:]
-    if not ids:
-        raise ValueError("token_heatmap needs a non-empty text")
-    _, cache = model.run_with_cache(torch.tensor([ids], device=model.device), names=[loc])
-    return TokenHeatmap(node_name(loc, i), [enc.decode([t]) for t in ids], cache[loc][0, :, i].tolist())
 
 
 # --------------------------------------------------------------------------- the graph
@@ -379,7 +190,19 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     """A circuit as a CircuitNetwork (a pyvis Network). ``kinds`` (location types such as
     ``"mlp.neuron"``) and ``layers`` keep only those nodes; ``ablated`` node names are drawn
     greyed out; ``n_pairs`` test pairs measure the ablation effects (node sizes). ``graph``: the
-    circuit's ``annotated_graph`` already computed (the explorer redraws from it)."""
+    circuit's ``annotated_graph`` already computed (the explorer redraws from it). A notebook
+    cell ending in the network draws it; ``write_html(path)`` writes the standalone page.
+
+    >>> import cspkit
+    >>> model = cspkit.load("small-sparse")
+    >>> path = cspkit.paths.results_dir() / "circuits" / "small-sparse" / "single_double_quote.json"
+    >>> circuit = cspkit.Circuit.load(path, model=model)
+    >>> net = cspkit.circuit_graph(circuit, n_pairs=4, kinds="mlp.neuron")
+    >>> {n["kind"] for n in net.nodes}
+    {'mlp.neuron'}
+    >>> "vis.Network" in net.generate_html()
+    True
+    """
     kinds = [kinds] if isinstance(kinds, str) else kinds
     layers = [layers] if isinstance(layers, int) else layers
     bad = set(kinds or ()) - set(PLACES)
@@ -389,7 +212,7 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     bad = [l for l in layers or () if not (isinstance(l, int) and 0 <= l < n_layer)]
     if bad:
         raise ValueError(f"layers {bad} are not layers of this model; choose from 0 to {n_layer - 1}")
-    off = {node_name(*_node(a)) for a in ablated}
+    off = {node_name(*as_node(a)) for a in ablated}
     unknown = sorted(off - set(circuit.node_names()))
     if unknown:
         raise ValueError(f"ablated nodes {unknown} are not in the circuit; name nodes of circuit.node_names()")
@@ -424,16 +247,6 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
                    "nodes": {"shape": "dot", "borderWidth": 1, "font": {"size": 10, "face": "monospace"}},
                    "edges": {"smooth": False, "arrows": {"to": {"enabled": True, "scaleFactor": 0.4}}}}
     return net
-
-
-def explore(model: GPT, tasks, circuits=(), **kwargs):
-    """The interactive explorer (an ipywidgets app; display the result in a notebook) for a
-    model on ``tasks`` (names or Task objects). ``circuits``: Circuit objects, circuit files or
-    directories of them (e.g. ``results/circuits/small-sparse``), shown without recomputing.
-    Keyword arguments: ``target``, ``ablation``, ``n_pairs`` (pairs for losses and ablation
-    effects), ``seed``, ``height``, ``cache`` (keep computed circuits in the cspkit cache)."""
-    from .explorer import Explorer  # the widget app lives in its own module, which imports this one
-    return Explorer(model, tasks, circuits, **kwargs)
 
 
 def _legend(title: str) -> str:
@@ -496,3 +309,24 @@ network.on("afterDrawing", function (ctx) {
 });
 </script></body></html>
 """)
+
+
+def write_graph(circuit_path: str | Path, out: str | Path, graphml: str | Path | None = None,
+                model: str | Path | None = None, n_pairs: int = 16) -> tuple[dict, str]:
+    """What ``cspkit viz`` does: draw a circuit file (in ``model``, default the model the file
+    names) as a standalone offline page ``out``, and optionally its annotated graph as GraphML."""
+    circuit = Circuit.load(circuit_path, model=load(model) if model else None)
+    if circuit.model is None:
+        raise ValueError(f"{circuit_path} does not name its model (no model_path); pass --model DIR")
+    net = circuit_graph(circuit, n_pairs=n_pairs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    net.write_html(out)
+    if graphml:
+        Path(graphml).parent.mkdir(parents=True, exist_ok=True)
+        net.write_graphml(graphml)
+    obj = {"circuit": str(circuit_path), "task": circuit.task, "nodes": circuit.n_nodes, "edges": circuit.n_edges,
+           "html": str(out), "html_bytes": out.stat().st_size, "graphml": str(graphml) if graphml else None}
+    return obj, (f"{circuit.task} circuit, {circuit.n_nodes} nodes and {circuit.n_edges} edges -> {out} "
+                 f"({obj['html_bytes'] / 1e3:.0f} kB, self-contained, works offline)"
+                 + (f" and {graphml}" if graphml else ""))

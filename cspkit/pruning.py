@@ -1,4 +1,4 @@
-"""Circuit discovery by node pruning (METHOD.md section 4).
+"""Circuit discovery by node pruning (docs/method.md, "Pruning").
 
 Every node has a mask parameter tau. The gate is the Heaviside step of tau in the forward pass
 and a sigmoid derivative in the backward pass; tau is clamped to [-1, 1] after each step.
@@ -13,62 +13,20 @@ is never seen; ``Circuit.evaluate()`` reports it.
 """
 from __future__ import annotations
 
-import math
+import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import tasks as tasks_mod
-from .ablation import (ablation_values, check_ablation, fingerprint, gate_hooks, keep_gates, node_widths,
-                       resample_shift)
-from .circuit import Circuit, compute_edges, masked_pair_logits, score
-from .config import _check_keys, to_dict
+from .ablation import ablation_values, check_ablation, fingerprint, gate_hooks, keep_gates, node_widths, resample_shift
+from .checkpoint import load
+from .circuit import Circuit, compute_edges, fit_calibration, masked_pair_logits, score, split_pairs
+from .config import PruneConfig, check_keys, to_dict
 from .model import GPT
-
-
-@dataclass
-class PruneConfig:
-    # Defaults chosen on the shipped small sparse model's quote task, then kept for every task
-    # and model (no per-task sweep). The paper's search centres are k_coef 1e-4, noise 1e-2,
-    # bias 1e-1, weight decay 1e-3, lr 3e-3, beta2 0.95, warm-up 5 percent, temperature 1; its
-    # models are far larger and it trains masks far longer. Here, with 100 steps: k_coef 1e-3
-    # gave 141 nodes, 3e-3 gave 92, 5e-3 drove all but 43 masks to the clamp (2000 nodes after
-    # bisection); lr 1e-2 with 200 steps gave 85 nodes in twice the time.
-    # k_coef is the penalty per kept node on a model of k_ref_nodes nodes (small-v1's, the shipped
-    # 11,264); on a model of n nodes each node costs k_coef * k_ref_nodes / n, so keeping a given
-    # fraction of the nodes costs the same at every size. Unscaled, 3e-3 on the paper-e1 shape
-    # (22,528 nodes) collapsed the quote masks to 6 nodes at chance with one seed
-    # (results/mask_diagnosis_paper-e1-sparse.txt); halved, both seeds kept about 100 nodes at
-    # held-out loss 0. None: k_coef per node as given, at every size.
-    steps: int = 100
-    batch_pairs: int = 16
-    lr: float = 3e-2
-    k_coef: float = 3e-3
-    k_ref_nodes: int | None = 11264
-    init_noise: float = 1e-2
-    init_bias: float = 1e-1
-    weight_decay: float = 1e-3
-    beta2: float = 0.95
-    warmup_frac: float = 0.05
-    temperature: float = 1.0
-    heldout_pairs: int = 64
-    calib_pairs: int = 32
-    calib_steps: int = 16
-
-    def __post_init__(self):
-        if self.k_ref_nodes is not None and self.k_ref_nodes < 1:
-            raise ValueError(f"k_ref_nodes={self.k_ref_nodes} must be a positive node count, or None for no scaling")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PruneConfig":
-        _check_keys(cls, d, "prune config")
-        return cls(**d)
-
-    def node_penalty(self, n_nodes: int) -> float:
-        """The penalty per kept node on a model of ``n_nodes`` nodes."""
-        return self.k_coef if self.k_ref_nodes is None else self.k_coef * self.k_ref_nodes / n_nodes
 
 
 class _Heaviside(torch.autograd.Function):
@@ -89,16 +47,6 @@ class _Heaviside(torch.autograd.Function):
 
 def gate(tau: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return _Heaviside.apply(tau, temperature)
-
-
-def split_pairs(task, cfg: PruneConfig):
-    """The task's train pairs as pruning uses them: (pairs the masks train on, whose first
-    ``calib_pairs`` fit the calibration; the last ``heldout_pairs``, which every loss is measured on)."""
-    pairs = task.pairs("train")
-    if len(pairs) < cfg.heldout_pairs + 2:
-        raise ValueError(f"task {task.name} has {len(pairs)} train pairs; pruning needs more than "
-                         f"heldout_pairs={cfg.heldout_pairs} + 2")
-    return pairs[:-cfg.heldout_pairs], pairs[-cfg.heldout_pairs:]
 
 
 def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed: int = 0,
@@ -169,26 +117,6 @@ def top_nodes(order: list[tuple[str, int]], k: int) -> dict[str, list[int]]:
     return {loc: sorted(v) for loc, v in nodes.items()}
 
 
-def fit_calibration(two: torch.Tensor, label: torch.Tensor, steps: int = 16) -> tuple[float, float]:
-    """Scale and shift of the candidates' logit difference, fit by LBFGS on task loss."""
-    diff = (two[:, 0] - two[:, 1]).double()
-    is_a = (label == 0).double()
-    p = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([p], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(p[0] * diff + p[1], is_a)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    scale, shift = p.detach().tolist()
-    if not (math.isfinite(scale) and math.isfinite(shift)):
-        return 1.0, 0.0
-    return scale, shift
-
-
 class RankedLoss:
     """``RankedLoss(...)(k)``: the calibrated held-out task loss with only the first k nodes of
     ``order`` kept (the rest ablated), memoized over k; what bisection and the sweeps evaluate."""
@@ -254,7 +182,15 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
     """The smallest circuit (by the learned node ranking) whose calibrated task loss on
     held-out pairs is at most ``target``. The full model must meet the target itself, unless
     ``require_full`` is False (the controls of cspkit.validate): then the masks' own node set
-    must, or TargetNotReached is raised."""
+    must, or TargetNotReached is raised.
+
+    >>> import cspkit
+    >>> from cspkit.config import PruneConfig
+    >>> model = cspkit.load("small-hour")
+    >>> circuit = cspkit.prune(model, "single_double_quote", config=PruneConfig(steps=20), progress=False)
+    >>> circuit.loss <= 0.15 and circuit.n_nodes < circuit.n_nodes_total
+    True
+    """
     check_ablation(ablation)
     cfg = config or PruneConfig()
     task_obj = tasks_mod.get(task)
@@ -286,23 +222,22 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
     t_masks = time.time() - t_masks
     loss, cal = ev.seen[k]
     nodes = top_nodes(order, k)
-    c = Circuit(task=task_obj.name, nodes=nodes, edges=compute_edges(model, nodes), target=target, loss=loss,
+    return Circuit(task=task_obj.name, nodes=nodes, edges=compute_edges(model, nodes), target=target, loss=loss,
                 ablation=ablation, calibration=cal, model_path=getattr(model, "path", None),
                 model_fingerprint=fingerprint(model), full_loss=full_loss, n_nodes_total=n_total, seed=seed,
                 seconds=round(time.time() - t0, 2), config=to_dict(cfg),
-                trace=sorted((kk, v[0]) for kk, v in ev.seen.items()), model=model, task_obj=task_obj)
-    c.taus, c.mean_taus, c.mask_seconds = taus, mean_taus, t_masks
-    return c
+                trace=sorted((kk, v[0]) for kk, v in ev.seen.items()), model=model, task_obj=task_obj,
+                taus=taus, mean_taus=mean_taus, mask_seconds=t_masks)
 
 
 def loss_curve(circuit: Circuit, ks: list[int]) -> list[tuple[int, float]]:
     """Calibrated held-out loss when keeping the top k nodes of the circuit's ranking, for each k
-    (needs the ``taus`` of a circuit returned by ``prune`` in this session)."""
+    (needs the ``taus`` of a circuit returned by ``prune`` in this Python process: they are not saved)."""
     taus = getattr(circuit, "taus", None)
     if taus is None:
         raise ValueError("loss_curve needs a circuit fresh from prune() (the ranking is not saved in files)")
     cfg = PruneConfig.from_dict(circuit.config)
-    fit, heldout = split_pairs(circuit._task(), cfg)
+    fit, heldout = split_pairs(circuit.get_task(), cfg)
     ev = RankedLoss(circuit.require_model("its loss curve"), ranking(taus, circuit.mean_taus), fit[:cfg.calib_pairs],
                     heldout, circuit.ablation, cfg.calib_steps)
     return [(k, ev(k)) for k in ks]
@@ -313,7 +248,7 @@ def hyperparameter_search(model: GPT, task, ablation: str = "mean", target: floa
     """Prune once per combination of the ``grid`` of PruneConfig values (default: k_coef and lr
     around the defaults); rows sorted by circuit size, smallest first."""
     grid = grid or {"k_coef": [1e-3, 3e-3], "lr": [1e-2, 3e-2]}
-    _check_keys(PruneConfig, grid, "sweep grid")
+    check_keys(PruneConfig, grid, "sweep grid")
     combos = [{}]
     for key, vals in grid.items():
         combos = [{**c, key: v} for c in combos for v in vals]
@@ -322,3 +257,33 @@ def hyperparameter_search(model: GPT, task, ablation: str = "mean", target: floa
         circ = prune(model, task, target, ablation, seed, replace(PruneConfig(), **c), progress)
         rows.append({**c, "nodes": circ.n_nodes, "edges": circ.n_edges, "loss": circ.loss, "seconds": circ.seconds})
     return sorted(rows, key=lambda r: (r["edges"], r["nodes"]))
+
+
+def prune_to_files(model_path: str | os.PathLike, task: str, out: str | os.PathLike, target: float = 0.15,
+                   ablation: str = "mean", seed: int = 0, config: PruneConfig | None = None,
+                   progress: bool = True) -> tuple[dict, str]:
+    """What ``cspkit prune`` does: prune ``task`` (a name, or ``all``: then ``out`` is a directory
+    and a task the model cannot do is reported, not raised) in the model at ``model_path`` and
+    save each circuit. Returns the JSON object and the text."""
+    names = tasks_mod.names() if task == "all" else [task]
+    for name in names:
+        tasks_mod.get(name)   # an unknown name fails before any work
+    model = load(model_path)
+    rows, lines = [], []
+    for name in names:
+        dest = Path(out) / f"{name}.json" if task == "all" else Path(out)
+        try:
+            c = prune(model, name, target, ablation, seed, config, progress=progress)
+        except ValueError as e:
+            if task != "all":
+                raise
+            rows.append({"task": name, "error": str(e)})
+            lines.append(f"{name:28s} not pruned: {e}")
+            continue
+        c.save(dest)
+        rows.append({"task": name, "nodes": c.n_nodes, "edges": c.n_edges, "loss": c.loss, "full_loss": c.full_loss,
+                     "seconds": c.seconds, "out": str(dest)})
+        lines.append(f"{name:28s} {c.n_nodes:6d} nodes {c.n_edges:6d} edges  held-out loss {c.loss:.4f} "
+                     f"(target {target}, full model {c.full_loss:.4f})  {c.seconds:.0f} s -> {dest}")
+    obj = {"model": str(model_path), "ablation": ablation, "seed": seed, "target": target, "results": rows}
+    return obj, "\n".join(lines)

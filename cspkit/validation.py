@@ -1,4 +1,4 @@
-"""Faithfulness controls for a circuit, in one call and one table (METHOD.md section 4).
+"""Faithfulness controls for a circuit, in one call and one table (docs/method.md, "Validation controls").
 
 Every node set below is scored the same way: the scale-and-shift calibration is fit on the
 train pairs the masks were trained on, the loss is measured on the task's test split (other
@@ -7,19 +7,23 @@ templates and names), with the circuit's ablation kind. Chance is ln 2 = 0.693.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from . import tasks as tasks_mod
 from .ablation import keep_gates, node_widths
+from .checkpoint import load
 from .circuit import Circuit, compute_edges, masked_pair_logits, score
+from .files import atomic_write
 from .model import GPT
-from .prune import TargetNotReached, RankedLoss, split_pairs, bisect, prune, ranking, top_nodes
+from .pruning import RankedLoss, TargetNotReached, bisect, prune, ranking, split_pairs, top_nodes
 
 CHANCE = math.log(2)
 # the controls that prune again (re-initialized weights, random labels): a faithful circuit's
@@ -51,10 +55,9 @@ def reinit_like(model: GPT, seed: int = 0) -> GPT:
     nonzero positions; norm gains and everything never sparsified are kept."""
     g = torch.Generator().manual_seed(seed)
     new = copy.deepcopy(model)
-    new._node_means = None
     new.path = None                     # its means must not be cached over the real model's
     with torch.no_grad():
-        for name, (p, _) in new.sparse_parameters().items():
+        for p, _ in new.sparse_parameters().values():
             nz = p != 0
             if nz.sum() < 2:
                 continue
@@ -107,7 +110,7 @@ class _Scorer:
 
     def __init__(self, circuit: Circuit, n_test: int | None):
         self.c, self.model = circuit, circuit.require_model("validating it")
-        self.test = circuit._task().pairs("test", n=n_test)
+        self.test = circuit.get_task().pairs("test", n=n_test)
 
     def __call__(self, nodes, invert: bool = False) -> dict[str, float]:
         gates = keep_gates(self.model.config, nodes, self.model.device, invert=invert)
@@ -133,9 +136,19 @@ def _prune_control(name: str, model: GPT, task, circuit: Circuit, progress: bool
 def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: int = 0,
              stochastic: tuple[float, ...] = (0.25, 0.5, 0.75), prune_controls: bool = True,
              progress: bool = True) -> list[Row]:
-    """The table of controls for a circuit (rows in the order a reviewer reads them)."""
+    """The table of controls for a circuit, in the order they are best read: the circuit, then
+    what it must beat, then what must not work.
+
+    >>> import cspkit
+    >>> c = cspkit.Circuit.load(cspkit.paths.results_dir() / "circuits" / "small-sparse" / "single_double_quote.json")
+    >>> rows = cspkit.validate(c, n_test=32, draws=1, prune_controls=False, progress=False)
+    >>> [row.control for row in rows[:2]]
+    ['full model', 'circuit alone (sufficiency)']
+    >>> rows[1].loss < 0.2 < rows[2].loss
+    True
+    """
     model = circuit.require_model("validating it")
-    task = circuit._task()
+    task = circuit.get_task()
     widths = node_widths(model.config)
     everything = {loc: list(range(w)) for loc, w in widths.items()}
     sc = _Scorer(circuit, n_test)
@@ -215,3 +228,21 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"{r.control:<48} {f(r.nodes, 'd'):>7} {f(r.edges, 'd'):>7} {f(r.loss, '.3f'):>7} "
                      f"{f(r.raw_loss, '.3f'):>7} {f(r.accuracy, '.3f'):>6}  {r.note}")
     return "\n".join(lines)
+
+
+def validate_file(circuit_path: str | os.PathLike, model: str | os.PathLike | None = None, n_test: int | None = None,
+                  draws: int = 4, seed: int = 0, prune_controls: bool = True, out: str | os.PathLike | None = None,
+                  progress: bool = True) -> tuple[dict, str]:
+    """What ``cspkit validate`` does: the controls of a circuit file (in ``model``, default the
+    model the file names), optionally written to ``out`` as JSON. Returns the object and the text."""
+    circuit = Circuit.load(circuit_path, model=load(model) if model else None)
+    if circuit.model is None:
+        raise ValueError(f"{circuit_path} does not name its model (no model_path); pass --model DIR")
+    rows = validate(circuit, n_test=n_test, draws=draws, seed=seed, prune_controls=prune_controls, progress=progress)
+    obj = {"circuit": str(circuit_path), "task": circuit.task, "model": circuit.model_path,
+           "rows": [asdict(r) for r in rows]}
+    if out:
+        atomic_write(out, json.dumps(obj, indent=1) + "\n")
+    return obj, (f"{circuit.task} circuit in {circuit.model_path} ({circuit.ablation} ablation); "
+                 "loss: calibrated task loss on the test split (raw: uncalibrated), chance 0.693\n"
+                 + format_table(rows))
