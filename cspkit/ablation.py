@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .data import TokenData, build_shards
 from .files import atomic_path
 from .model import GPT, location_names
 
@@ -54,7 +55,6 @@ def compute_means(model: GPT, n_tokens: int = 65536, seed: int = 0, corpus: list
     """Mean of every node over ``n_tokens`` tokens of random training windows of ``corpus``
     (default: the corpus the checkpoint was trained on, mixed by its corpus_weights, else the
     standard library)."""
-    from .data import TokenData, build_shards
     ckpt = getattr(model, "checkpoint", None) or {}
     train_cfg = ckpt.get("train") or {}
     weights = train_cfg.get("corpus_weights") if corpus is None else None

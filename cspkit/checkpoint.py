@@ -1,4 +1,4 @@
-"""Checkpoint directories (DESIGN.md): config.json, model.safetensors, log.jsonl, and optionally
+"""Checkpoint directories: config.json, model.safetensors, log.jsonl, and optionally
 tokenizer.tiktoken when the model does not use the shipped tokenizer.
 
 Sparse parameters are stored as flat int32 indices plus values when that is smaller.
@@ -119,16 +119,18 @@ def _no_weights(path: Path, cfg: dict[str, Any]) -> str:
     return msg
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None) -> GPT:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None,
+         models: str | os.PathLike | None = None) -> GPT:
     """A GPT from a checkpoint directory or a shipped model's name (``cspkit.paths.model_path``),
-    with ``.config`` and ``.encoding`` set, in eval mode.
+    with ``.config`` and ``.encoding`` set, in eval mode. ``models``: where shipped models are
+    (default ``$CSPKIT_MODELS``, else the checkout's data/models).
 
     >>> import cspkit
     >>> model = cspkit.load("small-sparse")
     >>> model.config.n_layer
     4
     """
-    path = model_path(path)
+    path = model_path(path, models)
     cfg = read_config(path)
     own = path / TOKENIZER_FILE  # a checkpoint may carry its own tokenizer (converted openai models do)
     tok_path = tokenizer or str(own if own.is_file() else TOKENIZER_PATH)

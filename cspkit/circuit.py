@@ -323,11 +323,19 @@ def score(two: torch.Tensor, label: torch.Tensor, calibration: tuple[float, floa
             "raw_loss": float(tasks_mod.task_loss(two, label)), "accuracy": float(right.float().mean())}
 
 
+def geometric_mean(xs: list[float], floor: float = 1.0) -> float:
+    """Geometric mean of ``xs``, each counted as at least ``floor`` (a circuit with no edges counts
+    as 1 edge, so that one empty circuit does not make the mean zero)."""
+    if not xs:
+        raise ValueError("no values to average")
+    return math.exp(sum(math.log(max(x, floor)) for x in xs) / len(xs))
+
+
 def geometric_mean_edges(circuits: list[Circuit]) -> float:
     """Geometric mean of edge counts over tasks (a circuit with no edges counts as 1 edge)."""
     if not circuits:
         raise ValueError("no circuits")
-    return math.exp(sum(math.log(max(c.n_edges, 1)) for c in circuits) / len(circuits))
+    return geometric_mean([c.n_edges for c in circuits])
 
 
 def node_list(names: list[str]) -> dict[str, list[int]]:

@@ -7,6 +7,20 @@ import shlex
 import sys
 from pathlib import Path
 
+from .ablation import ABLATIONS
+from .bridges import report_file, steer_report, train_report
+from .checkpoint import describe, load
+from .compat import convert_report
+from .config import PruneConfig, SweepConfig, override_configs
+from .natural import evidence_report, score_models
+from .profiles import BRIDGE_PROFILES, PROFILE_ALIASES, PROFILES
+from .pruning import prune_to_files
+from .sweeps import merge_report, sweep_report
+from .tasks import catalog, complete
+from .training import train_profile
+from .validation import validate_file
+from .viz import save_frontier, write_graph
+
 
 def _emit(args, obj: dict, human: str) -> None:
     print(json.dumps(obj) if getattr(args, "json", False) else human)
@@ -18,7 +32,6 @@ def _command() -> str:
 
 
 def cmd_train(args) -> None:
-    from .training import train_profile
     done = train_profile(args.profile, args.out, dense=args.dense, seed=args.seed, max_steps=args.max_steps,
                          overrides=args.overrides, command=_command(), progress=not args.json)
     if done is not None:   # under torchrun, one summary from the first process
@@ -26,13 +39,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import describe
     _emit(args, *describe(args.dir, evals=args.evals, against=args.against))
 
 
 def cmd_sample(args) -> None:
-    from .checkpoint import load
-    from .tasks import complete
     text = complete(load(args.dir), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     _emit(args, {"prompt": args.prompt, "completion": text}, args.prompt + text)
 
@@ -41,44 +51,35 @@ def cmd_tasks(args) -> None:
     if args.corpus and not args.evidence:
         raise ValueError("--corpus only applies with --evidence (cspkit tasks --evidence --corpus PATH ...)")
     if args.evidence:
-        from .natural import evidence_report
         _emit(args, *evidence_report(args.corpus))
         return
-    from .tasks import describe
-    rows, human = describe(args.seed)
+    rows, human = catalog(args.seed)
     _emit(args, {"tasks": rows}, human)
 
 
 def cmd_viz(args) -> None:
-    from .viz import write_graph
     _emit(args, *write_graph(args.circuit, args.out, args.graphml, args.model, args.pairs))
 
 
 def cmd_eval(args) -> None:
-    from .natural import score_models
     _emit(args, *score_models(args.model, args.task, args.split, args.n, args.device, args.detail, args.natural))
 
 
 def cmd_prune(args) -> None:
-    from .pruning import prune_to_files
     _emit(args, *prune_to_files(args.model, args.task, args.out, args.target, args.ablation, args.seed,
                                 _prune_config(args.set), progress=not args.json))
 
 
 def _prune_config(sets: list[str] | None):
-    from .config import PruneConfig, override_configs
     return override_configs({"prune": PruneConfig()}, sets or [])["prune"]
 
 
 def cmd_validate(args) -> None:
-    from .validation import validate_file
     _emit(args, *validate_file(args.circuit, args.model, args.n, args.draws, args.seed,
                                prune_controls=not args.no_prune_controls, out=args.out, progress=not args.json))
 
 
 def cmd_sweep(args) -> None:
-    from .config import SweepConfig
-    from .sweeps import sweep_report
     cfg = SweepConfig(models=[str(m) for m in args.models],
                       tasks=None if args.tasks == "all" else args.tasks.split(","), targets=args.targets,
                       seeds=args.seeds, ablation=args.ablation, prune=_prune_config(args.set))
@@ -90,40 +91,33 @@ def _names(joined: str | None) -> list[str] | None:
 
 
 def cmd_sweep_merge(args) -> None:
-    from .sweeps import merge_report
     res, human = merge_report(args.files, args.out, args.smallest, _names(args.controls), progress=not args.json)
     if args.plot:
-        from .viz import save_frontier
         save_frontier(res, args.plot)
         human += f", {args.plot}"
     _emit(args, res, human)
 
 
 def cmd_convert_openai(args) -> None:
-    from .compat import convert_report
     _emit(args, *convert_report(args.src, args.dst, args.tokenizer))
 
 
 def cmd_bridge(args) -> None:
-    from .bridges import train_report
     _emit(args, *train_report(args.profile, args.dense, args.out, args.sparse, args.seed, args.max_steps,
                               args.overrides, command=_command(), progress=not args.json))
 
 
 def cmd_intervene(args) -> None:
-    from .bridges import steer_report
     _emit(args, *steer_report(args.bridge, args.task, args.node, args.circuit, args.circuits, args.at,
                               args.site_channels, args.strength, args.split, args.n, args.seed, args.out,
                               progress=not args.json))
 
 
 def cmd_bridge_report(args) -> None:
-    from .bridges import report_file
     _emit(args, *report_file(args.bridge, dense=args.dense, batches=args.batches, out=args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .profiles import BRIDGE_PROFILES, PROFILE_ALIASES, PROFILES
     p = argparse.ArgumentParser(prog="cspkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -195,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=Path, required=True)
     r.add_argument("--task", required=True, help="a task name or 'all' (then --out is a directory)")
     r.add_argument("--target", type=float, default=0.15)
-    r.add_argument("--ablation", choices=["mean", "zero", "resample"], default="mean")
+    r.add_argument("--ablation", choices=ABLATIONS, default="mean")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--set", action="append", metavar="key=value", help="a PruneConfig value, e.g. k_coef=0.003")
     r.add_argument("--out", type=Path, required=True, help="the circuit file (a directory with --task all)")
@@ -220,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tasks", default="all", help="'all' or task names separated by commas")
     q.add_argument("--targets", type=float, nargs="+", default=[0.15])
     q.add_argument("--seeds", type=int, nargs="+", default=[0], help="pruning seeds")
-    q.add_argument("--ablation", choices=["mean", "zero", "resample"], default="mean")
+    q.add_argument("--ablation", choices=ABLATIONS, default="mean")
     q.add_argument("--set", action="append", metavar="key=value", help="a PruneConfig value, e.g. steps=50")
     q.add_argument("--jobs", type=int, default=1, help="processes pruning at once (one torch thread each)")
     q.add_argument("--device", default="cpu", help="torch device the models run on, e.g. cuda")
@@ -302,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"cspkit {args.command}: error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e   # str(KeyError) adds quotes
+        print(f"cspkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -108,6 +108,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(c.n_head * c.d_head, dim=-1)
         # top-k over all heads together, channel = head * d_head + i
+        # L.attn.q / k / v: (B, T, n_head * d_head)
         q = self.hook_q(maybe_topk(self.cfg, q, "attn.q"))
         k = self.hook_k(maybe_topk(self.cfg, k, "attn.k"))
         v = self.hook_v(maybe_topk(self.cfg, v, "attn.v"))
@@ -139,7 +140,7 @@ class MLP(nn.Module):
         c = self.cfg
         h = self.c_fc(x)
         h = F.gelu(h) if c.activation == "gelu" else F.relu(h)
-        return self.c_proj(self.hook_neuron(maybe_topk(c, h, "mlp.neuron")))
+        return self.c_proj(self.hook_neuron(maybe_topk(c, h, "mlp.neuron")))   # L.mlp.neuron: (B, T, d_mlp)
 
 
 class Block(nn.Module):
@@ -156,11 +157,13 @@ class Block(nn.Module):
 
     def attn_sublayer(self, x):
         """Residual entering the attention -> residual entering the MLP."""
+        # L.attn.in and L.attn.out: (B, T, d_model)
         a = self.hook_attn_in(maybe_topk(self.cfg, self.ln_1(x), "attn.in"))
         return self.resid_act(x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a), "attn.out")))
 
     def mlp_sublayer(self, x):
         """Residual entering the MLP -> residual leaving the block."""
+        # L.mlp.in and L.mlp.out: (B, T, d_model)
         m = self.hook_mlp_in(maybe_topk(self.cfg, self.ln_2(x), "mlp.in"))
         return self.resid_act(x + self.hook_mlp_out(maybe_topk(self.cfg, self.mlp(m), "mlp.out")))
 
@@ -209,11 +212,11 @@ class GPT(HookedMixin, nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
-        return self.hook_embed(x)
+        return self.hook_embed(x)   # embed: (B, T, d_model)
 
     def unembed(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The final residual (B, T, d_model) -> logits (B, T, vocab); idx feeds the bigram table."""
-        x = self.hook_unembed(self.ln_f(x))
+        x = self.hook_unembed(self.ln_f(x))   # unembed: (B, T, d_model), the normalized final residual
         logits = x @ self.wte.weight.T if self.lm_head is None else self.lm_head(x)
         if self.bigram is not None:
             logits = logits + self.bigram[idx]

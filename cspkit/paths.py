@@ -46,18 +46,22 @@ def models_dir(path: str | os.PathLike | None = None) -> Path:
     root = checkout()
     if root is None:
         raise FileNotFoundError(
-            "no shipped models found: pass a models directory explicitly, or set "
+            "no shipped models found: pass their directory explicitly (cspkit.load(name, models=DIR)), or set "
             f"{MODELS_ENV}=/path/to/cspkit/data/models, or work inside a cspkit checkout "
             "(its data/models is found from the working directory)")
     return root / "data" / "models"
 
 
 def model_path(name_or_path: str | os.PathLike, models: str | os.PathLike | None = None) -> Path:
-    """A checkpoint directory: ``name_or_path`` itself where it is a directory, else the shipped
-    model of that name (``small-sparse``) in ``models_dir(models)``."""
+    """A checkpoint directory: ``name_or_path`` itself where it is a directory (from the working
+    directory, else from the checkout's root), else the shipped model of that name
+    (``small-sparse``) in ``models_dir(models)``."""
     p = Path(name_or_path)
     if p.is_dir():
         return p
+    root = checkout()
+    if not p.is_absolute() and root is not None and (root / p).is_dir():
+        return root / p   # a path recorded relative to the checkout (circuit files name their model so)
     if len(p.parts) != 1:
         raise FileNotFoundError(f"checkpoint directory {p} does not exist; pass a directory written by "
                                 "`cspkit train`, or a shipped model's name such as small-sparse")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from . import tasks as tasks_mod
 from .ablation import ablation_values, check_ablation, fingerprint, gate_hooks, keep_gates, node_widths, resample_shift
 from .checkpoint import load
 from .circuit import Circuit, compute_edges, fit_calibration, masked_pair_logits, score, split_pairs
-from .config import PruneConfig, check_keys, to_dict
+from .config import PruneConfig, to_dict
 from .model import GPT
 
 
@@ -241,22 +240,6 @@ def loss_curve(circuit: Circuit, ks: list[int]) -> list[tuple[int, float]]:
     ev = RankedLoss(circuit.require_model("its loss curve"), ranking(taus, circuit.mean_taus), fit[:cfg.calib_pairs],
                     heldout, circuit.ablation, cfg.calib_steps)
     return [(k, ev(k)) for k in ks]
-
-
-def hyperparameter_search(model: GPT, task, ablation: str = "mean", target: float = 0.15, seed: int = 0,
-          grid: dict[str, list] | None = None, progress: bool = True) -> list[dict]:
-    """Prune once per combination of the ``grid`` of PruneConfig values (default: k_coef and lr
-    around the defaults); rows sorted by circuit size, smallest first."""
-    grid = grid or {"k_coef": [1e-3, 3e-3], "lr": [1e-2, 3e-2]}
-    check_keys(PruneConfig, grid, "sweep grid")
-    combos = [{}]
-    for key, vals in grid.items():
-        combos = [{**c, key: v} for c in combos for v in vals]
-    rows = []
-    for c in combos:
-        circ = prune(model, task, target, ablation, seed, replace(PruneConfig(), **c), progress)
-        rows.append({**c, "nodes": circ.n_nodes, "edges": circ.n_edges, "loss": circ.loss, "seconds": circ.seconds})
-    return sorted(rows, key=lambda r: (r["edges"], r["nodes"]))
 
 
 def prune_to_files(model_path: str | os.PathLike, task: str, out: str | os.PathLike, target: float = 0.15,

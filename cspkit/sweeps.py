@@ -23,7 +23,6 @@ adds the faithfulness controls of cspkit.validate for chosen tasks.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import time
@@ -38,10 +37,12 @@ from tqdm.auto import tqdm
 from . import tasks as tasks_mod
 from .ablation import check_ablation, fingerprint, node_means, node_widths
 from .checkpoint import git_commit, load, read_config
+from .circuit import geometric_mean, split_pairs
 from .config import PruneConfig, SweepConfig, to_dict
 from .files import atomic_write
 from .model import GPT
-from .pruning import RankedLoss, prune, split_pairs
+from .pruning import RankedLoss, prune
+from .validation import validate
 
 FORMAT = "cspkit.sweep/1"
 
@@ -159,14 +160,9 @@ def _add(res: dict[str, Any], info: dict[str, Any], grid: dict[str, list], where
     res["grid"] = {k: _union(res["grid"][k], v) for k, v in grid.items()}
 
 
-def _gmean(xs: list[float], floor: float = 1.0) -> float:
-    # a circuit with no edges counts as 1 edge, as in cspkit.circuit.geometric_mean_edges
-    return math.exp(sum(math.log(max(x, floor)) for x in xs) / len(xs))
-
-
 def _spread(per_seed: dict[str, float | None], floor: float = 1.0) -> dict[str, Any]:
     vals = [v for v in per_seed.values() if v is not None]
-    return {"per_seed": per_seed, "gmean": _gmean(vals, floor) if vals else None,
+    return {"per_seed": per_seed, "gmean": geometric_mean(vals, floor) if vals else None,
             "min": min(vals) if vals else None, "max": max(vals) if vals else None}
 
 
@@ -195,8 +191,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                 "failed": [{"task": r["task"], "seed": r["seed"], "reason": r["reason"]}
                            for r in mine if r["status"] == "failed"],
                 "tasks_per_seed": {s: len(v) for s, v in own.items()},
-                "gm_edges": _spread({s: _gmean(v) if v else None for s, v in own.items()}),
-                "gm_edges_common": _spread({str(s): _gmean([ok(m, t, s)["edges"] for t in common]) if common
+                "gm_edges": _spread({s: geometric_mean(v) if v else None for s, v in own.items()}),
+                "gm_edges_common": _spread({str(s): geometric_mean([ok(m, t, s)["edges"] for t in common]) if common
                                             else None for s in seeds}),
             }
         ratios = []
@@ -205,8 +201,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                 # over the tasks both models of the pair can do, so that a pair's ratio does not
                 # change with the other models in the file
                 both = [t for t in task_names if all(ok(m, t, s) for m in (d, sp) for s in seeds)]
-                per_seed = {str(s): _gmean([ok(d, t, s)["edges"] for t in both])
-                            / _gmean([ok(sp, t, s)["edges"] for t in both]) if both else None for s in seeds}
+                per_seed = {str(s): geometric_mean([ok(d, t, s)["edges"] for t in both])
+                            / geometric_mean([ok(sp, t, s)["edges"] for t in both]) if both else None for s in seeds}
                 ratios.append({"dense": d, "sparse": sp, "tasks": both, "val_loss": [
                     res["models"][d]["val_loss"], res["models"][sp]["val_loss"]], **_spread(per_seed, floor=0.0)})
         out["targets"][str(target)] = {"tasks_all_can_do": common, "models": per_model, "ratios": ratios}
@@ -380,7 +376,6 @@ def run_controls(out: str | os.PathLike, task_names: list[str], seed: int | None
     """The faithfulness controls of cspkit.validate (re-initialized weights, random labels and the
     rest) for each model's circuit of each task, at the first target, written into the results
     file under "controls". The circuit is pruned again with the sweep's config and seed."""
-    from .validation import validate
     out = Path(out)
     res = _read(out, "run the sweep into it first")
     target = res["grid"]["targets"][0]

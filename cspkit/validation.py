@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import tasks as tasks_mod
-from .ablation import keep_gates, node_widths
+from .ablation import ablation_values, gate_hooks, keep_gates, node_widths
 from .checkpoint import load
 from .circuit import Circuit, compute_edges, masked_pair_logits, score
 from .files import atomic_write
@@ -84,7 +84,6 @@ def nonsense_task(task, seed: int = 0) -> tasks_mod.Task:
 def attribution_scores(model: GPT, task, ablation: str, pairs) -> dict[str, torch.Tensor]:
     """|gradient x (activation - ablated value)| summed over the prompts: the first-order
     estimate of each node's ablation effect on the task loss (attribution patching)."""
-    from .ablation import ablation_values, gate_hooks
     batch = tasks_mod.encode_pairs(pairs, model.config.block_size, model.encoding)
     tokens = batch["tokens"].to(model.device)
     values = ablation_values(model, ablation, tokens) if ablation == "resample" else ablation_values(model, ablation)
@@ -140,8 +139,8 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
     what it must beat, then what must not work.
 
     >>> import cspkit
-    >>> c = cspkit.Circuit.load(cspkit.paths.results_dir() / "circuits" / "small-sparse" / "single_double_quote.json")
-    >>> rows = cspkit.validate(c, n_test=32, draws=1, prune_controls=False, progress=False)
+    >>> c = cspkit.Circuit.load(cspkit.paths.results_dir() / "small_hour" / "circuit_single_double_quote.json")
+    >>> rows = cspkit.validate(c, n_test=32, draws=1, stochastic=(0.5,), prune_controls=False, progress=False)
     >>> [row.control for row in rows[:2]]
     ['full model', 'circuit alone (sufficiency)']
     >>> rows[1].loss < 0.2 < rows[2].loss

@@ -44,7 +44,7 @@ def tokens(cfg: ModelConfig, B: int = 3, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def pair(trained, tmp_path_factory):
-    """A tiny dense model trained on the same corpus as the session's tiny sparse one."""
+    """A tiny dense model trained on the same corpus as the test run's shared tiny sparse model."""
     root = tmp_path_factory.mktemp("pair")
     mcfg, tcfg = tiny_train_config(trained.corpus, "max_steps=10", "dense=true")
     with pytest.MonkeyPatch.context() as mp:

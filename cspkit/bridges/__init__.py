@@ -37,9 +37,9 @@ Modules, each importing only those above it:
 
 - ``maps``: the ``Bridge`` module, the passes (``run_sublayers``, ``hybrid``), the loss and its
   terms, the least-squares start, bridge files (``load``);
-- ``training``: a bridge profile's configs (``configs_for``) and ``train``;
 - ``evaluation``: the bridge's ``quality``: each map's fraction of variance explained and each
   hybrid pass's KL, per site, beside trivial baselines (``report`` for a bridge directory);
+- ``training``: a bridge profile's configs (``configs_for``) and ``train``;
 - ``steering``: ``steering_vector``, ``intervene``, channel statistics, ``flip_rates``;
 - ``circuits``: the channels of a task's circuit (``circuit_channel``, ``site_channels``).
 """

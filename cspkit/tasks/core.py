@@ -341,7 +341,7 @@ def complete(model, prompt: str, max_new_tokens: int = 40, temperature: float = 
     return enc.decode(out[0, idx.shape[1]:].tolist())
 
 
-def describe(seed: int = 0) -> tuple[list[dict], str]:
+def catalog(seed: int = 0) -> tuple[list[dict], str]:
     """Every registered task: its name, description, candidates and one train pair; as rows and
     as text (the end of each prompt, then its right candidate)."""
     rows = []
