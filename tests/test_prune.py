@@ -235,10 +235,29 @@ def test_means_follow_the_checkpoints_corpus_mixture(tiny_cfg, corpus_dir, tmp_p
             seen.append(weights)
             super().__init__(info, split, weights)
 
-    monkeypatch.setattr(data, "TokenData", Spy)
+    monkeypatch.setattr(ablation, "TokenData", Spy)   # ablation reads shards through its own import
     model = GPT(tiny_cfg)
     model.checkpoint = {"train": {"corpus": [str(corpus_dir), str(other)], "corpus_weights": [1.0, 3.0],
                                   "val_percent": 0}}
     ablation.compute_means(model, n_tokens=64, batch_size=2)
     ablation.compute_means(model, n_tokens=64, corpus=[str(corpus_dir)], batch_size=2)  # another corpus: by size
     assert seen == [[1.0, 3.0], None]
+
+
+def test_masks_that_collapse_are_reported_in_the_circuit_and_its_file(tmp_path):
+    """A penalty so large that training closes every gate leaves the masks' own node set at
+    chance: the circuit says so (and the bisection still returns one); with no penalty every gate
+    stays open and nothing collapsed."""
+    model = cspkit.load("small-hour")
+    fast = dict(steps=6, batch_pairs=8, heldout_pairs=16, calib_pairs=8)
+    c = prune(model, "single_double_quote", config=PruneConfig(k_coef=10.0, **fast), progress=False)
+    assert c.mask_nodes == 0 and c.mask_loss > 0.15 + 0.05 and c.collapsed is True
+    assert c.loss <= 0.15 and "masks collapsed" in repr(c)
+    c.save(tmp_path / "c.json")
+    again = cspkit.Circuit.load(tmp_path / "c.json", model=model)
+    assert (again.mask_nodes, again.mask_loss, again.collapsed) == (c.mask_nodes, c.mask_loss, True)
+    # two Adam steps move a tau by at most about 2 * lr = 0.06, less than its start at 0.1: no gate closes
+    open_gates = prune(model, "single_double_quote", config=PruneConfig(k_coef=0.0, **{**fast, "steps": 2}),
+                       progress=False)
+    assert open_gates.mask_nodes == open_gates.n_nodes_total and open_gates.collapsed is False
+    assert open_gates.mask_loss == pytest.approx(open_gates.full_loss)
