@@ -117,6 +117,12 @@ class Circuit:
     seconds: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
     trace: list[tuple[int, float]] = field(default_factory=list)
+    # The trained masks' own node set (every open gate): its size, its held-out loss, and whether
+    # that loss missed the target by more than cspkit.pruning.MASK_SLACK (the masks collapsed).
+    # None in files written before they were recorded, and for circuits built by hand.
+    mask_nodes: int | None = None
+    mask_loss: float | None = None
+    collapsed: bool | None = None
     model: GPT | None = field(default=None, repr=False, compare=False)
     task_obj: Any = field(default=None, repr=False, compare=False)
     # Not saved: what pruning learned (the masks' final and step-averaged taus, which rank the
@@ -144,7 +150,9 @@ class Circuit:
 
     def __repr__(self) -> str:
         return (f"Circuit(task={self.task!r}, nodes={self.n_nodes}, edges={self.n_edges}, "
-                f"loss={self.loss:.4f}, target={self.target}, ablation={self.ablation!r})")
+                f"loss={self.loss:.4f}, target={self.target}, ablation={self.ablation!r}"
+                + (f", masks collapsed: {self.mask_nodes} nodes at loss {self.mask_loss:.3f}" if self.collapsed else "")
+                + ")")
 
     # ------------------------------------------------------------------ graph
     def to_networkx(self, extra: bool = True) -> nx.DiGraph:

@@ -87,7 +87,7 @@ class _Runner:
             return {**row, "status": "failed", "seconds": round(time.time() - t0, 2),
                     "reason": f"{type(e).__name__}: {e}"}
         return {**row, "status": "ok", "nodes": c.n_nodes, "edges": c.n_edges, "loss": c.loss,
-                "seconds": c.seconds}
+                "seconds": c.seconds, "mask_nodes": c.mask_nodes, "mask_loss": c.mask_loss, "collapsed": c.collapsed}
 
 
 _worker: _Runner | None = None
@@ -190,6 +190,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                 "cannot_do": {r["task"]: r["full_loss"] for r in mine if r["status"] == "unsolved"},
                 "failed": [{"task": r["task"], "seed": r["seed"], "reason": r["reason"]}
                            for r in mine if r["status"] == "failed"],
+                "collapsed": [{k: r[k] for k in ("task", "seed", "mask_nodes", "mask_loss")}
+                              for r in mine if r.get("collapsed")],
                 "tasks_per_seed": {s: len(v) for s, v in own.items()},
                 "gm_edges": _spread({s: geometric_mean(v) if v else None for s, v in own.items()}),
                 "gm_edges_common": _spread({str(s): geometric_mean([ok(m, t, s)["edges"] for t in common]) if common
@@ -447,6 +449,13 @@ def _tried(res: dict[str, Any], r: dict[str, Any], searched: list[str]) -> str:
     return f"  {made_with(r.get('prune_set', {}))} (edges: {each})"
 
 
+def collapse_note(r: dict[str, Any]) -> str:
+    """A pruning whose masks collapsed, said where its size is printed ("" otherwise)."""
+    if not r.get("collapsed"):
+        return ""
+    return f"  (masks collapsed: their own {r['mask_nodes']} nodes reach held-out loss {r['mask_loss']:.3f})"
+
+
 def format_summary(res: dict[str, Any]) -> str:
     """The human table: one line per finished (model, task, seed), one per task a model cannot do,
     then the geometric means and the dense / sparse ratios, for every target."""
@@ -473,7 +482,7 @@ def format_summary(res: dict[str, Any]) -> str:
                     else:
                         lines.append(f"{t:28s} {_name(res, key):16s} {r['seed']:>4d} {r['nodes']:>6d} "
                                      f"{r['edges']:>7d} {r['loss']:>7.4f} {r['seconds']:>8.0f}"
-                                     + _tried(res, r, searched))
+                                     + _tried(res, r, searched) + collapse_note(r))
         common = s["tasks_all_can_do"]
         lines += ["", f"geometric mean of edges over the tasks a model can do (own) and those every model can do "
                       f"(common: {', '.join(common) or 'none'}); gmean over seeds [min, max]"]
