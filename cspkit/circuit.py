@@ -24,6 +24,7 @@ import torch
 
 from . import tasks as tasks_mod
 from .ablation import ABLATIONS, ablation_values, fingerprint, gate_hooks, keep_gates, node_widths
+from .checkpoint import load as load_checkpoint
 from .config import PruneConfig
 from .files import atomic_write
 from .model import GPT, node_name, parse_node
@@ -205,16 +206,22 @@ class Circuit:
         return c
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: GPT | None = None, task=None) -> Circuit:
-        """A circuit file; ``model`` (default: loaded from the file's model_path) must be the
-        model it was found in, checked by a fingerprint of the weights."""
+    def load(cls, path: str | os.PathLike, model: GPT | str | os.PathLike | None = None, task=None,
+             need_model: bool = False) -> Circuit:
+        """A circuit file; ``model`` (a GPT, or its checkpoint directory or shipped name; default:
+        loaded from the file's model_path) must be the model it was found in, checked by a
+        fingerprint of the weights. ``need_model``: refuse a file that names no model when none
+        is given, rather than return the circuit without one."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"circuit file {path} does not exist; write one with `cspkit prune --out`")
         c = cls.from_dict(json.loads(path.read_text()), task=task)
         if model is None and c.model_path:
-            from .checkpoint import load
-            model = load(c.model_path)
+            model = load_checkpoint(c.model_path)
+        elif isinstance(model, (str, os.PathLike)):
+            model = load_checkpoint(model)
+        if model is None and need_model:
+            raise ValueError(f"{path} does not name its model (no model_path); pass --model DIR (or model=)")
         if model is not None:
             c.attach(model)
         return c

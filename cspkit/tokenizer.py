@@ -26,7 +26,6 @@ PAT_STR = (
 EOT = "<|endoftext|>"
 VOCAB_SIZE = 2048
 EOT_ID = VOCAB_SIZE - 1
-DEFAULT_PATH = TOKENIZER_PATH  # package data: a wheel installs it
 
 # Task candidates (docs/method.md, "Tasks") that must each be one token. Each is a whole
 # pre-token chunk, and tiktoken returns a chunk found in the vocabulary as one token.
@@ -116,7 +115,7 @@ def save_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
 def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} not found; the shipped one is {DEFAULT_PATH}")
+        raise FileNotFoundError(f"tokenizer file {path} not found; the shipped one is {TOKENIZER_PATH}")
     ranks = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -129,7 +128,7 @@ def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-def tokenizer_id(path: str | os.PathLike = DEFAULT_PATH) -> str:
+def tokenizer_id(path: str | os.PathLike = TOKENIZER_PATH) -> str:
     """Name plus content hash: checkpoints record it, loading compares it."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
     return f"tinypython_2k-{digest}"
@@ -156,7 +155,7 @@ def get_encoding(path: str | os.PathLike | None = None) -> tiktoken.Encoding:
     >>> enc.decode(enc.encode("print('hi')"))
     "print('hi')"
     """
-    return _load(str(Path(path or DEFAULT_PATH).resolve()))
+    return _load(str(Path(path or TOKENIZER_PATH).resolve()))
 
 
 def is_single_token(enc: tiktoken.Encoding, s: str) -> bool:

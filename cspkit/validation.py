@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from . import tasks as tasks_mod
 from .ablation import ablation_values, gate_hooks, keep_gates, node_widths
-from .checkpoint import load
 from .circuit import Circuit, compute_edges, masked_pair_logits, score
 from .files import atomic_write
 from .model import GPT
@@ -234,9 +233,7 @@ def validate_file(circuit_path: str | os.PathLike, model: str | os.PathLike | No
                   progress: bool = True) -> tuple[dict, str]:
     """What ``cspkit validate`` does: the controls of a circuit file (in ``model``, default the
     model the file names), optionally written to ``out`` as JSON. Returns the object and the text."""
-    circuit = Circuit.load(circuit_path, model=load(model) if model else None)
-    if circuit.model is None:
-        raise ValueError(f"{circuit_path} does not name its model (no model_path); pass --model DIR")
+    circuit = Circuit.load(circuit_path, model=model, need_model=True)
     rows = validate(circuit, n_test=n_test, draws=draws, seed=seed, prune_controls=prune_controls, progress=progress)
     obj = {"circuit": str(circuit_path), "task": circuit.task, "model": circuit.model_path,
            "rows": [asdict(r) for r in rows]}

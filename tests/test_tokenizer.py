@@ -4,8 +4,8 @@ import pytest
 from conftest import JSON_FILES, STDLIB
 
 import cspkit
+from cspkit.paths import TOKENIZER_PATH
 from cspkit.tokenizer import (
-    DEFAULT_PATH,
     EOT,
     EOT_ID,
     REQUIRED_TOKENS,
@@ -32,10 +32,10 @@ def test_shipped_encoding(enc):
     assert enc.n_vocab == 2048
     assert enc.eot_token == 2047 == EOT_ID
     assert enc.encode(EOT, allowed_special={EOT}) == [2047]
-    ranks = load_ranks(DEFAULT_PATH)
+    ranks = load_ranks(TOKENIZER_PATH)
     assert sorted(ranks.values()) == list(range(2047))
     assert all(ranks[bytes([b])] == b for b in range(256))
-    assert enc.name == tokenizer_id(DEFAULT_PATH)
+    assert enc.name == tokenizer_id(TOKENIZER_PATH)
     assert cspkit.get_encoding() is enc
 
 
@@ -110,7 +110,7 @@ def test_save_load_round_trip(tmp_path):
     assert load_ranks(path) == ranks
     # same content, same id; the shipped file has another
     save_ranks(ranks, tmp_path / "again.tiktoken")
-    assert tokenizer_id(path) == tokenizer_id(tmp_path / "again.tiktoken") != tokenizer_id(DEFAULT_PATH)
+    assert tokenizer_id(path) == tokenizer_id(tmp_path / "again.tiktoken") != tokenizer_id(TOKENIZER_PATH)
     enc = cspkit.get_encoding(path)
     assert enc.n_vocab == 320
     s = json_texts()[3]

@@ -24,7 +24,6 @@ from markupsafe import Markup
 from pyvis.network import Network
 
 from ..ablation import node_means
-from ..checkpoint import load
 from ..circuit import Circuit
 from ..files import atomic_path, atomic_write
 from ..model import node_name
@@ -315,9 +314,7 @@ def write_graph(circuit_path: str | Path, out: str | Path, graphml: str | Path |
                 model: str | Path | None = None, n_pairs: int = 16) -> tuple[dict, str]:
     """What ``cspkit viz`` does: draw a circuit file (in ``model``, default the model the file
     names) as a standalone offline page ``out``, and optionally its annotated graph as GraphML."""
-    circuit = Circuit.load(circuit_path, model=load(model) if model else None)
-    if circuit.model is None:
-        raise ValueError(f"{circuit_path} does not name its model (no model_path); pass --model DIR")
+    circuit = Circuit.load(circuit_path, model=model, need_model=True)
     net = circuit_graph(circuit, n_pairs=n_pairs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
