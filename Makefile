@@ -39,18 +39,12 @@ frontier: $(VENV)/.installed paper-models
 		--device $(DEVICE) --out results/sweep_paper_scaled.json
 	$(small-frontier)
 
-# The small pair's sweep at the default penalty and at a third of it, reduced to each run's
-# smallest circuit (a per-task search, as the paper's: the default collapses the dense model's
-# masks on some tasks, docs/results.md, "Sparse against dense"), with the controls of two tasks' circuits,
-# then merged with the paper-shaped models' sweep into the frontier
+# The small pair's sweep with the default PruneConfig alone (no per-task search), with the controls
+# of two tasks' circuits, then merged with the paper-shaped models' sweep into the frontier
 define small-frontier
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) \
 		--out $(RESULTS)/sparse_vs_dense.json --controls single_double_quote,var_if
-	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) --set k_coef=0.001 \
-		--out $(RESULTS)/sparse_vs_dense_k0.001.json
-	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense.json $(RESULTS)/sparse_vs_dense_k0.001.json --smallest \
-		--out $(RESULTS)/sparse_vs_dense_search.json --controls single_double_quote,var_if
-	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense_search.json results/sweep_paper_scaled.json \
+	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense.json results/sweep_paper_scaled.json \
 		--out $(RESULTS)/frontier.json --plot $(RESULTS)/frontier.png
 endef
 
@@ -69,6 +63,8 @@ DENSE ?= data/models/small-dense
 RESULTS ?= results
 BRIDGE ?= data/models/small-bridge
 CIRCUITS = $(RESULTS)/circuits/small-sparse
+# the pruner before the penalty multiplier and the CSR products, which prune_speed.txt is timed against
+PRUNE_BASELINE := bb63d53
 VALID = $(RESULTS)/validation/small-sparse
 # what needs only the two models, and then the bridge between them and its steering
 small-results: small-model-results small-bridge-results
@@ -91,7 +87,7 @@ $(VALID)_indent_for.txt: $(CIRCUITS)/indent_for.json
 	@mkdir -p $(@D)
 	$(CS) validate --circuit $< --no-prune-controls --out $(@:.txt=.json) $(call save,$@)
 $(RESULTS)/prune_speed.txt: | $(VENV)/.installed
-	$(PY) bench/prune_speed.py --model $(SMALL) --threads 2 $(call save,$@)
+	$(PY) bench/prune_speed.py --model $(SMALL) --baseline $(PRUNE_BASELINE) --repeats 3 $(call save,$@)
 $(RESULTS)/bridge_quality.txt: | $(VENV)/.installed
 	$(CS) bridge --dense $(DENSE) --sparse $(SMALL) --out $(BRIDGE) --profile small
 	$(CS) bridge-report --bridge $(BRIDGE) --out $@

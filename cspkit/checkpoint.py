@@ -27,10 +27,14 @@ TOKENIZER_FILE = "tokenizer.tiktoken"
 
 
 def git_commit() -> str | None:
+    """The checkout's HEAD commit, with "-dirty" when tracked files differ from it (the code that
+    ran is then not exactly that commit's); None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
+        here = Path(__file__).parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        return (out.stdout.strip() + ("-dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

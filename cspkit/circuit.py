@@ -11,6 +11,7 @@ attention score, q_i * k_i, not through a weight).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,6 +27,7 @@ from . import tasks as tasks_mod
 from .ablation import ABLATIONS, ablation_values, fingerprint, gate_hooks, keep_gates, node_widths
 from .checkpoint import load as load_checkpoint
 from .config import PruneConfig
+from .edges import EdgeGroup, edge_gates, edge_groups, keep_edges
 from .files import atomic_write
 from .model import GPT, node_name, parse_node
 
@@ -124,6 +126,12 @@ class Circuit:
     mask_nodes: int | None = None
     mask_loss: float | None = None
     collapsed: bool | None = None
+    # Edge circuits (prune(..., edges=True)): ``edges`` holds only the kept edges, every other
+    # weight between the nodes carries its source's mean (cspkit.edges); node_edges is the node
+    # circuit's edge count before, edge_trace the (k edges, loss) points that bisection evaluated.
+    edge_level: bool = False
+    node_edges: int | None = None
+    edge_trace: list[tuple[int, float]] = field(default_factory=list)
     model: GPT | None = field(default=None, repr=False, compare=False)
     task_obj: Any = field(default=None, repr=False, compare=False)
     # Not saved: what pruning learned (the masks' final and step-averaged taus, which rank the
@@ -178,6 +186,7 @@ class Circuit:
         d["calibration"] = list(self.calibration)
         d["edges"] = [list(e) for e in self.edges]
         d["trace"] = [list(t) for t in self.trace]
+        d["edge_trace"] = [list(t) for t in self.edge_trace]
         return {"format": FORMAT, "n_nodes": self.n_nodes, "n_edges": self.n_edges, **d}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -194,6 +203,7 @@ class Circuit:
         d["calibration"] = tuple(d["calibration"])
         d["edges"] = [(s, t, w) for s, t, w in d["edges"]]
         d["trace"] = [(int(k), v) for k, v in d["trace"]]
+        d["edge_trace"] = [(int(k), v) for k, v in d.get("edge_trace", [])]
         k = (d.get("config") or {}).get("k")
         if not (d.get("target") is None or isinstance(d["target"], (int, float))) or \
                 not (k is None or isinstance(k, int)) or d.get("ablation") not in ABLATIONS:
@@ -260,21 +270,41 @@ class Circuit:
         the circuit's scale and shift were fit to the circuit alone and mean nothing for the rest."""
         model = self.require_model()
         pairs = self.get_task().pairs(split, n=n)
+        gates, edges = self.ablation_gates(nodes, invert)
+        two, label = masked_pair_logits(model, pairs, gates, self.ablation, edges=edges)
+        return score(two, label, self.calibration_for(gates, edges) if invert else self.calibration)
+
+    def ablation_gates(self, nodes: dict[str, list[int]] | None = None, invert: bool = False
+                       ) -> tuple[dict[str, torch.Tensor], tuple[list[EdgeGroup], torch.Tensor] | None]:
+        """The node gates that keep the circuit (or ``nodes``), and for an edge circuit the edge
+        gates that keep only its edges among them. ``invert``: only the circuit ablated (for an
+        edge circuit: every node kept, only its edges ablated)."""
+        model = self.require_model()
         keep = self.nodes if nodes is None else nodes
-        gates = keep_gates(model.config, keep, model.device, invert=invert)
-        two, label = masked_pair_logits(model, pairs, gates, self.ablation)
-        return score(two, label, self.calibration_for(gates) if invert else self.calibration)
+        if not self.edge_level:
+            return keep_gates(model.config, keep, model.device, invert=invert), None
+        if invert:
+            everything = {loc: list(range(w)) for loc, w in node_widths(model.config).items()}
+            groups = edge_groups(model, self.edges, self.ablation)
+            return keep_gates(model.config, everything, model.device), (groups, torch.zeros(len(self.edges),
+                                                                                            device=model.device))
+        between = compute_edges(model, keep)
+        kept = {(s, d) for s, d, _ in self.edges}
+        on = [i for i, (s, d, _) in enumerate(between) if (s, d) in kept]
+        return (keep_gates(model.config, keep, model.device),
+                (edge_groups(model, between, self.ablation), keep_edges(len(between), on, model.device)))
 
     def prune_config(self) -> PruneConfig:
         """The PruneConfig the circuit was found with (the defaults for a circuit built by hand)."""
         return PruneConfig.from_dict(self.config) if self.config else PruneConfig()
 
-    def calibration_for(self, gates: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """The scale and shift that pruning fits, fit for the model under ``gates`` on the circuit's
-        own calibration pairs (its pruning config's first ``calib_pairs`` train pairs)."""
+    def calibration_for(self, gates: dict[str, torch.Tensor], edges=None) -> tuple[float, float]:
+        """The scale and shift that pruning fits, fit for the model under ``gates`` (and edge gates)
+        on the circuit's own calibration pairs (its pruning config's first ``calib_pairs`` train pairs)."""
         cfg = self.prune_config()
         calib = split_pairs(self.get_task(), cfg)[0][:cfg.calib_pairs]
-        return fit_calibration(*masked_pair_logits(self.require_model(), calib, gates, self.ablation), cfg.calib_steps)
+        return fit_calibration(*masked_pair_logits(self.require_model(), calib, gates, self.ablation, edges=edges),
+                               cfg.calib_steps)
 
 
 # ---------------------------------------------------------------------- shared by pruning / validation
@@ -309,19 +339,23 @@ def fit_calibration(two: torch.Tensor, label: torch.Tensor, steps: int = 16) -> 
 
 
 def masked_pair_logits(model: GPT, pairs, gates: dict[str, torch.Tensor], ablation: str,
-                       batch_size: int = 128, shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2N, 2) candidate logits of every prompt with ``gates`` applied, and the labels."""
+                       batch_size: int = 128, shift: int = 1,
+                       edges: tuple[list[EdgeGroup], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2N, 2) candidate logits of every prompt with ``gates`` applied, and the labels; ``edges``
+    (groups, one 0/1 gate per edge) ablates edges as well (cspkit.edges)."""
     batch = tasks_mod.encode_pairs(pairs, model.config.block_size, model.encoding)
     tokens = batch["tokens"].to(model.device)
     values = ablation_values(model, ablation, tokens, shift) if ablation == "resample" else \
         ablation_values(model, ablation)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), edge_gates(*edges) if edges else contextlib.nullcontext():
         for s in range(0, tokens.shape[0], batch_size):
             sl = slice(s, s + batch_size)
-            vals = {k: v[sl] for k, v in values.items()} if ablation == "resample" else values
-            logits = model.run_with_hooks(tokens[sl], gate_hooks(gates, vals))
-            out.append(tasks_mod.pair_logits(logits, {"last": batch["last"][sl], "cands": batch["cands"][sl]}))
+            sub = {"last": batch["last"][sl], "cands": batch["cands"][sl]}
+            rows = tasks_mod.trim(tokens[sl], sub["last"])
+            vals = {k: v[sl, : rows.shape[1]] for k, v in values.items()} if ablation == "resample" else values
+            logits = model.run_with_hooks(rows, gate_hooks(gates, vals), last=sub["last"])
+            out.append(tasks_mod.pair_logits(logits, sub))
     return torch.cat(out).float().cpu(), batch["label"]
 
 

@@ -67,7 +67,7 @@ def cmd_eval(args) -> None:
 
 def cmd_prune(args) -> None:
     _emit(args, *prune_to_files(args.model, args.task, args.out, args.target, args.ablation, args.seed,
-                                _prune_config(args.set), progress=not args.json))
+                                _prune_config(args.set), progress=not args.json, edges=args.edges))
 
 
 def _prune_config(sets: list[str] | None):
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--set", action="append", metavar="key=value", help="a PruneConfig value, e.g. k_coef=0.003")
     r.add_argument("--out", type=Path, required=True, help="the circuit file (a directory with --task all)")
+    r.add_argument("--edges", action="store_true",
+                   help="then prune the node circuit's edges too (a mask per weight between kept nodes)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_prune)
 

@@ -167,23 +167,25 @@ class BridgeConfig:
 
 @dataclass
 class PruneConfig:
-    # Defaults chosen on the shipped small sparse model's quote task, then kept for every task
-    # and model (no per-task sweep). The paper's search centres are k_coef 1e-4, noise 1e-2,
-    # bias 1e-1, weight decay 1e-3, lr 3e-3, beta2 0.95, warm-up 5 percent, temperature 1; its
-    # models are far larger and it trains masks far longer. Here, with 100 steps: k_coef 1e-3
-    # gave 141 nodes, 3e-3 gave 92, 5e-3 drove all but 43 masks to the clamp (2000 nodes after
-    # bisection); lr 1e-2 with 200 steps gave 85 nodes in twice the time.
-    # k_coef is the penalty per kept node on a model of k_ref_nodes nodes (small-v1's, the shipped
-    # 11,264); on a model of n nodes each node costs k_coef * k_ref_nodes / n, so keeping a given
-    # fraction of the nodes costs the same at every size. Unscaled, 3e-3 on the paper-e1 shape
-    # (22,528 nodes) collapsed the quote masks to 6 nodes at chance with one seed
-    # (results/mask_diagnosis_paper-e1-sparse.txt); halved, both seeds kept about 100 nodes at
-    # held-out loss 0. None: k_coef per node as given, at every size.
-    steps: int = 100
+    # The penalty per kept node is k_coef * multiplier, on a model of k_ref_nodes nodes (small-v1's
+    # 11,264; on a model of n nodes each node costs k_coef * k_ref_nodes / n, so keeping a given
+    # fraction of the nodes costs the same at every size; None: k_coef as given). The multiplier
+    # starts at penalty_start and follows the target by dual ascent: after every step its log moves
+    # by penalty_rate * (target - loss) / target (loss: a moving average of the batch task loss,
+    # the step capped at 3 * penalty_rate), so it grows while the masks do better than the target
+    # and shrinks when they do worse. Starting tiny makes the nodes close in order of how little
+    # they matter instead of all at once, which is how a fixed penalty collapsed masks on dense
+    # models (docs/method.md, "Penalty"). penalty_start=1, penalty_rate=0: a fixed penalty k_coef.
+    # lr, init, weight decay, beta2 and temperature were chosen on the shipped small sparse
+    # model's quote task; the paper's search centres are k_coef 1e-4, noise 1e-2, bias 1e-1,
+    # weight decay 1e-3, lr 3e-3, beta2 0.95, warm-up 5 percent, temperature 1.
+    steps: int = 70
     batch_pairs: int = 16
     lr: float = 3e-2
     k_coef: float = 3e-3
     k_ref_nodes: int | None = 11264
+    penalty_start: float = 1e-2
+    penalty_rate: float = 0.12
     init_noise: float = 1e-2
     init_bias: float = 1e-1
     weight_decay: float = 1e-3
@@ -197,6 +199,9 @@ class PruneConfig:
     def __post_init__(self):
         if self.k_ref_nodes is not None and self.k_ref_nodes < 1:
             raise ValueError(f"k_ref_nodes={self.k_ref_nodes} must be a positive node count, or None for no scaling")
+        if not self.penalty_start > 0 or self.penalty_rate < 0:
+            raise ValueError(f"penalty_start={self.penalty_start} must be positive and penalty_rate="
+                             f"{self.penalty_rate} at least 0 (penalty_start=1, penalty_rate=0: a fixed penalty)")
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -174,6 +174,23 @@ class Block(nn.Module):
         return F.relu(x) if self.cfg.residual_activation == "relu" else x
 
 
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block no parameter of ``model`` takes a gradient (and the model is in eval
+    mode): what pruning and bridges need when only masks or maps learn. Restores both after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 class GPT(HookedMixin, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -214,9 +231,15 @@ class GPT(HookedMixin, nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         return self.hook_embed(x)   # embed: (B, T, d_model)
 
-    def unembed(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The final residual (B, T, d_model) -> logits (B, T, vocab); idx feeds the bigram table."""
+    def unembed(self, x: torch.Tensor, idx: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """The final residual (B, T, d_model) -> logits (B, T, vocab); idx feeds the bigram table.
+        With ``last`` (B,) positions: only those rows' logits, (B, vocab), which is all a task's
+        pair loss reads (the unembedding is the widest matrix of a small model)."""
         x = self.hook_unembed(self.ln_f(x))   # unembed: (B, T, d_model), the normalized final residual
+        if last is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            last = last.to(x.device)
+            x, idx = x[rows, last], idx[rows, last]     # (B, d_model), (B,)
         logits = x @ self.wte.weight.T if self.lm_head is None else self.lm_head(x)
         if self.bigram is not None:
             logits = logits + self.bigram[idx]
@@ -231,12 +254,16 @@ class GPT(HookedMixin, nn.Module):
         return [(f"{l}.{kind}", getattr(b, f"{kind}_sublayer"))
                 for l, b in enumerate(self.h) for kind in ("attn", "mlp")]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean CE loss."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, last: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean CE loss; with
+        ``last`` (B,) positions, only the logits there, (B, vocab)."""
+        if targets is not None and last is not None:
+            raise ValueError("forward takes targets (the LM loss at every position) or last (logits at one "
+                             "position per row), not both")
         x = self.embed(idx)
         for block in self.h:
             x = block(x)
-        logits = self.unembed(x, idx)
+        logits = self.unembed(x, idx, last)
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())

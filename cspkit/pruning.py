@@ -2,10 +2,11 @@
 
 Every node has a mask parameter tau. The gate is the Heaviside step of tau in the forward pass
 and a sigmoid derivative in the backward pass; tau is clamped to [-1, 1] after each step.
-Masks are trained on task loss + penalty * (kept nodes) with the model frozen (the penalty
-per node is k_coef, scaled by the model's node count: ``PruneConfig.node_penalty``); then the nodes
-are ranked by tau and a bisection over k, the number kept, finds the smallest circuit whose
-calibrated task loss on held-out pairs is at most the target.
+Masks are trained on task loss + multiplier * penalty * (kept nodes) with the model frozen (the
+penalty per node is k_coef, scaled by the model's node count: ``PruneConfig.node_penalty``; the
+multiplier starts tiny and follows the target, so the masks end near the smallest node set that
+still meets it); then the nodes are ranked by tau and a bisection over k, the number kept, finds
+the smallest circuit whose calibrated task loss on held-out pairs is at most the target.
 
 The train split of a task is divided: the last ``heldout_pairs`` pairs decide the bisection,
 the rest train the masks and fit the calibration. The test split (other templates and names)
@@ -13,6 +14,8 @@ is never seen; ``Circuit.evaluate()`` reports it.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +28,9 @@ from .ablation import ablation_values, check_ablation, fingerprint, gate_hooks, 
 from .checkpoint import load
 from .circuit import Circuit, compute_edges, fit_calibration, masked_pair_logits, score, split_pairs
 from .config import PruneConfig, to_dict
-from .model import GPT
+from .edges import EdgeGroup, edge_gates, edge_groups, keep_edges
+from .model import GPT, frozen
+from .sparsity import sparse_matmuls
 
 # how far above the target the masks' own node set may be before their training counts as collapsed
 MASK_SLACK = 0.05
@@ -52,52 +57,78 @@ def gate(tau: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed: int = 0,
-                progress: bool = True, pairs=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Train one mask parameter per node; returns {location: final tau} and {location: tau
-    averaged over the steps}, which ranks nodes that the clamp left tied at -1 or 1."""
+                progress: bool = True, pairs=None, target: float = 0.15
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train one mask parameter per node, the penalty's multiplier following ``target`` (see
+    PruneConfig); returns {location: final tau} and {location: tau averaged over the steps},
+    which ranks nodes that the clamp left tied at -1 or 1."""
+    widths = node_widths(model.config)
+    g = torch.Generator().manual_seed(seed)
+    taus = {loc: cfg.init_bias + cfg.init_noise * torch.randn(w, generator=g) for loc, w in widths.items()}
+    values = None if ablation == "resample" else ablation_values(model, ablation)
+
+    def run(gates, tokens, last):
+        vals = ablation_values(model, "resample", tokens, resample_shift(len(tokens), g)) \
+            if ablation == "resample" else values
+        return model.run_with_hooks(tokens, gate_hooks(gates, vals), last=last)
+
+    return _train_gates(model, task, cfg, taus, run, g, cfg.node_penalty(sum(widths.values())), progress,
+                        pairs, target, f"masks {task.name}")
+
+
+def train_edge_masks(model: GPT, task, nodes: dict[str, list[int]], groups: list[EdgeGroup], n_edges: int,
+                     cfg: PruneConfig, ablation: str = "mean", seed: int = 0, progress: bool = True, pairs=None,
+                     target: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train one mask parameter per edge of a node circuit (its nodes kept, every other node
+    ablated), as train_masks does per node; returns the final and the step-averaged taus, (n_edges,)."""
+    g = torch.Generator().manual_seed(seed)
+    node_gates = keep_gates(model.config, nodes, model.device)
+    values = ablation_values(model, ablation)
+
+    def run(gates, tokens, last):
+        with edge_gates(groups, gates["edges"]):
+            return model.run_with_hooks(tokens, gate_hooks(node_gates, values), last=last)
+
+    taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
+    penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
+    final, mean = _train_gates(model, task, cfg, taus, run, g, penalty, progress, pairs, target, f"edges {task.name}")
+    return final["edges"], mean["edges"]
+
+
+def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], run, g: torch.Generator,
+                 penalty: float, progress: bool, pairs, target: float, desc: str):
+    """The mask training loop shared by nodes and edges: ``run(gates, tokens, last)`` gives the
+    logits at the last tokens with those gates applied."""
     fit = pairs if pairs is not None else split_pairs(task, cfg)[0]
     batch = tasks_mod.encode_pairs(fit, model.config.block_size, model.encoding)
     n = len(fit)
-    g = torch.Generator().manual_seed(seed)
-    widths = node_widths(model.config)
-    taus = {loc: (cfg.init_bias + cfg.init_noise * torch.randn(w, generator=g)).to(model.device).requires_grad_()
-            for loc, w in widths.items()}
-    penalty = cfg.node_penalty(sum(widths.values()))
+    taus = {k: t.to(model.device).requires_grad_() for k, t in init.items()}
+    mult, recent = cfg.penalty_start, None      # recent: moving average of the batch task loss
     opt = torch.optim.AdamW(taus.values(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
-    sums = {loc: torch.zeros_like(t, requires_grad=False) for loc, t in taus.items()}
-    values = None if ablation == "resample" else ablation_values(model, ablation)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:  # no weight gradients: only the masks learn
-        p.requires_grad_(False)
-    model.eval()
-    try:
-        for step in tqdm(range(cfg.steps), desc=f"masks {task.name}", disable=not progress, leave=False):
+    sums = {k: torch.zeros_like(t, requires_grad=False) for k, t in taus.items()}
+    with frozen(model), sparse_matmuls(model):    # only the masks learn
+        for step in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
             for grp in opt.param_groups:
                 grp["lr"] = cfg.lr * min(1.0, (step + 1) / warm)
             idx = torch.randperm(n, generator=g)[:cfg.batch_pairs]
             rows = torch.cat([idx, idx + n])                    # both prompts of every chosen pair
-            tokens = batch["tokens"][rows].to(model.device)
-            if ablation == "resample":
-                vals = ablation_values(model, "resample", tokens, resample_shift(len(rows), g))
-            else:
-                vals = values
-            gates = {loc: gate(t, cfg.temperature) for loc, t in taus.items()}
-            logits = model.run_with_hooks(tokens, gate_hooks(gates, vals))
-            two = tasks_mod.pair_logits(logits, {"last": batch["last"][rows], "cands": batch["cands"][rows]})
+            sub = {"last": batch["last"][rows], "cands": batch["cands"][rows]}
+            tokens = tasks_mod.trim(batch["tokens"][rows], sub["last"]).to(model.device)
+            gates = {k: gate(t, cfg.temperature) for k, t in taus.items()}
+            two = tasks_mod.pair_logits(run(gates, tokens, sub["last"]), sub)
             kept = sum(gt.sum() for gt in gates.values())
-            loss = tasks_mod.task_loss(two.float(), batch["label"][rows]) + penalty * kept
+            task_loss = tasks_mod.task_loss(two.float(), batch["label"][rows])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (task_loss + penalty * mult * kept).backward()
             opt.step()
+            recent = task_loss.item() if recent is None else 0.7 * recent + 0.3 * task_loss.item()
+            mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (target - recent) / target)), 1e-6), 1e6)
             with torch.no_grad():
-                for loc, t in taus.items():
+                for k, t in taus.items():
                     t.clamp_(-1, 1)
-                    sums[loc] += t
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return {loc: t.detach() for loc, t in taus.items()}, {loc: s / cfg.steps for loc, s in sums.items()}
+                    sums[k] += t
+    return {k: t.detach() for k, t in taus.items()}, {k: s / cfg.steps for k, s in sums.items()}
 
 
 def ranking(taus: dict[str, torch.Tensor], tiebreak: dict[str, torch.Tensor] | None = None) -> list[tuple[str, int]]:
@@ -121,21 +152,30 @@ def top_nodes(order: list[tuple[str, int]], k: int) -> dict[str, list[int]]:
 
 class RankedLoss:
     """``RankedLoss(...)(k)``: the calibrated held-out task loss with only the first k nodes of
-    ``order`` kept (the rest ablated), memoized over k; what bisection and the sweeps evaluate."""
+    ``order`` kept (the rest ablated), memoized over k; what bisection and the sweeps evaluate.
+    With ``edges`` (a node set and the groups of its n edges), ``order`` ranks edge positions
+    instead: the nodes stay kept and only the first k edges carry their sources' values."""
 
-    def __init__(self, model, order, calib, heldout, ablation, calib_steps):
+    def __init__(self, model, order, calib, heldout, ablation, calib_steps,
+                 edges: tuple[dict[str, list[int]], list[EdgeGroup], int] | None = None):
         self.model, self.order, self.calib, self.heldout = model, order, calib, heldout
-        self.ablation, self.calib_steps = ablation, calib_steps
+        self.ablation, self.calib_steps, self.edges = ablation, calib_steps, edges
         self.seen: dict[int, tuple[float, tuple[float, float]]] = {}
 
     def __call__(self, k: int) -> float:
         if k not in self.seen:
-            gates = keep_gates(self.model.config, top_nodes(self.order, k), self.model.device)
-            two_c, lab_c = masked_pair_logits(self.model, self.calib, gates, self.ablation)
+            if self.edges is None:
+                gates, eg = keep_gates(self.model.config, top_nodes(self.order, k), self.model.device), None
+            else:
+                nodes, groups, n_edges = self.edges
+                gates = keep_gates(self.model.config, nodes, self.model.device)
+                eg = (groups, keep_edges(n_edges, self.order[:k], self.model.device))
+            two_c, lab_c = masked_pair_logits(self.model, self.calib, gates, self.ablation, edges=eg)
             cal = fit_calibration(two_c, lab_c, self.calib_steps)
-            two_h, lab_h = masked_pair_logits(self.model, self.heldout, gates, self.ablation)
+            two_h, lab_h = masked_pair_logits(self.model, self.heldout, gates, self.ablation, edges=eg)
             self.seen[k] = (score(two_h, lab_h, cal)["loss"], cal)
         return self.seen[k][0]
+
 
 
 def bisect(evaluate, n_total: int, target: float, start: int | None = None) -> int:
@@ -180,11 +220,13 @@ def _circuit_size(ev: RankedLoss, n_total: int, target: float, full_loss: float,
 
 
 def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: int = 0,
-          config: PruneConfig | None = None, progress: bool = True, require_full: bool = True) -> Circuit:
+          config: PruneConfig | None = None, progress: bool = True, require_full: bool = True,
+          edges: bool = False) -> Circuit:
     """The smallest circuit (by the learned node ranking) whose calibrated task loss on
     held-out pairs is at most ``target``. The full model must meet the target itself, unless
     ``require_full`` is False (the controls of cspkit.validate): then the masks' own node set
-    must, or TargetNotReached is raised.
+    must, or TargetNotReached is raised. ``edges``: then prune the node circuit's edges the
+    same way (a mask per edge, bisection to the same target) and return the edge circuit.
 
     >>> import cspkit
     >>> from cspkit.config import PruneConfig
@@ -194,8 +236,37 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
     True
     """
     check_ablation(ablation)
-    cfg = config or PruneConfig()
-    task_obj = tasks_mod.get(task)
+    with frozen(model), sparse_matmuls(model):    # thousands of forward passes through fixed weights
+        c = _prune(model, tasks_mod.get(task), target, ablation, seed, config or PruneConfig(), progress,
+                   require_full)
+        return _prune_edges(model, c, progress) if edges else c
+
+
+def _prune_edges(model: GPT, c: Circuit, progress: bool) -> Circuit:
+    """The node circuit ``c`` cut down to the edges it needs (docs/method.md, "Edge circuits")."""
+    t0 = time.time()
+    cfg, task = c.prune_config(), c.get_task()
+    fit, heldout = split_pairs(task, cfg)
+    n = len(c.edges)
+    groups = edge_groups(model, c.edges, c.ablation)
+    if n:
+        taus, mean_taus = train_edge_masks(model, task, c.nodes, groups, n, cfg, c.ablation, c.seed, progress,
+                                           pairs=fit, target=c.target)
+        order = [i for _, i in ranking({"edges": taus}, {"edges": mean_taus})]
+    else:
+        order = []
+    ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, c.ablation, cfg.calib_steps,
+                    edges=(c.nodes, groups, n))
+    ev.seen[n] = (c.loss, c.calibration)     # every edge kept: the node circuit itself
+    k = bisect(ev, n, c.target, start=int((taus > 0).sum()) if n else None) if c.loss <= c.target else n
+    loss, cal = ev.seen[k]
+    return dataclasses.replace(c, edges=[c.edges[i] for i in sorted(order[:k])], loss=loss, calibration=cal,
+                               edge_level=True, node_edges=n, seconds=round(c.seconds + time.time() - t0, 2),
+                               edge_trace=sorted((kk, v[0]) for kk, v in ev.seen.items()))
+
+
+def _prune(model: GPT, task_obj, target: float, ablation: str, seed: int, cfg: PruneConfig, progress: bool,
+           require_full: bool) -> Circuit:
     t0 = time.time()
     fit, heldout = split_pairs(task_obj, cfg)
     torch.manual_seed(seed)
@@ -213,15 +284,15 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
     t_masks = time.time()
     if full(0) <= target:   # the direct path alone meets the target: no node, no masks to train
         taus = mean_taus = None
-        order, ev, k, k_mask = [], full, 0, 0
+        order, ev, k, k_mask, t_masks = [], full, 0, 0, 0.0
     else:
-        taus, mean_taus = train_masks(model, task_obj, cfg, ablation, seed, progress, pairs=fit)
+        taus, mean_taus = train_masks(model, task_obj, cfg, ablation, seed, progress, pairs=fit, target=target)
+        t_masks = time.time() - t_masks
         order = ranking(taus, mean_taus)
         ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
         ev.seen[0], ev.seen[n_total] = full.seen[0], full.seen[n_total]
         k_mask = sum(int((t > 0).sum()) for t in taus.values())
         k = _circuit_size(ev, n_total, target, full_loss, k_mask, task_obj.name)
-    t_masks = time.time() - t_masks
     # The masks' own node set (every open gate), which the bisection starts from: when it misses
     # the target by more than MASK_SLACK the masks collapsed, and the circuit comes from a ranking
     # the training did not shape (docs/method.md, "Ranking and bisection"); recorded, not hidden.
@@ -247,12 +318,13 @@ def loss_curve(circuit: Circuit, ks: list[int]) -> list[tuple[int, float]]:
     fit, heldout = split_pairs(circuit.get_task(), cfg)
     ev = RankedLoss(circuit.require_model("its loss curve"), ranking(taus, circuit.mean_taus), fit[:cfg.calib_pairs],
                     heldout, circuit.ablation, cfg.calib_steps)
-    return [(k, ev(k)) for k in ks]
+    with frozen(ev.model), sparse_matmuls(ev.model):
+        return [(k, ev(k)) for k in ks]
 
 
 def prune_to_files(model_path: str | os.PathLike, task: str, out: str | os.PathLike, target: float = 0.15,
                    ablation: str = "mean", seed: int = 0, config: PruneConfig | None = None,
-                   progress: bool = True) -> tuple[dict, str]:
+                   progress: bool = True, edges: bool = False) -> tuple[dict, str]:
     """What ``cspkit prune`` does: prune ``task`` (a name, or ``all``: then ``out`` is a directory
     and a task the model cannot do is reported, not raised) in the model at ``model_path`` and
     save each circuit. Returns the JSON object and the text."""
@@ -264,7 +336,7 @@ def prune_to_files(model_path: str | os.PathLike, task: str, out: str | os.PathL
     for name in names:
         dest = Path(out) / f"{name}.json" if task == "all" else Path(out)
         try:
-            c = prune(model, name, target, ablation, seed, config, progress=progress)
+            c = prune(model, name, target, ablation, seed, config, progress=progress, edges=edges)
         except ValueError as e:
             if task != "all":
                 raise
@@ -274,8 +346,9 @@ def prune_to_files(model_path: str | os.PathLike, task: str, out: str | os.PathL
         c.save(dest)
         rows.append({"task": name, "nodes": c.n_nodes, "edges": c.n_edges, "loss": c.loss, "full_loss": c.full_loss,
                      "seconds": c.seconds, "mask_nodes": c.mask_nodes, "mask_loss": c.mask_loss,
-                     "collapsed": c.collapsed, "out": str(dest)})
-        lines.append(f"{name:28s} {c.n_nodes:6d} nodes {c.n_edges:6d} edges  held-out loss {c.loss:.4f} "
+                     "collapsed": c.collapsed, "node_edges": c.node_edges, "out": str(dest)})
+        cut = f" (of the node circuit's {c.node_edges})" if c.edge_level else ""
+        lines.append(f"{name:28s} {c.n_nodes:6d} nodes {c.n_edges:6d} edges{cut}  held-out loss {c.loss:.4f} "
                      f"(target {target}, full model {c.full_loss:.4f})  {c.seconds:.0f} s -> {dest}"
                      + (f"  masks collapsed: their own {c.mask_nodes} nodes reach held-out loss {c.mask_loss:.3f}"
                         if c.collapsed else ""))

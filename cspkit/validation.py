@@ -110,9 +110,15 @@ class _Scorer:
         self.c, self.model = circuit, circuit.require_model("validating it")
         self.test = circuit.get_task().pairs("test", n=n_test)
 
-    def __call__(self, nodes, invert: bool = False) -> dict[str, float]:
-        gates = keep_gates(self.model.config, nodes, self.model.device, invert=invert)
-        return score(*masked_pair_logits(self.model, self.test, gates, self.c.ablation), self.c.calibration_for(gates))
+    def __call__(self, nodes, invert: bool = False, own_edges: bool = False) -> dict[str, float]:
+        """``own_edges``: ``nodes`` are the circuit's, and an edge circuit keeps (or with ``invert``,
+        ablates) only its edges, as Circuit.evaluate does."""
+        if own_edges:
+            gates, edges = self.c.ablation_gates(nodes, invert)
+        else:
+            gates, edges = keep_gates(self.model.config, nodes, self.model.device, invert=invert), None
+        return score(*masked_pair_logits(self.model, self.test, gates, self.c.ablation, edges=edges),
+                     self.c.calibration_for(gates, edges))
 
 
 def _random_nodes(sizes: dict[str, int], widths: dict[str, int], rng: random.Random) -> dict[str, list[int]]:
@@ -161,13 +167,15 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
             r = sc(everything)
             rows.append(Row("full model", sum(widths.values()), None, r["loss"], r["accuracy"], r["raw_loss"]))
         elif step == "circuit":
-            r = sc(circuit.nodes)
+            r = sc(circuit.nodes, own_edges=True)
             rows.append(Row("circuit alone (sufficiency)", circuit.n_nodes, circuit.n_edges, r["loss"], r["accuracy"],
                             r["raw_loss"], note=f"target {circuit.target}; held-out loss {circuit.loss:.3f}"))
         elif step == "necessity":
-            r = sc(circuit.nodes, invert=True)
-            rows.append(Row("circuit ablated (necessity)", sum(widths.values()) - circuit.n_nodes, None, r["loss"],
-                            r["accuracy"], r["raw_loss"], note=f"{r['loss'] / CHANCE:.1f} x chance loss"))
+            r = sc(circuit.nodes, invert=True, own_edges=True)
+            kept = sum(widths.values()) - (0 if circuit.edge_level else circuit.n_nodes)
+            rows.append(Row("circuit ablated (necessity)", kept, None, r["loss"], r["accuracy"], r["raw_loss"],
+                            note=f"{r['loss'] / CHANCE:.1f} x chance loss"
+                            + (f"; only its {circuit.n_edges} edges ablated" if circuit.edge_level else "")))
         elif step == "random":
             sizes = {loc: len(v) for loc, v in circuit.nodes.items()}
             rs = [sc(_random_nodes(sizes, widths, rng)) for _ in range(draws)]

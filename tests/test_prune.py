@@ -212,6 +212,24 @@ def test_node_penalty_scales_with_the_node_count():
     assert PruneConfig(k_coef=3e-3, k_ref_nodes=11264).node_penalty(22528) == 1.5e-3
     with pytest.raises(ValueError, match="k_ref_nodes"):
         PruneConfig(k_ref_nodes=0)
+    with pytest.raises(ValueError, match="penalty_start=0"):
+        PruneConfig(penalty_start=0)
+
+
+def test_the_default_penalty_does_not_collapse_where_a_fixed_one_does():
+    """small-dense's with_as: a fixed penalty at the default k_coef closes every gate that matters
+    within 20 steps (the masks keep about 10 nodes at chance); the multiplier that starts tiny and
+    follows the target keeps a node set near the target, and the bisection's circuit is within 2x
+    of it (docs/method.md, "Penalty")."""
+    model = cspkit.load("small-dense")
+    fast = dict(steps=40, penalty_rate=0.25)    # the default schedule, compressed 2.5x
+    fixed = prune(model, "with_as", config=PruneConfig(penalty_start=1.0, penalty_rate=0.0, steps=40),
+                  progress=False)
+    assert fixed.collapsed and fixed.mask_nodes < 50
+    c = prune(model, "with_as", config=PruneConfig(**fast), progress=False)
+    assert not c.collapsed and c.mask_loss <= c.target + 0.05
+    assert c.mask_nodes / 2 <= c.n_nodes <= 2 * c.mask_nodes
+
 
 
 def test_scaled_penalty_trains_the_same_masks_as_the_equal_unscaled_one(tiny):
@@ -250,7 +268,8 @@ def test_masks_that_collapse_are_reported_in_the_circuit_and_its_file(tmp_path):
     stays open and nothing collapsed."""
     model = cspkit.load("small-hour")
     fast = dict(steps=6, batch_pairs=8, heldout_pairs=16, calib_pairs=8)
-    c = prune(model, "single_double_quote", config=PruneConfig(k_coef=10.0, **fast), progress=False)
+    fixed = dict(penalty_start=1.0, penalty_rate=0.0)      # a fixed penalty, as before the multiplier
+    c = prune(model, "single_double_quote", config=PruneConfig(k_coef=10.0, **fixed, **fast), progress=False)
     assert c.mask_nodes == 0 and c.mask_loss > 0.15 + 0.05 and c.collapsed is True
     assert c.loss <= 0.15 and "masks collapsed" in repr(c)
     c.save(tmp_path / "c.json")

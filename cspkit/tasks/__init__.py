@@ -37,10 +37,11 @@ from .core import (
     task,
     task_loss,
     token_id,
+    trim,
 )
 from .generators import PAPER_TASKS, completed, corpus_files
 
 __all__ = ["SOLVED_ACCURACY", "SPLITS", "PAPER_TASKS", "Pair", "Task", "check_pair", "check_split", "complete",
            "completed", "catalog", "corpus_files", "encode_pairs", "evaluate", "format_detail", "format_scores",
            "get", "last_logits", "margins", "names", "next_tokens", "pair_logits", "pairs_digest", "register",
-           "solved", "task", "task_loss", "token_id"]
+           "solved", "task", "task_loss", "token_id", "trim"]

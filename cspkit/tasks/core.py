@@ -215,8 +215,16 @@ def last_logits(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 
 
 def pair_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(N, T, vocab) logits -> (N, 2) logits of the two candidates at each prompt's last token."""
-    return last_logits(logits, batch["last"]).gather(1, batch["cands"].to(logits.device))
+    """(N, T, vocab) logits, or (N, vocab) already at the last tokens (``model(tokens,
+    last=batch["last"])``) -> (N, 2) logits of the two candidates at each prompt's last token."""
+    at_last = last_logits(logits, batch["last"]) if logits.dim() == 3 else logits
+    return at_last.gather(1, batch["cands"].to(logits.device))
+
+
+def trim(tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Right-padded (N, T) tokens cut after the longest prompt among these rows: padding after
+    every row's last token changes no logit that the pair loss reads (attention is causal)."""
+    return tokens[:, : int(last.max()) + 1]
 
 
 def task_loss(two: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
