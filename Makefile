@@ -33,20 +33,23 @@ bench: $(VENV)/.installed
 # the paper-shaped models (default PruneConfig; hours on 2 cores, minutes on a GPU), then merged
 DEVICE ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 JOBS ?= 2
-frontier: $(VENV)/.installed paper-models
+frontier: $(VENV)/.installed paper-models $(RESULTS)/sparse_vs_dense.json
 	$(VENV)/bin/cspkit sweep --models data/models/paper-e1-sparse data/models/paper-e1-dense \
 		data/models/paper-e1-sparser data/models/paper-e2-sparse --tasks all --seeds 0 1 --jobs $(JOBS) \
-		--device $(DEVICE) --out results/sweep_paper_scaled.json
-	$(small-frontier)
+		--device $(DEVICE) --out results/sweep_paper.json
+	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense.json results/sweep_paper.json \
+		--out $(RESULTS)/frontier.json --plot $(RESULTS)/frontier.png
 
-# The small pair's sweep with the default PruneConfig alone (no per-task search), with the controls
-# of two tasks' circuits, then merged with the paper-shaped models' sweep into the frontier
-define small-frontier
+# The small pair's sweep with the default PruneConfig alone (no per-task search), with the
+# controls of two tasks' circuits; and the hour model's
+$(RESULTS)/sparse_vs_dense.json: | $(VENV)/.installed
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) \
 		--out $(RESULTS)/sparse_vs_dense.json --controls single_double_quote,var_if
-	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense.json results/sweep_paper_scaled.json \
-		--out $(RESULTS)/frontier.json --plot $(RESULTS)/frontier.png
-endef
+$(RESULTS)/sweep_small_hour.json: | $(VENV)/.installed
+	$(CS) sweep --models data/models/small-hour --tasks all --seeds 0 1 --jobs $(JOBS) --out $@
+# the masks against the circuits, and the loss along the ranking (docs/method.md, "Penalty")
+$(RESULTS)/prune_ranking.txt: | $(VENV)/.installed
+	$(PY) bench/prune_ranking.py --models $(SMALL) $(DENSE) $(call save,$@)
 
 # Everything in results/ measured on the shipped small pair: task scores, circuits and their
 # validation, the pruning bench, the bridge and its steering, and the sparse-vs-dense sweep
@@ -66,11 +69,16 @@ CIRCUITS = $(RESULTS)/circuits/small-sparse
 # the pruner before the penalty multiplier and the CSR products, which prune_speed.txt is timed against
 PRUNE_BASELINE := bb63d53
 VALID = $(RESULTS)/validation/small-sparse
+# edge circuits (cspkit prune --edges) in a folder of their own: the explorer keys circuits by task and target
+EDGES = $(RESULTS)/circuits/small-sparse-edges
+VALID_EDGES = $(RESULTS)/validation/small-sparse-edges
 # what needs only the two models, and then the bridge between them and its steering
 small-results: small-model-results small-bridge-results
 small-model-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json \
 	$(VALID)_single_double_quote.txt $(VALID)_bracket_counting.txt $(VALID)_indent_for.txt \
-	$(RESULTS)/prune_speed.txt $(RESULTS)/frontier.json
+	$(RESULTS)/prune_speed.txt $(RESULTS)/prune_ranking.txt $(RESULTS)/sparse_vs_dense.json \
+	$(RESULTS)/sweep_small_hour.json $(EDGES)/single_double_quote.json $(EDGES)/bracket_counting.json \
+	$(VALID_EDGES)_single_double_quote.txt $(VALID_EDGES)_bracket_counting.txt
 small-bridge-results: $(RESULTS)/bridge_quality.txt $(RESULTS)/intervene_quote.txt $(RESULTS)/intervene_quote_site.txt
 
 $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json: | $(VENV)/.installed
@@ -83,6 +91,12 @@ $(CIRCUITS)/%.json: | $(VENV)/.installed
 $(VALID)_single_double_quote.txt $(VALID)_bracket_counting.txt: $(VALID)_%.txt: $(CIRCUITS)/%.json
 	@mkdir -p $(@D)
 	$(CS) validate --circuit $< --out $(@:.txt=.json) $(call save,$@)
+.PRECIOUS: $(EDGES)/%.json
+$(EDGES)/%.json: | $(VENV)/.installed
+	$(CS) prune --model $(SMALL) --task $* --edges --out $@
+$(VALID_EDGES)_%.txt: $(EDGES)/%.json
+	@mkdir -p $(@D)
+	$(CS) validate --circuit $< --no-prune-controls --out $(@:.txt=.json) $(call save,$@)
 $(VALID)_indent_for.txt: $(CIRCUITS)/indent_for.json
 	@mkdir -p $(@D)
 	$(CS) validate --circuit $< --no-prune-controls --out $(@:.txt=.json) $(call save,$@)
@@ -98,8 +112,6 @@ $(RESULTS)/intervene_quote_site.txt: $(RESULTS)/bridge_quality.txt $(CIRCUITS)/s
 	$(CS) intervene --bridge $(BRIDGE) --node auto --task single_double_quote --site-channels \
 		--strength 0.25 0.5 1 2 4 --circuit $(CIRCUITS)/single_double_quote.json --out $(@:.txt=.json) \
 		$(call save,$@)
-$(RESULTS)/frontier.json: | $(VENV)/.installed
-	$(small-frontier)
 
 # The paper-shaped models' weights (47 MB) are not in the checkout, to keep data/ under 40 MB;
 # their configs, logs and node means are. This restores the exact weights every committed

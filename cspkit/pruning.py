@@ -91,8 +91,15 @@ def train_edge_masks(model: GPT, task, nodes: dict[str, list[int]], groups: list
 
     taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
     penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
-    final, mean = _train_gates(model, task, cfg, taus, run, g, penalty, progress, pairs, target, f"edges {task.name}")
+    final, mean = _train_gates(model, task, dataclasses.replace(cfg, penalty_start=cfg.edge_penalty_start), taus, run,
+                               g, penalty, progress, pairs, target, f"edges {task.name}")
     return final["edges"], mean["edges"]
+
+
+def calibrated_pair(two: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
+    """(N, 2) candidate logits -> (N, 2) logits whose difference is scale * (a - b) + shift, the
+    calibration's form, so that task_loss of the result is the calibrated loss."""
+    return torch.stack([cal[0] * (two[:, 0] - two[:, 1]) + cal[1], torch.zeros_like(two[:, 0])], dim=1)
 
 
 def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], run, g: torch.Generator,
@@ -104,7 +111,11 @@ def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], r
     n = len(fit)
     taus = {k: t.to(model.device).requires_grad_() for k, t in init.items()}
     mult, recent = cfg.penalty_start, None      # recent: moving average of the batch task loss
-    opt = torch.optim.AdamW(taus.values(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    # the scale and shift of the candidates' logit difference, learned with the masks: the target
+    # is met by the calibrated loss (docs/method.md, "Calibration"), so the masks train on it too
+    cal = torch.tensor([1.0, 0.0], device=model.device, requires_grad=cfg.calibrate_masks)
+    opt = torch.optim.AdamW([{"params": list(taus.values())}, {"params": [cal], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
     sums = {k: torch.zeros_like(t, requires_grad=False) for k, t in taus.items()}
     with frozen(model), sparse_matmuls(model):    # only the masks learn
@@ -118,12 +129,13 @@ def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], r
             gates = {k: gate(t, cfg.temperature) for k, t in taus.items()}
             two = tasks_mod.pair_logits(run(gates, tokens, sub["last"]), sub)
             kept = sum(gt.sum() for gt in gates.values())
-            task_loss = tasks_mod.task_loss(two.float(), batch["label"][rows])
+            task_loss = tasks_mod.task_loss(calibrated_pair(two.float(), cal), batch["label"][rows])
             opt.zero_grad(set_to_none=True)
             (task_loss + penalty * mult * kept).backward()
             opt.step()
             recent = task_loss.item() if recent is None else 0.7 * recent + 0.3 * task_loss.item()
-            mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (target - recent) / target)), 1e-6), 1e6)
+            track = cfg.penalty_track * target
+            mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (track - recent) / track)), 1e-6), 1e6)
             with torch.no_grad():
                 for k, t in taus.items():
                     t.clamp_(-1, 1)
@@ -236,14 +248,27 @@ def prune(model: GPT, task, target: float = 0.15, ablation: str = "mean", seed: 
     True
     """
     check_ablation(ablation)
+    if edges:
+        edge_groups(model, [], ablation)    # refuses an ablation or a model that edges cannot use, before any work
     with frozen(model), sparse_matmuls(model):    # thousands of forward passes through fixed weights
         c = _prune(model, tasks_mod.get(task), target, ablation, seed, config or PruneConfig(), progress,
                    require_full)
         return _prune_edges(model, c, progress) if edges else c
 
 
+def prune_edges(circuit: Circuit, progress: bool = True) -> Circuit:
+    """A node circuit (from ``prune``) cut down to the edges it needs, to the same target, with the
+    same config and seed: what ``prune(..., edges=True)`` returns (docs/method.md, "Edge circuits")."""
+    if circuit.edge_level:
+        raise ValueError("this circuit's edges are already pruned")
+    if circuit.target is None:
+        raise ValueError("edge pruning needs a circuit pruned to a target (this one was sized by k)")
+    model = circuit.require_model("pruning its edges")
+    with frozen(model), sparse_matmuls(model):
+        return _prune_edges(model, circuit, progress)
+
+
 def _prune_edges(model: GPT, c: Circuit, progress: bool) -> Circuit:
-    """The node circuit ``c`` cut down to the edges it needs (docs/method.md, "Edge circuits")."""
     t0 = time.time()
     cfg, task = c.prune_config(), c.get_task()
     fit, heldout = split_pairs(task, cfg)

@@ -78,6 +78,9 @@ def test_edge_circuit_meets_the_target_with_half_the_edges_or_fewer(quote_edges,
     c.save(tmp_path / "c.json")
     again = cspkit.Circuit.load(tmp_path / "c.json", model=c.model)
     assert again.edge_level and again.edges == c.edges and again.evaluate() == test
+    # the graph draws the kept edges only
+    net = cspkit.circuit_graph(c, n_pairs=4)
+    assert sum(1 for *_, k in net.graph.edges(data="kind") if k == "weight") == c.n_edges
     # sufficiency and necessity of the edge circuit, as validate reports them
     rows = cspkit.validate(c, n_test=64, draws=1, stochastic=(), prune_controls=False, progress=False)
     by = {r.control: r for r in rows}

@@ -11,7 +11,7 @@ import cspkit
 from cspkit import tasks
 from cspkit.ablation import ablation_values, gate_hooks, keep_gates, node_means, node_widths, resample_shift
 from cspkit.circuit import fit_calibration
-from cspkit.config import PruneConfig
+from cspkit.config import PruneConfig, to_dict
 from cspkit.model import GPT, parse_node
 from cspkit.pruning import bisect, gate, prune, ranking, top_nodes
 
@@ -214,6 +214,11 @@ def test_node_penalty_scales_with_the_node_count():
         PruneConfig(k_ref_nodes=0)
     with pytest.raises(ValueError, match="penalty_start=0"):
         PruneConfig(penalty_start=0)
+    # a circuit or sweep file from before the multiplier recorded no penalty_start: its penalty was fixed
+    old = PruneConfig.from_dict({"steps": 100, "k_coef": 0.003})
+    assert (old.penalty_start, old.penalty_rate, old.calibrate_masks, old.steps) == (1.0, 0.0, False, 100)
+    assert PruneConfig.from_dict({}) == PruneConfig(penalty_start=1.0, penalty_rate=0.0, calibrate_masks=False)
+    assert PruneConfig.from_dict(to_dict(PruneConfig())) == PruneConfig()
 
 
 def test_the_default_penalty_does_not_collapse_where_a_fixed_one_does():
