@@ -171,13 +171,12 @@ class PruneConfig:
     # 11,264; on a model of n nodes each node costs k_coef * k_ref_nodes / n, so keeping a given
     # fraction of the nodes costs the same at every size; None: k_coef as given). The multiplier
     # starts at penalty_start and follows the target by dual ascent: after every step its log moves
-    # by penalty_rate * (track - loss) / track, with track = penalty_track * target and loss a
-    # moving average of the batch's calibrated task loss (the step capped at 3 * penalty_rate), so
-    # it grows while the masks do better than track and shrinks when they do worse. Starting tiny
-    # makes the nodes close in order of how little they matter instead of all at once, which is
-    # how a fixed penalty collapsed masks on dense models; tracking half the target keeps the
-    # masks' own node set clear of the edge where one more closed gate sends the loss to chance
-    # (docs/method.md, "Penalty"). penalty_start=1, penalty_rate=0: a fixed penalty k_coef.
+    # by penalty_rate * (target - loss) / target, with loss a moving average of the batch's
+    # calibrated task loss (the step capped at 3 * penalty_rate), so it grows while the masks do
+    # better than the target and shrinks when they do worse. Starting tiny makes the nodes close
+    # in order of how little they matter instead of all at once, which is how a fixed penalty
+    # collapsed masks on dense models (docs/method.md, "Penalty"). penalty_start=1,
+    # penalty_rate=0: a fixed penalty k_coef.
     # lr, init, weight decay, beta2 and temperature were chosen on the shipped small sparse
     # model's quote task; the paper's search centres are k_coef 1e-4, noise 1e-2, bias 1e-1,
     # weight decay 1e-3, lr 3e-3, beta2 0.95, warm-up 5 percent, temperature 1.
@@ -188,7 +187,6 @@ class PruneConfig:
     k_ref_nodes: int | None = 11264
     penalty_start: float = 1e-2
     penalty_rate: float = 0.2
-    penalty_track: float = 0.5
     # the masks train on the calibrated task loss, its scale and shift learned alongside them
     # (False: on the raw loss, as before the multiplier)
     calibrate_masks: bool = True
@@ -209,11 +207,10 @@ class PruneConfig:
     def __post_init__(self):
         if self.k_ref_nodes is not None and self.k_ref_nodes < 1:
             raise ValueError(f"k_ref_nodes={self.k_ref_nodes} must be a positive node count, or None for no scaling")
-        if not (self.penalty_start > 0 and self.edge_penalty_start > 0) or self.penalty_rate < 0 \
-                or not 0 < self.penalty_track <= 1:
+        if not (self.penalty_start > 0 and self.edge_penalty_start > 0) or self.penalty_rate < 0:
             raise ValueError(f"penalty_start={self.penalty_start} and edge_penalty_start={self.edge_penalty_start} "
-                             f"must be positive, penalty_rate={self.penalty_rate} at least 0 and penalty_track="
-                             f"{self.penalty_track} in (0, 1] (penalty_start=1, penalty_rate=0: a fixed penalty)")
+                             f"must be positive and penalty_rate={self.penalty_rate} at least 0 "
+                             "(penalty_start=1, penalty_rate=0: a fixed penalty)")
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneConfig:

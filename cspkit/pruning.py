@@ -134,8 +134,7 @@ def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], r
             (task_loss + penalty * mult * kept).backward()
             opt.step()
             recent = task_loss.item() if recent is None else 0.7 * recent + 0.3 * task_loss.item()
-            track = cfg.penalty_track * target
-            mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (track - recent) / track)), 1e-6), 1e6)
+            mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (target - recent) / target)), 1e-6), 1e6)
             with torch.no_grad():
                 for k, t in taus.items():
                     t.clamp_(-1, 1)
