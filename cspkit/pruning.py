@@ -193,17 +193,28 @@ def bisect(evaluate, n_total: int, target: float, start: int | None = None) -> i
     """Smallest k with evaluate(k) <= target, assuming the loss falls as k grows; evaluate(n_total)
     must already meet the target. k = 0 is a real answer: with every node ablated, the token
     embedding still reaches the unembedding, and when the last token alone decides the task,
-    no node is needed. ``start`` (the masks' own count) is tried first and doubled
-    until it meets the target, which saves most evaluations when the masks are good."""
+    no node is needed.
+
+    ``start`` (the masks' own count) is where the search begins: it steps away from it by 1, 2,
+    4, ... (down while the target is met, up while it is not) and then bisects the last step.
+    The masks leave the circuit near their own count, and the loss along the ranking is only
+    monotone near it: a bisection over all of [0, n_total] can land in a rise far above the
+    circuit (docs/method.md, "Ranking and bisection")."""
     if evaluate(0) <= target:         # the direct path (embedding -> unembedding) alone suffices
         return 0
     lo, hi = 0, n_total               # evaluate(hi) <= target; evaluate(lo) > target
-    k = start
-    while k and k < hi:
-        if evaluate(k) <= target:
-            hi = k
-            break
-        lo, k = k, 2 * k
+    if start and 0 < start < n_total:
+        step = 1
+        if evaluate(start) <= target:
+            hi = start
+            while hi - step > lo and evaluate(hi - step) <= target:
+                hi, step = hi - step, 2 * step
+            lo = max(lo, hi - step)
+        else:
+            lo = start
+            while lo + step < hi and evaluate(lo + step) > target:
+                lo, step = lo + step, 2 * step
+            hi = min(hi, lo + step)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if evaluate(mid) <= target:
