@@ -44,12 +44,12 @@ frontier: $(VENV)/.installed paper-models $(RESULTS)/sparse_vs_dense.json
 # controls of two tasks' circuits; and the hour model's
 $(RESULTS)/sparse_vs_dense.json: | $(VENV)/.installed
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) \
-		--out $(RESULTS)/sparse_vs_dense.json --controls single_double_quote,var_if
+		--out $(RESULTS)/sparse_vs_dense.json --controls single_double_quote
 $(RESULTS)/sweep_small_hour.json: | $(VENV)/.installed
 	$(CS) sweep --models data/models/small-hour --tasks all --seeds 0 1 --jobs $(JOBS) --out $@
 # the masks against the circuits, and the loss along the ranking (docs/method.md, "Penalty")
 $(RESULTS)/prune_ranking.txt: | $(VENV)/.installed
-	$(PY) bench/prune_ranking.py --models $(SMALL) $(DENSE) $(call save,$@)
+	$(PY) bench/prune_ranking.py --models $(SMALL) $(DENSE) --seeds 0 $(call save,$@)
 
 # Everything in results/ measured on the shipped small pair: task scores, circuits and their
 # validation, the pruning bench, the bridge and its steering, and the sparse-vs-dense sweep
@@ -105,12 +105,14 @@ $(RESULTS)/prune_speed.txt: | $(VENV)/.installed
 $(RESULTS)/bridge_quality.txt: | $(VENV)/.installed
 	$(CS) bridge --dense $(DENSE) --sparse $(SMALL) --out $(BRIDGE) --profile small
 	$(CS) bridge-report --bridge $(BRIDGE) --out $@
-$(RESULTS)/intervene_quote.txt: $(RESULTS)/bridge_quality.txt $(CIRCUITS)/single_double_quote.json
+# the bridge's steering was measured on the quote circuit found with the fixed penalty
+STEER_CIRCUIT = results/history/fixed_penalty/circuits/small-sparse/single_double_quote.json
+$(RESULTS)/intervene_quote.txt: $(RESULTS)/bridge_quality.txt $(STEER_CIRCUIT)
 	$(CS) intervene --bridge $(BRIDGE) --node auto --task single_double_quote \
-		--circuit $(CIRCUITS)/single_double_quote.json --out $(@:.txt=.json) $(call save,$@)
-$(RESULTS)/intervene_quote_site.txt: $(RESULTS)/bridge_quality.txt $(CIRCUITS)/single_double_quote.json
+		--circuit $(STEER_CIRCUIT) --out $(@:.txt=.json) $(call save,$@)
+$(RESULTS)/intervene_quote_site.txt: $(RESULTS)/bridge_quality.txt $(STEER_CIRCUIT)
 	$(CS) intervene --bridge $(BRIDGE) --node auto --task single_double_quote --site-channels \
-		--strength 0.25 0.5 1 2 4 --circuit $(CIRCUITS)/single_double_quote.json --out $(@:.txt=.json) \
+		--strength 0.25 0.5 1 2 4 --circuit $(STEER_CIRCUIT) --out $(@:.txt=.json) \
 		$(call save,$@)
 
 # The paper-shaped models' weights (47 MB) are not in the checkout, to keep data/ under 40 MB;

@@ -99,7 +99,7 @@ class Circuit:
     >>> path = cspkit.paths.results_dir() / "circuits" / "small-sparse" / "single_double_quote.json"
     >>> circuit = cspkit.Circuit.load(path)      # with the model it was found in
     >>> (circuit.n_nodes, circuit.n_edges)
-    (47, 69)
+    (26, 45)
     >>> circuit.evaluate()["accuracy"] > 0.9
     True
     >>> circuit.to_networkx().number_of_nodes() == circuit.n_nodes
@@ -160,6 +160,7 @@ class Circuit:
     def __repr__(self) -> str:
         return (f"Circuit(task={self.task!r}, nodes={self.n_nodes}, edges={self.n_edges}, "
                 f"loss={self.loss:.4f}, target={self.target}, ablation={self.ablation!r}"
+                + (f", edges pruned from {self.node_edges}" if self.edge_level else "")
                 + (f", masks collapsed: {self.mask_nodes} nodes at loss {self.mask_loss:.3f}" if self.collapsed else "")
                 + ")")
 
