@@ -15,15 +15,7 @@ import argparse
 import json
 
 import cspkit
-from cspkit.pruning import MASK_SLACK, prune
-
-
-def rise_after_target(trace: list[tuple[int, float]], target: float) -> float:
-    """The largest loss above the target at a size larger than the first one under it (0 if none)."""
-    under = [k for k, loss in trace if loss <= target]
-    if not under:
-        return float("inf")
-    return max([loss - target for k, loss in trace if k > under[0]] + [0.0])
+from cspkit.pruning import MASK_SLACK, prune, rise_after_target
 
 
 def main() -> None:

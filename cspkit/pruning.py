@@ -224,6 +224,16 @@ def bisect(evaluate, n_total: int, target: float, start: int | None = None) -> i
     return hi
 
 
+def rise_after_target(trace: list[tuple[int, float]], target: float) -> float:
+    """How far the loss along the ranking rises above ``target`` at a size larger than the first
+    one under it, over the (k, loss) points a search visited (0 if it never does; inf if no
+    point is under the target). The search assumes it is 0; docs/method.md allows 0.05."""
+    under = [k for k, loss in sorted(trace) if loss <= target]
+    if not under:
+        return float("inf")
+    return max([loss - target for k, loss in trace if k > under[0]] + [0.0])
+
+
 class TargetNotReached(ValueError):
     """Pruning found no node set that meets the target (only raised with require_full=False)."""
 

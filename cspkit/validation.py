@@ -21,7 +21,7 @@ from . import tasks as tasks_mod
 from .ablation import ablation_values, gate_hooks, keep_gates, node_widths
 from .circuit import Circuit, compute_edges, masked_pair_logits, score
 from .files import atomic_write
-from .model import GPT
+from .model import GPT, frozen
 from .pruning import RankedLoss, TargetNotReached, bisect, prune, ranking, split_pairs, top_nodes
 
 CHANCE = math.log(2)
@@ -88,16 +88,9 @@ def attribution_scores(model: GPT, task, ablation: str, pairs) -> dict[str, torc
     values = ablation_values(model, ablation, tokens) if ablation == "resample" else ablation_values(model, ablation)
     gates = {loc: torch.ones(w, device=model.device, requires_grad=True)
              for loc, w in node_widths(model.config).items()}
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):      # only the gates take a gradient
         logits = model.run_with_hooks(tokens, gate_hooks(gates, values))
-        loss = tasks_mod.task_loss(tasks_mod.pair_logits(logits, batch).float(), batch["label"])
-        loss.backward()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        tasks_mod.task_loss(tasks_mod.pair_logits(logits, batch).float(), batch["label"]).backward()
     # d loss / d gate at gate 1 = sum over tokens of grad * (x - ablated)
     return {loc: g.grad.abs().detach() for loc, g in gates.items()}
 

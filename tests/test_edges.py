@@ -11,7 +11,7 @@ from cspkit.circuit import compute_edges
 from cspkit.config import ModelConfig
 from cspkit.edges import edge_gates, edge_groups, keep_edges
 from cspkit.model import GPT
-from cspkit.pruning import prune
+from cspkit.pruning import prune, rise_after_target
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,8 @@ def test_loss_along_the_ranking_stays_under_the_target_once_there(quote_edges):
     sparse model's quote task, no size the bisection visits above the first one under the target
     rises more than 0.05 over it (nodes, and then edges)."""
     for trace in (quote_edges.trace, quote_edges.edge_trace):
-        under = [k for k, loss in trace if loss <= quote_edges.target]
-        assert under, "the bisection found no size under the target"
-        rises = [(k, round(loss, 3)) for k, loss in trace if k > under[0] and loss > quote_edges.target + 0.05]
-        assert not rises, f"loss along the ranking rose back above the target at {rises}"
+        rise = rise_after_target(trace, quote_edges.target)
+        assert rise <= 0.05, f"loss along the ranking rose {rise:.3f} above the target after reaching it: {trace}"
 
 
 def test_edge_masks_train_through_the_gates(sparse_model):
