@@ -101,7 +101,7 @@ $(VALID)_indent_for.txt: $(CIRCUITS)/indent_for.json
 	@mkdir -p $(@D)
 	$(CS) validate --circuit $< --no-prune-controls --out $(@:.txt=.json) $(call save,$@)
 $(RESULTS)/prune_speed.txt: | $(VENV)/.installed
-	$(PY) bench/prune_speed.py --model $(SMALL) --baseline $(PRUNE_BASELINE) --repeats 3 $(call save,$@)
+	$(PY) bench/prune_speed.py --model $(SMALL) --baseline $(PRUNE_BASELINE) --repeats 2 $(call save,$@)
 $(RESULTS)/bridge_quality.txt: | $(VENV)/.installed
 	$(CS) bridge --dense $(DENSE) --sparse $(SMALL) --out $(BRIDGE) --profile small
 	$(CS) bridge-report --bridge $(BRIDGE) --out $@
