@@ -22,6 +22,20 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
 
+# the shipped pair and where results go; the variables measure another pair into other folders
+CS := $(VENV)/bin/cspkit
+SMALL ?= data/models/small-sparse
+DENSE ?= data/models/small-dense
+RESULTS ?= results
+BRIDGE ?= data/models/small-bridge
+CIRCUITS = $(RESULTS)/circuits/small-sparse
+# the pruner before the penalty multiplier and the CSR products, which prune_speed.txt is timed against
+PRUNE_BASELINE := bb63d53
+VALID = $(RESULTS)/validation/small-sparse
+# edge circuits (cspkit prune --edges) in a folder of their own: the explorer keys circuits by task and target
+EDGES = $(RESULTS)/circuits/small-sparse-edges
+VALID_EDGES = $(RESULTS)/validation/small-sparse-edges
+
 # stdout to a file, written only when the command succeeds
 save = > $(1).tmp && mv $(1).tmp $(1)
 
@@ -34,7 +48,7 @@ bench: $(VENV)/.installed
 DEVICE ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 JOBS ?= 2
 frontier: $(VENV)/.installed paper-models $(RESULTS)/sparse_vs_dense.json
-	$(VENV)/bin/cspkit sweep --models data/models/paper-e1-sparse data/models/paper-e1-dense \
+	$(CS) sweep --models data/models/paper-e1-sparse data/models/paper-e1-dense \
 		data/models/paper-e1-sparser data/models/paper-e2-sparse --tasks all --seeds 0 1 --jobs $(JOBS) \
 		--device $(DEVICE) --out results/sweep_paper.json
 	$(CS) sweep-merge $(RESULTS)/sparse_vs_dense.json results/sweep_paper.json \
@@ -56,22 +70,10 @@ $(RESULTS)/prune_ranking.txt: | $(VENV)/.installed
 # (on 2 CPU cores each of the sweep's two penalties is 80 prunings, about 80 minutes, and the
 # controls 20; the bridge 5). Each result is a file target, so make builds only what is missing:
 # a run stopped part-way carries on with the same command (the sweep from its
-# results file, the bridge from its checkpoint). The variables measure another
+# results file, the bridge from its checkpoint). The variables at the top measure another
 # pair into other folders, as the shipped pair was measured beside the first one before it
 # replaced it. After replacing a model, delete what was built on it first: circuit, bridge and
 # sweep files name the weights they belong to.
-CS := $(VENV)/bin/cspkit
-SMALL ?= data/models/small-sparse
-DENSE ?= data/models/small-dense
-RESULTS ?= results
-BRIDGE ?= data/models/small-bridge
-CIRCUITS = $(RESULTS)/circuits/small-sparse
-# the pruner before the penalty multiplier and the CSR products, which prune_speed.txt is timed against
-PRUNE_BASELINE := bb63d53
-VALID = $(RESULTS)/validation/small-sparse
-# edge circuits (cspkit prune --edges) in a folder of their own: the explorer keys circuits by task and target
-EDGES = $(RESULTS)/circuits/small-sparse-edges
-VALID_EDGES = $(RESULTS)/validation/small-sparse-edges
 # what needs only the two models, and then the bridge between them and its steering
 small-results: small-model-results small-bridge-results
 small-model-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json \
