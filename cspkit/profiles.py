@@ -67,7 +67,8 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig]] = {
 
 # Bridge training (cspkit.bridges): the BridgeConfig and the schedule. The sparse model either
 # starts from a checkpoint (fine-tuning: cspkit.bridges.configs_for then holds its sparsity from
-# the first step) or from scratch in the dense model's shape, annealed as set here.
+# the first step) or from scratch, annealed as set here, in the shape of BRIDGE_MODELS[profile]
+# where the profile names one and in the dense model's shape otherwise.
 BRIDGE_PROFILES: dict[str, tuple[BridgeConfig, TrainConfig]] = {
     "tiny": (BridgeConfig(),
              TrainConfig(max_steps=200, batch_size=8, lr=0.01, eval_interval=50, eval_batches=2, ckpt_interval=50,
@@ -85,7 +86,17 @@ BRIDGE_PROFILES: dict[str, tuple[BridgeConfig, TrainConfig]] = {
     "small-joint": (BridgeConfig(kl_sites=1, train_sparse=True),
                     TrainConfig(max_steps=500, batch_size=8, lr=2e-3, warmup_frac=0.02, eval_interval=100,
                                 eval_batches=4, ckpt_interval=100)),
+    # the paper's way: a sparse model trained from scratch with its bridges to a frozen dense model
+    # of its depth, every loss term from the first step. small-hour's recipe (2 layers, its width,
+    # sparsity, corpus and schedule) against data/models/bridged-dense, a 2-layer dense model
+    # trained on the same corpus to small-hour's validation loss; the hybrid passes at two of the
+    # four sites per step (docs/models.md, "The bridged pair")
+    "bridged-small": (BridgeConfig(kl_sites=2),
+                      replace(PROFILES["small-hour"][1], eval_interval=200, eval_batches=4)),
 }
+
+# the sparse model of a bridge trained from scratch takes this model profile's shape
+BRIDGE_MODELS: dict[str, str] = {"bridged-small": "small-hour"}
 
 
 def bridge_profile(name: str) -> tuple[BridgeConfig, TrainConfig]:

@@ -15,6 +15,7 @@ from cspkit.cli import main
 from cspkit.config import BridgeConfig, ModelConfig, from_dict, to_dict
 from cspkit.data import TokenData
 from cspkit.model import GPT, parse_node
+from cspkit.profiles import profile
 from cspkit.training import train as train_model
 
 
@@ -172,6 +173,13 @@ def test_training_freezes_dense_and_round_trips(pair, tmp_path):
     assert tcfg.corpus == ckpt.read_config(dense_dir)["train"]["corpus"] and tcfg.corpus is not None
     _, _, other = bridges.configs_for("small", dense_dir, trained.dir, overrides=['train.corpus=["elsewhere"]'])
     assert other.corpus == ["elsewhere"]
+    # the bridged pair's profile trains a sparse model from scratch in small-hour's shape and recipe
+    b_model, b_bridge, b_train = bridges.configs_for("bridged-small", dense_dir)
+    hour_model, hour_train = profile("small-hour")
+    assert b_model == hour_model and b_bridge.train_sparse and b_train.init_from is None
+    assert (b_train.max_steps, b_train.lr, b_train.l0_frac, b_train.anneal_end) == \
+        (hour_train.max_steps, hour_train.lr, hour_train.l0_frac, hour_train.anneal_end)
+    assert bridges.configs_for("bridged-small", dense_dir, overrides=["model.n_layer=1"])[0].n_layer == 1
     assert tcfg.l0_frac == trained.tcfg.l0_frac
     # the dense model is frozen: no gradients, the weights of its checkpoint
     original = ckpt.load(dense_dir)
@@ -353,10 +361,16 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     gap = lambda t: t.sum(-1) - 2 * t.gather(1, batch["label"][:, None])[:, 0]
     right = base.argmax(-1) == batch["label"]
     assert r["rows"][1]["logit_shift"] == pytest.approx(float((gap(two) - gap(base))[right].mean()), abs=1e-4)
+    # P(other): the other candidate's probability under the softmax over the whole vocabulary
+    steered = bridges.intervene(dense, sparse, bridge, best.node, sign * best.delta, 1.0, tokens=batch["tokens"])
+    probs = tasks_mod.last_logits(steered, batch["last"]).softmax(-1)
+    p_other = probs.gather(1, batch["cands"])[torch.arange(8), 1 - batch["label"]]
+    assert r["rows"][1]["p_other"] == pytest.approx(float(p_other[right].mean()), abs=1e-4)
 
     # the same change made in the sparse model itself, through a hook on the read location
     own = bridges.own_flip_rates(sparse, "single_double_quote", best, [0.0, 1.0], n=4)
-    assert own["rows"][0] == {"strength": 0.0, "flip_rate": 0.0, "logit_shift": 0.0}
+    assert {k: own["rows"][0][k] for k in ("strength", "flip_rate", "logit_shift")} == \
+        {"strength": 0.0, "flip_rate": 0.0, "logit_shift": 0.0}
     loc, c = parse_node(best.node)
 
     def steer(act, name):
@@ -371,11 +385,15 @@ def test_pick_channel_and_flip_rates(pair, tmp_path):
     assert own["sparse_right"] == int(right.sum()) and own["rows"][1]["logit_shift"] == pytest.approx(shift, abs=1e-4)
     lines = bridges.format_flips(r["rows"]).splitlines()
     assert len(lines) == 3 and lines[0].split() == ["strength", "flip", "rate", "random", "control", "logit",
-                                                    "shift", "control"]
+                                                    "shift", "control", "P(other)", "control"]
+    row = r["rows"][1]
     assert lines[2].split() == [f"{v:.{p}f}" for v, p in zip(
-        [1.0, r["rows"][1]["flip_rate"], r["rows"][1]["control_flip_rate"], r["rows"][1]["logit_shift"],
-         r["rows"][1]["control_logit_shift"]], [2, 3, 3, 3, 3])]
+        [1.0, row["flip_rate"], row["control_flip_rate"], row["logit_shift"], row["control_logit_shift"],
+         row["p_other"], row["control_p_other"]], [2, 3, 3, 3, 3, 3, 3])]
     assert "control" not in bridges.format_flips(own["rows"])
+    # strengths past the other class's mean are labelled as extrapolation
+    far = bridges.format_flips([{**row, "strength": 2.0}, row]).splitlines()
+    assert far[1].endswith("(extrapolation)") and not far[2].endswith("(extrapolation)")
 
     # at the token where the two prompts differ; several channels of one site at once
     at_diff = bridges.channel_stats(sparse, "single_double_quote", nodes, n=8, at="diff")
@@ -501,7 +519,9 @@ def test_cli_bridge_and_intervene(pair, tmp_path, capsys, monkeypatch):
 
     from cspkit.viz import plot_bridge_quality, plot_steering
     assert len(plot_bridge_quality(rep).axes) == 2
-    assert len(plot_steering({"a": res, "b": saved}).axes[0].lines) == 4
+    # the CLI's result carries the sparse model's own curve: drawn beside the steered and control ones
+    assert {"sparse_right", "rows"} <= set(saved["own"]) and "the sparse model itself" in text
+    assert len(plot_steering({"a": res, "b": saved}).axes[0].lines) == 6
 
 
 def test_bridge_reads_the_dense_models_corpus_mixture(pair, tmp_path):
@@ -531,3 +551,10 @@ def test_small_bridge_profiles_freeze_or_fine_tune_the_sparse_model(pair):
     assert tcfg.corpus == ckpt.read_config(dense_dir)["train"]["corpus"] and tcfg.corpus is not None
     _, _, other = bridges.configs_for("small", dense_dir, trained.dir, overrides=['train.corpus=["elsewhere"]'])
     assert other.corpus == ["elsewhere"]
+    # the bridged pair's profile trains a sparse model from scratch in small-hour's shape and recipe
+    b_model, b_bridge, b_train = bridges.configs_for("bridged-small", dense_dir)
+    hour_model, hour_train = profile("small-hour")
+    assert b_model == hour_model and b_bridge.train_sparse and b_train.init_from is None
+    assert (b_train.max_steps, b_train.lr, b_train.l0_frac, b_train.anneal_end) == \
+        (hour_train.max_steps, hour_train.lr, hour_train.l0_frac, hour_train.anneal_end)
+    assert bridges.configs_for("bridged-small", dense_dir, overrides=["model.n_layer=1"])[0].n_layer == 1

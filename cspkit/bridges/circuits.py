@@ -20,7 +20,16 @@ from ..circuit import Circuit
 from ..files import atomic_write
 from ..model import GPT, node_name
 from .maps import load
-from .steering import READS, Channel, channel_stats, flip_rates, format_flips, pick_channel, read_channel
+from .steering import (
+    READS,
+    Channel,
+    channel_stats,
+    flip_rates,
+    format_flips,
+    own_flip_rates,
+    pick_channel,
+    read_channel,
+)
 
 
 def read_nodes(circuit: Circuit) -> list[str]:
@@ -144,6 +153,8 @@ def steer_report(bridge_dir: str | os.PathLike, task: str, node: str = "auto",
         ch = site_channels(sparse, task, found, ch)
         how += f", with all {len(ch)} of the circuit's read channels at its site, each by its own delta"
     r = flip_rates(dense, sparse, bridge, task, ch, strengths, split, n, seed)
+    own = own_flip_rates(sparse, task, ch, strengths, split, n, seed)
+    r["own"] = {"sparse_right": own["sparse_right"], "rows": own["rows"]}
     if found is not None:
         r["circuit"] = {"source": shown_path(found.source), "nodes": found.n_nodes, "read_nodes": read_nodes(found)}
     if out:
@@ -160,6 +171,11 @@ def steer_report(bridge_dir: str | os.PathLike, task: str, node: str = "auto",
              f"delta = B - A = {first('delta'):+.3f} (A prompts +delta, B prompts -delta)",
              f"{r['split']} split: the dense model prefers the right candidate on {r['dense_right']} of "
              f"{r['prompts']} prompts; flip rate = the fraction of those that switch to the other class's answer; "
-             "logit shift = mean change of their other-minus-own candidate logit gap",
-             format_flips(r["rows"])]
+             "logit shift = mean change of their other-minus-own candidate logit gap; P(other) = mean probability "
+             "of the other class's answer over the whole vocabulary; strength s moves the channel s of the way from "
+             "its class's mean to the other class's (above 1: extrapolation)",
+             format_flips(r["rows"]),
+             f"the sparse model itself, the same change made in it ({r['own']['sparse_right']} prompts right "
+             "unsteered):",
+             format_flips(r["own"]["rows"])]
     return r, "\n".join(lines)

@@ -240,7 +240,7 @@ def flip_rates(dense: GPT, sparse: GPT, bridge: Bridge, task, channel: Channel |
         for runs, rand in ((two, False), (control, True)):
             for st, out in runs.items():
                 logits = run_sublayers(dense, toks, rd + st * vs[rand] if st else rd, start=i)
-                out.append(tasks_mod.pair_logits(logits, sub).float().cpu())
+                out.append(candidate_logprobs(logits, sub))
 
     right, rows = _flip_table(two, label, strengths, control)
     return {**_steered(t, split, channel), "site": bridge.sites[i], "prompts": N,
@@ -274,7 +274,7 @@ def own_flip_rates(sparse: GPT, task, channel: Channel | list[Channel], strength
                 act[..., idx] += st * d[:, None, :].to(act.dtype)         # (B, T, k): every token
                 return act
             logits = sparse.run_with_hooks(toks, {loc: steer}) if st else sparse(toks)
-            two[st].append(tasks_mod.pair_logits(logits, sub).float().cpu())
+            two[st].append(candidate_logprobs(logits, sub))
     right, rows = _flip_table(two, label, strengths)
     return {**_steered(t, split, channel), "prompts": label.shape[0], "sparse_right": int(right.sum()),
             "rows": rows}
@@ -321,33 +321,47 @@ def format_flips(rows: list[dict]) -> str:
     cols += [("random control", "control_flip_rate", 15, ".3f")] if ctl else []
     cols += [("logit shift", "logit_shift", 12, ".3f")]
     cols += [("control", "control_logit_shift", 8, ".3f")] if ctl else []
+    cols += [("P(other)", "p_other", 9, ".3f")]
+    cols += [("control", "control_p_other", 8, ".3f")] if ctl else []
     head = " ".join(f"{title:>{width}s}" for title, _, width, _ in cols)
-    return "\n".join([head] + [" ".join(f"{row[key]:>{width}{fmt}}" for _, key, width, fmt in cols)
-                               for row in rows])
+    lines = [head] + [" ".join(f"{row[key]:>{width}{fmt}}" for _, key, width, fmt in cols)
+                      + (" (extrapolation)" if row["strength"] > 1 else "") for row in rows]
+    return "\n".join(lines)
+
+
+def candidate_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, vocab) logits -> (B, 2): the log-probabilities of the two candidates at each prompt's
+    last token under the softmax over the whole vocabulary (their difference is the logit gap)."""
+    at_last = tasks_mod.last_logits(logits, batch["last"]).float().log_softmax(-1)   # (B, vocab)
+    return tasks_mod.pair_logits(at_last, batch).cpu()
 
 
 def _flip_table(two: dict[float, list], label: torch.Tensor, strengths,
                 control: dict[float, list] | None = None) -> tuple[torch.Tensor, list[dict]]:
-    """From each strength's candidate logits, ``two[strength]`` (batches of (B, 2); strength 0 is
-    the unsteered run): which prompts the unsteered model gets right, and per strength the fraction
-    of those whose preferred candidate flips and the mean change of their other-minus-own logit gap
-    (and the same for ``control``, the random-direction runs, where given)."""
-    def prefs(runs: dict[float, list], st: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preferred candidate (2N,) and the other-minus-own candidate logit difference."""
+    """From each strength's candidate log-probabilities, ``two[strength]`` (batches of (B, 2);
+    strength 0 is the unsteered run): which prompts the unsteered model gets right, and per
+    strength, among those, the fraction whose preferred candidate flips, the mean change of their
+    other-minus-own logit gap, and the mean probability of the other class's answer (over the
+    whole vocabulary); the same for ``control``, the random-direction runs, where given."""
+    def prefs(runs: dict[float, list], st: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Preferred candidate (2N,), the other-minus-own gap, the other candidate's probability."""
         t2 = torch.cat(runs[st])
         own = t2.gather(1, label[:, None])[:, 0]
-        return t2.argmax(-1), t2.sum(-1) - 2 * own
+        other = t2.gather(1, 1 - label[:, None])[:, 0]
+        return t2.argmax(-1), other - own, other.exp()
 
-    base, base_gap = prefs(two, 0.0)
+    base, base_gap, _ = prefs(two, 0.0)
     right = base == label
+    mean = lambda x: float(x[right].float().mean()) if right.any() else 0.0
     rows = []
     for st in strengths:
         row = {"strength": st}
         for name, runs in (("", two), ("control_", control)):
             if runs is None:
                 continue
-            pref, gap = prefs(runs, float(st))
-            row[f"{name}flip_rate"] = float((pref != label)[right].float().mean()) if right.any() else 0.0
-            row[f"{name}logit_shift"] = float((gap - base_gap)[right].mean()) if right.any() else 0.0
+            pref, gap, p_other = prefs(runs, float(st))
+            row[f"{name}flip_rate"] = mean(pref != label)
+            row[f"{name}logit_shift"] = mean(gap - base_gap)
+            row[f"{name}p_other"] = mean(p_other)
         rows.append(row)
     return right, rows

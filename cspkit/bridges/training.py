@@ -20,7 +20,7 @@ from ..config import BridgeConfig, ModelConfig, TrainConfig, from_dict, override
 from ..data import TokenData, build_shards
 from ..files import atomic_write
 from ..model import GPT
-from ..profiles import bridge_profile
+from ..profiles import BRIDGE_MODELS, bridge_profile, profile
 from ..sparsity import project_model_
 from ..training import (
     check_resumable,
@@ -49,7 +49,8 @@ def configs_for(profile_name: str, dense: str | os.PathLike, sparse: str | os.Pa
     With ``sparse`` (a checkpoint directory) the sparse model is fine-tuned: it starts from those
     weights (train.init_from) and keeps their sparsity from the first step (the checkpoint's L0
     fractions, no annealing). Without it, the sparse model is trained from scratch jointly with
-    the bridge (the paper's way), in the dense model's shape and annealed like ``cspkit train``."""
+    the bridge (the paper's way), annealed like ``cspkit train``, in the shape of the model profile
+    that ``profiles.BRIDGE_MODELS`` names for the bridge profile, else in the dense model's."""
     bcfg, tcfg = bridge_profile(profile_name)
     dense_cfg = ckpt.read_config(dense)
     if tcfg.corpus is None:
@@ -69,7 +70,12 @@ def configs_for(profile_name: str, dense: str | os.PathLike, sparse: str | os.Pa
         if model_keys:
             raise ValueError(f"{model_keys}: model overrides apply only to a sparse model trained from scratch; "
                              "a fine-tuned one keeps the shape of its checkpoint")
-    mcfg = from_dict(ModelConfig, (src if sparse is not None else dense_cfg)["model"], "model config")
+    if sparse is not None:
+        mcfg = from_dict(ModelConfig, src["model"], "model config")
+    elif profile_name in BRIDGE_MODELS:
+        mcfg = profile(BRIDGE_MODELS[profile_name])[0]
+    else:
+        mcfg = from_dict(ModelConfig, dense_cfg["model"], "model config")
     if seed is not None:
         tcfg = replace(tcfg, seed=seed)
     if max_steps is not None:

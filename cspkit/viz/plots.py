@@ -221,18 +221,27 @@ def plot_bridge_quality(q: dict[str, Any]) -> NotebookFigure:
 
 
 def plot_steering(results: dict[str, dict[str, Any]]) -> NotebookFigure:
-    """Flip rate and logit shift against steering strength (label -> a ``cspkit.bridges.flip_rates``
-    result), each beside its random-direction control of the same norm (dashed)."""
+    """Flip rate and the probability of the other class's answer against steering strength
+    (label -> a ``cspkit.bridges.flip_rates`` or ``steer_report`` result): the dense model steered
+    through the bridge (solid), its random-direction control of the same norm (dashed) and, where
+    the result has it (``steer_report``'s ``own``), the same change made in the sparse model
+    itself (dotted). Strengths above 1 (shaded) extrapolate past the other class's mean."""
     fig = NotebookFigure(figsize=(11, 3.8))
-    ax_flip, ax_shift = fig.subplots(1, 2)
+    ax_flip, ax_p = fig.subplots(1, 2)
     for label, r in results.items():
         s = [row["strength"] for row in r["rows"]]
-        for ax, key in ((ax_flip, "flip_rate"), (ax_shift, "logit_shift")):
-            (line,) = ax.plot(s, [row[key] for row in r["rows"]], "o-", label=label)
+        for ax, key in ((ax_flip, "flip_rate"), (ax_p, "p_other")):
+            (line,) = ax.plot(s, [row[key] for row in r["rows"]], "o-", label=f"{label}: dense, steered")
             ax.plot(s, [row[f"control_{key}"] for row in r["rows"]], "x--", color=line.get_color(),
-                    label=f"{label}: random control")
-    ax_flip.set(xlabel="strength (1 = one class's mean moved to the other's)", ylabel="flip rate", ylim=(-0.03, 1.03),
-                title="dense model switches to the other class's answer")
-    ax_shift.axhline(0, color="gray", lw=1)
-    ax_shift.set(xlabel="strength", ylabel="logit shift (nats)", title="change of the other-minus-own logit gap")
-    return _finish(fig, ax_flip, ax_shift)
+                    label=f"{label}: dense, random control")
+            if "own" in r:
+                ax.plot([row["strength"] for row in r["own"]["rows"]], [row[key] for row in r["own"]["rows"]],
+                        "^:", color=line.get_color(), label=f"{label}: the sparse model itself")
+    for ax in (ax_flip, ax_p):
+        if max((row["strength"] for r in results.values() for row in r["rows"]), default=0) > 1:
+            ax.axvspan(1, ax.get_xlim()[1], color="gray", alpha=0.12, lw=0)
+        ax.set_ylim(-0.03, 1.03)
+    ax_flip.set(xlabel="strength (1 = moved to the other class's mean)", ylabel="flip rate",
+                title="answers switched to the other class's")
+    ax_p.set(xlabel="strength", ylabel="P(other class's answer)", title="probability of the other answer")
+    return _finish(fig, ax_flip, ax_p)
