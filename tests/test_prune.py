@@ -138,6 +138,20 @@ def test_calibration_fits_scale_and_shift():
     assert cal < raw
 
 
+def test_calibration_stays_finite_on_separable_prompts():
+    # calibration prompts that the circuit separates perfectly, held-out ones that overlap a little
+    g = torch.Generator().manual_seed(0)
+    label = torch.arange(64) % 2
+    diff = torch.where(label == 0, 2.7, -0.95) + 0.2 * torch.randn(64, generator=g)
+    assert bool(((diff > 0) == (label == 0)).all())
+    scale, shift = fit_calibration(torch.stack([diff, torch.zeros_like(diff)], 1), label)
+    assert 1 < scale < 10 and abs(shift) < 10, (scale, shift)
+    held = torch.where(label == 0, 2.1, -1.3) + 1.2 * torch.randn(64, generator=g)
+    z = scale * held + shift
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, (label == 0).float())
+    assert loss < 0.3, loss    # hard targets: scale and shift in the tens, and a held-out loss near chance
+
+
 def test_prune_meets_the_target_and_is_deterministic(tiny):
     task = _task()
     full = prune(tiny, task, target=10.0, config=FAST, progress=False)
