@@ -33,6 +33,7 @@ from .model import GPT, node_name, parse_node
 
 FORMAT = "cspkit.circuit/1"
 UNSAVED = ("taus", "mean_taus", "mask_seconds", "source")  # fields a circuit file does not hold
+RANKING_KEPT = 256  # at least this many ranked node names go into a circuit file
 Edge = tuple[str, str, float]
 
 
@@ -132,6 +133,10 @@ class Circuit:
     edge_level: bool = False
     node_edges: int | None = None
     edge_trace: list[tuple[int, float]] = field(default_factory=list)
+    # The masks' node ranking, best first, cut after max(RANKING_KEPT, 4 x the circuit's nodes)
+    # names: a circuit of any k up to there is its first k (the explorer's k slider). Empty in
+    # files written before it was recorded and for circuits built by hand.
+    ranking: list[str] = field(default_factory=list)
     model: GPT | None = field(default=None, repr=False, compare=False)
     task_obj: Any = field(default=None, repr=False, compare=False)
     # Not saved: what pruning learned (the masks' final and step-averaged taus, which rank the

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from . import tasks as tasks_mod
 from .ablation import ablation_values, check_ablation, fingerprint, gate_hooks, keep_gates, node_widths, resample_shift
 from .checkpoint import load
-from .circuit import Circuit, compute_edges, fit_calibration, masked_pair_logits, score, split_pairs
+from .circuit import RANKING_KEPT, Circuit, compute_edges, fit_calibration, masked_pair_logits, score, split_pairs
 from .config import PruneConfig, to_dict
 from .edges import EdgeGroup, edge_gates, edge_groups, keep_edges
-from .model import GPT, frozen
+from .model import GPT, frozen, node_name
 from .sparsity import sparse_matmuls
 
 # how far above the target the masks' own node set may be before their training counts as collapsed
@@ -350,7 +350,8 @@ def _prune(model: GPT, task_obj, target: float, ablation: str, seed: int, cfg: P
                 seconds=round(time.time() - t0, 2), config=to_dict(cfg),
                 trace=sorted((kk, v[0]) for kk, v in ev.seen.items()), model=model, task_obj=task_obj,
                 mask_nodes=k_mask, mask_loss=mask_loss, collapsed=mask_loss > target + MASK_SLACK,
-                taus=taus, mean_taus=mean_taus, mask_seconds=t_masks)
+                taus=taus, mean_taus=mean_taus, mask_seconds=t_masks,
+                ranking=[node_name(loc, i) for loc, i in order[:max(RANKING_KEPT, 4 * k)]])
 
 
 def loss_curve(circuit: Circuit, ks: list[int]) -> list[tuple[int, float]]:

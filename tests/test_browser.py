@@ -1,6 +1,8 @@
 """The explorer notebook in a real browser: JupyterLab on localhost (temporary config, autosave
 off) runs notebooks/05_explore_circuits.ipynb in headless Chromium; the explorer's graph must be
-drawn on a canvas of nonzero size, choosing another task in the dropdown must redraw it, and no
+drawn on a canvas of nonzero size, a mouse click on a node must fill the node pane (a round trip
+through the kernel), the k slider moved with the keyboard must redraw the graph with one node
+fewer and change the loss line, choosing another task in the dropdown must redraw it, and no
 request may leave localhost. Screenshots go to test-artifacts/.
 
 Needs Debian's chromium at /usr/bin/chromium (Playwright's own browser download is not used);
@@ -111,29 +113,31 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def _graph_frame(page, task: str):
-    """The explorer's graph iframe once it shows ``task`` and vis-network has drawn it."""
-    page.wait_for_function(
-        "t => { const f = document.querySelector('.cspkit-graph iframe');"
-        " return f && f.srcdoc.includes('data-task=\"' + t + '\"'); }", arg=task, timeout=NOTEBOOK_TIMEOUT_S * 1000)
-    handle = page.query_selector(".cspkit-graph iframe")
-    handle.scroll_into_view_if_needed()
-    frame = handle.content_frame()
-    frame.wait_for_selector("body[data-drawn='1']", state="attached", timeout=60_000)
-    return frame
+def _frame_canvas(frame) -> dict:
+    """The canvas's size and how many of its pixels are painted, in a graph page (iframe)."""
+    return frame.evaluate(_PAINTED, "#mynetwork canvas")
 
 
-def _canvas(frame) -> dict:
-    """The canvas's size and how many of its pixels are painted."""
-    return frame.evaluate("""() => {
-      const c = document.querySelector('#mynetwork canvas');
-      const r = c.getBoundingClientRect();
-      const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-      let painted = 0;
-      for (let i = 0; i < px.length; i += 4)
-        if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) painted++;
-      return {width: c.width, height: c.height, shown_width: r.width, shown_height: r.height, painted: painted};
-    }""")
+_PAINTED = """sel => {
+  const c = document.querySelector(sel);
+  const r = c.getBoundingClientRect();
+  const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let painted = 0;
+  for (let i = 0; i < px.length; i += 4)
+    if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) painted++;
+  return {width: c.width, height: c.height, shown_width: r.width, shown_height: r.height, painted: painted};
+}"""
+
+# the explorer's graph widget once it has drawn ``n`` nodes
+_GRAPH = ".cspkit-explorer .cspkit-graph"
+
+
+def _explorer_graph(page, n: int | None = None) -> dict:
+    cond = "" if n is None else f" && g.dataset.nodes === '{n}'"
+    page.wait_for_function(f"() => {{ const g = document.querySelector('{_GRAPH}');"
+                           f" return g && g.dataset.drawn{cond}; }}", timeout=120_000)
+    page.query_selector(_GRAPH).scroll_into_view_if_needed()
+    return page.evaluate(_PAINTED, f"{_GRAPH} canvas")
 
 
 def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
@@ -173,21 +177,45 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
             shown = plain.content_frame()
             shown.wait_for_selector("body[data-drawn='1']", state="attached", timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "notebook-graph.png"))
-            direct = _canvas(shown)
+            direct = _frame_canvas(shown)
             assert direct["width"] > 0 and direct["height"] > 0 and direct["painted"] > 1000, direct
 
-            frame = _graph_frame(page, "single_double_quote")
-            first = _canvas(frame)
+            first = _explorer_graph(page)
             page.screenshot(path=str(ARTIFACTS / "explorer-quote.png"))
             assert first["width"] > 0 and first["height"] > 0 and first["shown_width"] > 0, first
             assert first["painted"] > 1000, first
+            n = int(page.eval_on_selector(_GRAPH, "g => g.dataset.nodes"))
+
+            # a real click on a node of the drawing selects it in Python: the node pane shows it
+            spot = page.eval_on_selector(_GRAPH, """g => {
+              const net = g.cspkitNetwork, id = net.body.data.nodes.getIds()[0];
+              const p = net.canvasToDOM(net.getPositions([id])[id]);
+              const r = g.querySelector('canvas').getBoundingClientRect();
+              return {id: id, x: r.left + p.x, y: r.top + p.y};
+            }""")
+            page.mouse.click(spot["x"], spot["y"])
+            page.wait_for_function("id => { const d = document.querySelector('.cspkit-details');"
+                                   " return d && d.textContent.includes(id) && d.textContent.includes('class A'); }",
+                                   arg=spot["id"], timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "explorer-node.png"))
+
+            # the k slider, moved one step down with the keyboard: one node fewer, another loss
+            loss_before = page.inner_text(".cspkit-loss")
+            page.click(".cspkit-k .noUi-handle")
+            page.keyboard.press("ArrowLeft")
+            _explorer_graph(page, n - 1)
+            page.wait_for_function("t => document.querySelector('.cspkit-loss').innerText !== t", arg=loss_before,
+                                   timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "explorer-k.png"))
+            page.keyboard.press("ArrowRight")
+            _explorer_graph(page, n)
 
             page.select_option(".cspkit-task select", "bracket_counting")
-            frame2 = _graph_frame(page, "bracket_counting")
-            second = _canvas(frame2)
+            page.wait_for_function(f"() => document.querySelector('{_GRAPH}').dataset.nodes !== '{n}'",
+                                   timeout=120_000)
+            second = _explorer_graph(page)
             page.screenshot(path=str(ARTIFACTS / "explorer-bracket_counting.png"))
             assert second["width"] > 0 and second["height"] > 0 and second["painted"] > 1000, second
-            assert frame2.evaluate("document.body.dataset.task") == "bracket_counting"
             browser.close()
     finally:
         _stop(proc)

@@ -129,6 +129,22 @@ def test_hostile_tokens_are_escaped(model, circuit):
     assert "<script>alert(3)" not in viz.circuit_graph(weird, n_pairs=4).generate_html()
 
 
+def test_hostile_prompts_are_escaped_in_the_explorer(model, circuit):
+    # a user task whose prompts carry markup: the node pane shows them as text, never as tags
+    bad = "</script><img src=x onerror=alert(1)>"
+    task = cspkit.tasks.Task.from_pairs("hostile_prompts", [(f"x{i} = '{bad}", "'", f'x{i} = "{bad}', '"')
+                                                            for i in range(80)])
+    c = _circuit(model, "hostile_prompts")
+    c.task_obj, c.ranking = task, c.node_names()
+    ex = viz.explore(model, [task], circuits=[c], n_pairs=2, cache=False)
+    for name in (circuit.node_names()[0], f"1.attn.q[{circuit.nodes['1.attn.q'][0]}]"):
+        ex.graph.selected = name
+        d = ex.details.value
+        assert "&lt;/" in d and "rror" in d, name      # the prompt's markup, shown as text
+        assert "<img" not in d and "</script>" not in d
+    assert all("<img" not in n["title"] for n in ex.graph.nodes)
+
+
 def test_token_heatmap_escapes_and_matches_the_cache(model):
     text = 'x = "<script>alert(1)</script>"\nprint(x)\n'
     hm = viz.token_heatmap(model, text, "0.mlp.neuron[3]")
@@ -245,15 +261,20 @@ def explorer(model, circuit):
                        cache=False)
 
 
+def _ids(ex) -> list[str]:
+    return [n["id"] for n in ex.graph.nodes]
+
+
 def test_explorer_draws_and_switches_task(explorer, circuit):
-    first = explorer.graph.value
-    assert first.startswith("<iframe") and "single_double_quote" in explorer.status.value
-    assert explorer.circuit is circuit and len(explorer.node.options) == circuit.n_nodes + 1
+    first = _ids(explorer)
+    assert sorted(first) == sorted(circuit.node_names()) and "single_double_quote" in explorer.status.value
+    assert explorer.circuit is circuit and explorer.shown is circuit
+    assert len(explorer.node.options) == circuit.n_nodes + 1 and explorer.load_seconds > 0
     explorer.task.value = "bracket_counting"
     assert explorer.circuit.task == "bracket_counting" and explorer.target.value == 0.6  # the saved circuit's target
-    assert explorer.graph.value != first and "bracket_counting" in explorer.graph.value
+    assert _ids(explorer) != first and "bracket_counting" in explorer.graph.net.title
     explorer.target.value = 0.3
-    assert explorer.circuit is None and explorer.graph.value == "" and "compute circuit" in explorer.status.value
+    assert explorer.circuit is None and explorer.graph.nodes == [] and "compute circuit" in explorer.status.value
     explorer.task.value = "single_double_quote"
     assert explorer.circuit is circuit and explorer.target.value == 0.15
 
@@ -267,21 +288,54 @@ def test_explorer_filters_redraw(explorer, circuit, monkeypatch):
     monkeypatch.setattr(viz.graph, "annotated_graph", again)
     explorer.kinds["mlp.neuron"].value = False
     explorer.layers[1].value = False
-    page = explorer.graph.value
-    assert "0.mlp.neuron[" not in page and "1.attn" not in page
-    shown = re.findall(r"&quot;id&quot;: &quot;([^&]*)&quot;", page)
-    assert set(shown) == {n for n in circuit.node_names() if n.startswith("0.") and "neuron" not in n}
+    assert set(_ids(explorer)) == {n for n in circuit.node_names() if n.startswith("0.") and "neuron" not in n}
+    explorer.kinds["mlp.neuron"].value = True
+    explorer.layers[1].value = True
+    # the edge-strength threshold keeps the weight edges at or above it
+    weights = sorted(abs(w) for *_, w in circuit.edges)
+    explorer.threshold.value = weights[len(weights) // 2]
+    kept = [e for e in explorer.graph.edges if e["kind"] == "weight"]
+    assert len(kept) == sum(w >= explorer.threshold.value for w in weights) < len(weights)
+    explorer.threshold.value = 0.0
+    assert len([e for e in explorer.graph.edges if e["kind"] == "weight"]) == len(weights)
 
 
-def test_explorer_node_details_and_toggle(explorer, circuit):
+def test_explorer_layers_carry_counts_and_ablation_deltas(explorer, circuit):
+    for l, box in explorer.layers.items():
+        count = sum(len(idx) for loc, idx in circuit.nodes.items() if loc.startswith(f"{l}."))
+        assert box.description.startswith(f"layer {l}: {count} nodes")
+        rest = {loc: idx for loc, idx in circuit.nodes.items() if not loc.startswith(f"{l}.")}
+        delta = circuit.evaluate("test", n=4, nodes=rest)["loss"] - explorer.base_loss
+        assert explorer.layer_deltas[l] == pytest.approx(delta, abs=1e-6) and f"{delta:+.3f}" in box.description
+    # query, key and value channels are labelled by head and channel
+    d_head = circuit.model.config.d_head
+    q = circuit.nodes["1.attn.q"][0]
+    label = next(n["label"] for n in explorer.graph.nodes if n["id"] == f"1.attn.q[{q}]")
+    assert label == f"q h{q // d_head}.ch{q % d_head}"
+
+
+def test_explorer_node_click_details_and_toggle(explorer, circuit):
     name = f"0.mlp.neuron[{circuit.nodes['0.mlp.neuron'][0]}]"
-    explorer.node.value = name
+    explorer.graph.selected = name          # what a click in the drawing sends back
+    assert explorer.node.value == name
     d = explorer.details.value
     assert name in d and "incoming edges" in d and "outgoing edges" in d
     assert "On the task&#x27;s test prompts" in d or "On the task's test prompts" in d
+    assert "class A" in d and "class B" in d and "difference" in d
     assert "Corpus: strongest positive contexts" in d and d.count("<span") > 20
     ins = [s for s, t, _ in circuit.edges if t == name]
     assert ins and all(s in d for s in ins)
+    # a read or write channel shows the tokens the embedding puts highest and lowest in it
+    read = f"0.mlp.in[{circuit.nodes['0.mlp.in'][0]}]"
+    explorer.node.value = read
+    top, bottom = viz.embedding_tokens(circuit.model, circuit.nodes["0.mlp.in"][0], 8)
+    col = circuit.model.wte.weight[:, circuit.nodes["0.mlp.in"][0]]
+    assert top[0][1] == pytest.approx(float(col.max())) and bottom[0][1] == pytest.approx(float(col.min()))
+    assert "Embedding, residual channel" in explorer.details.value
+    explorer.node.value = name
+    assert "Embedding, residual channel" not in explorer.details.value   # a neuron is not a residual channel
+    explorer.graph.selected = "not a node"  # ignored
+    assert explorer.node.value == name
 
     base = explorer.current_loss
     explorer.node_off.value = True
@@ -290,16 +344,38 @@ def test_explorer_node_details_and_toggle(explorer, circuit):
     rest = {l: [j for j in idx if (l, j) != (loc, i)] for l, idx in circuit.nodes.items()}
     assert explorer.current_loss == pytest.approx(circuit.evaluate("test", n=4, nodes=rest)["loss"])
     assert explorer.current_loss - base == pytest.approx(viz.ablation_effects(circuit, 4)[name], abs=1e-5)
-    assert "#d9d9d9" in explorer.graph.value
+    assert any(n["color"]["background"] == "#d9d9d9" for n in explorer.graph.nodes if n["id"] == name)
     explorer.node.value = circuit.node_names()[0]
-    assert explorer.node_off.value is False   # the checkbox follows the selected node
+    assert explorer.node_off.value is False and explorer.graph.selected == circuit.node_names()[0]
     explorer.node.value = name
     assert explorer.node_off.value is True
     explorer.node_off.value = False
     assert not explorer.off and explorer.current_loss == base
 
 
-def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
+def test_explorer_attention_node_shows_its_heads_pattern(explorer, circuit, model):
+    name = f"1.attn.q[{circuit.nodes['1.attn.q'][0]}]"
+    explorer.node.value = name
+    head = circuit.nodes["1.attn.q"][0] // model.config.d_head
+    assert f"Attention of layer 1, head {head}" in explorer.details.value
+    tokens = torch.tensor([model.encoding.encode("x = ('a', \"b\")\n")])
+    p = viz.attention_pattern(model, tokens, 1, head)
+    assert p.shape == (1, tokens.shape[1], tokens.shape[1]) and bool((p.triu(1) == 0).all())   # causal
+    # rows sum to 1, less the sink's share where the model has one
+    assert bool((p.sum(-1) <= 1 + 1e-6).all()) and (model.config.sink or torch.allclose(p.sum(-1), torch.ones(1, 8)))
+    # the pattern times the head's values is the head's output, as the model computes it
+    seen = {}
+    hook = model.h[1].attn.c_proj.register_forward_hook(lambda mod, inp, out: seen.update(y=inp[0]))
+    try:
+        _, cache = model.run_with_cache(tokens, names=["1.attn.v"])
+    finally:
+        hook.remove()
+    d = model.config.d_head
+    heads = slice(head * d, (head + 1) * d)
+    assert torch.allclose(p @ cache["1.attn.v"][..., heads].float(), seen["y"][..., heads].float(), atol=1e-5)
+
+
+def test_explorer_k_slider_moves_over_the_ranking(model, circuit, monkeypatch, tmp_path):
     from cspkit import pruning
     calls = []
 
@@ -315,10 +391,10 @@ def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
     monkeypatch.setattr(pruning, "prune", fake_prune)
     monkeypatch.setenv("CSPKIT_CACHE", str(tmp_path))
     ex = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero")
-    assert ex.circuit is None and "compute circuit" in ex.status.value
+    assert ex.circuit is None and "compute circuit" in ex.status.value and ex.k.disabled
     ex.compute.click()
     assert calls == [("single_double_quote", 0.2, "zero")] and ex.circuit.target == 0.2
-    assert ex.graph.value.startswith("<iframe")
+    assert ex.graph.nodes and not ex.k.disabled and ex.k.value == ex.circuit.n_nodes
     saved = list((tmp_path / "circuits").rglob("*.json"))
     assert len(saved) == 1
     again = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero")
@@ -326,27 +402,45 @@ def test_explorer_computes_and_caches(model, circuit, monkeypatch, tmp_path):
     other_seed = viz.explore(model, "single_double_quote", n_pairs=4, target=0.2, ablation="zero", seed=1)
     assert other_seed.circuit is None   # a circuit pruned with seed 0 is not another seed's
 
-    ex.mode.value = "k"
-    ex.k.value = 5
-    assert ex.circuit is None and ex.g is None and ex.base_loss is None and not ex.off   # nothing stale
-    ex.compute.click()  # reuses the masks of the pruning above: top 5 of the ranking
-    assert ex.circuit.n_nodes == 5 and ex.circuit.config["k"] == 5 and len(calls) == 1
-    assert ex.circuit.nodes == {"0.attn.in": [0, 1, 2, 3, 4]}  # the highest taus
-
-    fresh = viz.explore(model, "single_double_quote", n_pairs=4, cache=False)
-    fresh.mode.value = "k"
-    fresh.k.value = 3
-    fresh.compute.click()   # no masks yet: trains them (cspkit.pruning.train_masks), keeps the top 3
-    c = fresh.circuit
-    assert c.n_nodes == 3 and c.target is None and 0 <= c.loss < 10 and c.calibration != (1.0, 0.0)
-    # scored as prune scores a target circuit: calibrated loss on the held-out train pairs
+    marker = re.search(r'class="marker" cx="([\d.]+)"', ex.curve.value)
+    ex.k.value = 5   # the top 5 of the masks' ranking, without pruning or training again
+    assert ex.shown.n_nodes == 5 and ex.shown.nodes == {"0.attn.in": [0, 1, 2, 3, 4]} and len(calls) == 1
+    assert len(ex.graph.nodes) == 5 and ex.circuit.n_nodes != 5 and "top 5 of its ranking" in ex.status.value
+    assert re.search(r'class="marker" cx="([\d.]+)"', ex.curve.value).group(1) != marker.group(1)
+    # scored on n_pairs test pairs, calibrated on the train pairs the pruner calibrates on
     from cspkit.ablation import keep_gates
-    from cspkit.circuit import masked_pair_logits, score, split_pairs
+    from cspkit.circuit import fit_calibration, masked_pair_logits, score, split_pairs
     from cspkit.config import PruneConfig
-    held = split_pairs(cspkit.tasks.get("single_double_quote"), PruneConfig())[1]
-    two, label = masked_pair_logits(model, held, keep_gates(model.config, c.nodes, model.device), c.ablation)
-    assert score(two, label, c.calibration)["loss"] == pytest.approx(c.loss, abs=1e-5)
-    assert "k = 3" in fresh.graph.value
+    cfg = PruneConfig()
+    calib = split_pairs(cspkit.tasks.get("single_double_quote"), cfg)[0][:cfg.calib_pairs]
+    gates = keep_gates(model.config, ex.shown.nodes, model.device)
+    cal = fit_calibration(*masked_pair_logits(model, calib, gates, "zero"), cfg.calib_steps)
+    test = cspkit.tasks.get("single_double_quote").pairs("test", n=4)
+    two, label = masked_pair_logits(model, test, gates, "zero")
+    assert score(two, label, cal)["loss"] == pytest.approx(ex.base_loss, abs=1e-5) and f"{ex.base_loss:.4f}" in \
+        ex.loss.value
+    ex.k.value = ex.circuit.n_nodes           # back to the chosen circuit itself
+    assert ex.shown is ex.circuit
+
+    # a circuit with neither a saved ranking nor masks: its masks are trained once for the slider
+    fresh = viz.explore(model, "single_double_quote", circuits=[circuit], n_pairs=4, cache=False)
+    assert fresh.order and fresh.k.max >= circuit.n_nodes and len(calls) == 1
+    # a saved circuit carries its ranking: loaded, it needs no masks
+    c = fake_prune(model, cspkit.tasks.get("single_double_quote"), 0.15, "mean", 0)
+    c.ranking = [f"0.attn.in[{i}]" for i in range(8)]
+    path = c.save(tmp_path / "ranked.json")
+    assert json.loads(path.read_text())["ranking"] == c.ranking
+    shown = viz.explore(model, "single_double_quote", circuits=[path], n_pairs=4, cache=False)
+    assert shown.order == [("0.attn.in", i) for i in range(8)] and shown.k.max == 8
+
+
+def test_explorer_falls_back_to_a_picture(explorer):
+    from IPython.core.formatters import DisplayFormatter
+    data, _ = DisplayFormatter().format(explorer)
+    assert "application/vnd.jupyter.widget-view+json" in data
+    assert data["image/png"].startswith("iVBORw0KGgo")       # base64 of the PNG signature
+    png = viz.graph_png(explorer.graph.net)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
 
 
 def test_explorer_loads_a_directory_and_reports_errors(model, circuit, tmp_path, monkeypatch):

@@ -22,8 +22,11 @@ from .graph import (
     CircuitNetwork,
     annotated_graph,
     circuit_graph,
+    node_label,
+    node_place,
     write_graph,
 )
+from .panes import attention_pattern, embedding_tokens, node_pane
 from .plots import (
     NotebookFigure,
     plot_bridge_quality,
@@ -38,17 +41,18 @@ from .plots import (
 )
 from .stats import CorpusStats, ablation_effects, corpus_stats
 from .tokens import TokenHeatmap, heatmap_html, token_heatmap, token_html
+from .widget import GraphWidget, graph_png
 
 __all__ = [
     # graph
     "BANDS", "EDGE_COLORS", "KIND_COLORS", "KIND_NAMES", "PLACES", "VIS_JS", "CircuitNetwork", "annotated_graph",
-    "circuit_graph", "write_graph",
+    "circuit_graph", "node_label", "node_place", "write_graph", "GraphWidget", "graph_png",
     # token heatmaps
     "TokenHeatmap", "heatmap_html", "token_heatmap", "token_html",
     # node statistics
     "CorpusStats", "ablation_effects", "corpus_stats",
     # the explorer
-    "Explorer", "explore",
+    "Explorer", "explore", "attention_pattern", "embedding_tokens", "node_pane",
     # figures
     "NotebookFigure", "plot_bridge_quality", "plot_density", "plot_frontier", "plot_schedule", "plot_steering",
     "plot_task_curves", "plot_task_scores", "plot_training", "save_frontier",

@@ -1,47 +1,51 @@
-"""The interactive circuit explorer: an ipywidgets app over the graph, the node statistics and
-live re-evaluation of a circuit (``explore(model, tasks)``).
+"""The interactive circuit explorer: an ipywidgets app over the circuit graph, the node
+statistics and live re-evaluation of a circuit (``explore(model, tasks)``).
 
-Choose a task, a target loss (or a number of nodes k) and an ablation; a circuit is looked up
-among the ones given (e.g. ``results/circuits/small-sparse``), the ones this explorer computed
-and the on-disk cache, and drawn; "compute" finds it with ``cspkit.pruning.prune`` when there
-is none. Filters narrow the graph to some location types and layers. Choosing a node shows its
-edges and per-token activation heatmaps on the task's prompts and on the corpus contexts where
-it is strongest; turning it off re-evaluates the task loss without it. Every callback works
-without a browser, so tests drive the widgets from Python.
+Choose a task, a target loss and an ablation; a circuit is looked up among the ones given (e.g.
+``results/circuits/small-sparse``), the ones this explorer computed and the on-disk cache, and
+drawn; "compute" finds it with ``cspkit.pruning.prune`` when there is none. The k slider moves
+along the circuit's mask ranking (saved with the circuit, no retraining): the graph, the loss
+readout and the marker on the loss-against-k curve follow it. Filters narrow the graph to some
+location types and layers (each layer with its node count and what ablating its nodes costs) and
+to edges above a weight threshold. Clicking a node in the graph (or choosing it in the list)
+shows where it sits (head and channel for q/k/v), its edges, its head's attention pattern, its
+activation on the task's class-A and class-B prompts and their difference, and the corpus
+contexts where it is strongest; turning it off re-evaluates the task loss without it. Every
+callback works without a browser, so tests drive the widgets from Python.
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
+import time
 from pathlib import Path
 
 import ipywidgets as W
-import torch
 from IPython import get_ipython
 
 from .. import pruning as prune_mod
 from .. import tasks as tasks_mod
-from ..ablation import ABLATIONS, fingerprint, node_widths
+from ..ablation import ABLATIONS, fingerprint
 from ..circuit import Circuit, compute_edges, split_pairs
-from ..config import PruneConfig, to_dict
+from ..config import PruneConfig
 from ..model import GPT, node_name, parse_node
 from ..paths import cache_dir
 from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph
+from .panes import node_pane
 from .stats import corpus_stats
-from .tokens import heatmap_html, token_html
-
-
-def _weight(edge: dict) -> str:
-    return f"{edge['weight']:+.4f}" if edge["kind"] == "weight" else ""  # residual and q-k links carry none
+from .widget import GraphWidget, graph_png
 
 
 class Explorer:
     """The explorer's state and widgets; ``widget`` is the whole app (displaying the Explorer
-    shows it). Circuits are kept per (task, "target" | "k", value, ablation)."""
+    shows it). Circuits are kept per (task, target, ablation); ``shown`` is the circuit drawn: the
+    chosen one, or the top k of its ranking while the k slider is elsewhere."""
 
     def __init__(self, model: GPT, tasks, circuits=(), target: float = 0.15, ablation: str = "mean",
                  n_pairs: int = 16, seed: int = 0, height: str = "480px", cache: bool = True):
+        t0 = time.perf_counter()
         self.model, self.n_pairs, self.seed, self.height = model, n_pairs, seed, height
         self.tasks = {t.name: t for t in map(tasks_mod.get, [tasks] if isinstance(tasks, str) else tasks)}
         if not self.tasks:
@@ -51,12 +55,10 @@ class Explorer:
         if not 1e-3 <= target <= 10.0:
             raise ValueError(f"target {target} is outside 0.001 to 10 (a task loss in nats; chance is 0.693)")
         self.fingerprint = fingerprint(model)
-        self.cache_dir = self._default_cache() if cache else None
+        self.cache_dir = cache_dir() / "circuits" / self.fingerprint if cache else None
         # what each task is, for the cache's file names (a task redefined under a name is another)
         self.digests = {name: tasks_mod.pairs_digest(t.pairs("train", n=8)) for name, t in self.tasks.items()}
         self.circuits: dict[tuple, Circuit] = {}
-        # (task, ablation) -> the pruning masks (final taus, taus averaged over training), for k circuits
-        self.taus: dict[tuple[str, str], tuple[dict, dict]] = {}
         for c in circuits:
             if isinstance(c, Circuit):
                 self.add(c)
@@ -70,64 +72,79 @@ class Explorer:
                     self.add(Circuit.from_dict(d, model=model))
             else:
                 self.add(Circuit.load(c, model=model))
-        self.circuit: Circuit | None = None
-        self.g = None                       # the shown circuit's annotated graph
-        self.off: set[str] = set()          # nodes turned off on top of the circuit
+        self.circuit: Circuit | None = None      # the chosen circuit
+        self.shown: Circuit | None = None        # the circuit drawn (the chosen one or its top k)
+        self.g = None                            # the shown circuit's annotated graph
+        self.off: set[str] = set()               # nodes turned off on top of the shown circuit
         self.base_loss = self.current_loss = None
-        self._busy = False                  # set while callbacks change widgets themselves
+        self.order: list[tuple[str, int]] = []   # the chosen circuit's node ranking
+        self.ranked = None                       # loss of the top k of the ranking (memoized)
+        self.layer_deltas: dict[int, float] = {}
+        self._busy = False                       # set while callbacks change widgets themselves
 
         names = list(self.tasks)
         self.task = W.Dropdown(options=names, value=names[0], description="task")
-        self.mode = W.ToggleButtons(options=[("target loss", "target"), ("k nodes", "k")], value="target",
-                                    description="size by")
         self.target = W.BoundedFloatText(value=target, min=1e-3, max=10.0, step=0.01, description="target")
-        self.k = W.BoundedIntText(value=20, min=1, max=sum(node_widths(model.config).values()), description="k")
         self.ablation = W.Dropdown(options=list(ABLATIONS), value=ablation, description="ablation")
         self.compute = W.Button(description="compute circuit", icon="play",
                                 tooltip="find the circuit with cspkit.prune (a minute or more on a CPU)")
         self.status = W.HTML()
         self.log = W.Output()
+        self.k = W.IntSlider(value=0, min=0, max=1, description="k nodes", continuous_update=False, disabled=True,
+                             layout=W.Layout(width="420px"))
+        self.curve = W.HTML()
         self.kinds = {k: W.Checkbox(value=True, description=KIND_NAMES[k], indent=False,
                                     layout=W.Layout(width="auto")) for k in PLACES}
         self.layers = {l: W.Checkbox(value=True, description=f"layer {l}", indent=False, layout=W.Layout(width="auto"))
                        for l in range(model.config.n_layer)}
-        self.graph = W.HTML()
+        self.threshold = W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="|weight| ≥",
+                                       continuous_update=False, readout_format=".3f")
+        self.graph = GraphWidget()
+        self.graph.height = height
         self.node = W.Dropdown(options=[("(choose a node)", None)], description="node")
         self.node_off = W.Checkbox(value=False, description="turn this node off (ablate it)", indent=False)
         self.loss = W.HTML()
         self.details = W.HTML()
 
-        for w in (self.task, self.mode, self.target, self.k, self.ablation):
+        for w in (self.task, self.target, self.ablation):
             w.observe(self._on_choice, names="value")
-        for w in (*self.kinds.values(), *self.layers.values()):
+        for w in (*self.kinds.values(), *self.layers.values(), self.threshold):
             w.observe(lambda _: self.draw(), names="value")
+        self.k.observe(lambda _: self._on_k(), names="value")
         self.compute.on_click(lambda _: self._on_compute())
+        self.graph.observe(lambda _: self._on_click(), names="selected")
         self.node.observe(lambda _: self._on_node(), names="value")
         self.node_off.observe(lambda _: self._on_node_off(), names="value")
         self.widget = W.VBox([
             W.HBox([self.task, self.ablation]),
-            W.HBox([self.mode, self.target, self.k, self.compute]),
+            W.HBox([self.target, self.compute]),
             self.status, self.log,
+            W.HBox([self.k, self.curve]),
             W.HBox([W.Label("show:"), *self.kinds.values()], layout=W.Layout(flex_flow="row wrap")),
-            W.HBox([W.Label("layers:"), *self.layers.values()]),
+            W.HBox([W.Label("layers:"), *self.layers.values()], layout=W.Layout(flex_flow="row wrap")),
+            self.threshold,
             self.graph,
             W.HBox([self.node, self.node_off]), self.loss, self.details])
         # stable handles for the browser test and for styling
         self.widget.add_class("cspkit-explorer")
         self.task.add_class("cspkit-task")
+        self.k.add_class("cspkit-k")
         self.graph.add_class("cspkit-graph")
+        self.details.add_class("cspkit-details")
+        self.loss.add_class("cspkit-loss")
         self._on_choice()
+        self.load_seconds = time.perf_counter() - t0
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        if self.graph.net is not None:   # where widgets cannot run: the graph as a picture
+            data["image/png"] = base64.b64encode(graph_png(self.graph.net)).decode()
+        return bundle
 
     # ------------------------------------------------------------------ circuits
-    def _default_cache(self) -> Path:
-        return cache_dir() / "circuits" / self.fingerprint
-
     def key(self) -> tuple:
-        value = round(self.target.value, 6) if self.mode.value == "target" else int(self.k.value)
-        return (self.task.value, self.mode.value, value, self.ablation.value)
+        return (self.task.value, "target", round(self.target.value, 6), self.ablation.value)
 
     def add(self, circuit: Circuit) -> Circuit:
         """Make a circuit of this model available; returns it attached to the model."""
@@ -160,20 +177,15 @@ class Explorer:
         return self.circuits.get(key)
 
     def compute_circuit(self) -> Circuit:
-        """Find the circuit for the current choices (prune, or the top k of the mask ranking),
-        with progress bars in the log, cache it and show it."""
+        """Find the circuit for the current choices with cspkit.prune (progress bars in the
+        log), cache it and show it."""
         key = self.key()
-        task, mode, value, ablation = key
-        self.status.value = (f"computing the {html.escape(task)} circuit "
-                             f"({html.escape(mode)} {value}, {ablation} ablation)…")
+        task, _, value, ablation = key
+        self.status.value = f"computing the {html.escape(task)} circuit (target {value}, {ablation} ablation)…"
         self._clear_log()
         try:
             with self.log:
-                if mode == "target":
-                    c = prune_mod.prune(self.model, self.tasks[task], target=value, ablation=ablation, seed=self.seed)
-                    self.taus[(task, ablation)] = (c.taus, c.mean_taus)
-                else:
-                    c = self._top_k(task, value, ablation)
+                c = prune_mod.prune(self.model, self.tasks[task], target=value, ablation=ablation, seed=self.seed)
         except Exception as e:
             self._error(e)
             raise
@@ -201,28 +213,9 @@ class Explorer:
         except ValueError:
             pass  # the status line already says what went wrong and what to change
 
-    def _top_k(self, task: str, k: int, ablation: str) -> Circuit:
-        """The k highest-ranked nodes of the pruning masks, calibrated and scored as prune does
-        (on the held-out train pairs), so that its loss compares with a target circuit's."""
-        cfg = PruneConfig()
-        t = self.tasks[task]
-        if (task, ablation) not in self.taus:
-            self.taus[(task, ablation)] = prune_mod.train_masks(self.model, t, cfg, ablation, self.seed)
-        order = prune_mod.ranking(*self.taus[(task, ablation)])
-        fit, heldout = split_pairs(t, cfg)
-        ranked = prune_mod.RankedLoss(self.model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
-        loss = ranked(k)
-        nodes = prune_mod.top_nodes(order, k)
-        return Circuit(task=task, nodes=nodes, edges=compute_edges(self.model, nodes), target=None, loss=loss,
-                       ablation=ablation, calibration=ranked.seen[k][1], model_path=getattr(self.model, "path", None),
-                       model_fingerprint=self.fingerprint, seed=self.seed, config={"k": k, **to_dict(cfg)},
-                       model=self.model, task_obj=t)
-
     def _on_choice(self, change=None):
         if self._busy:
             return
-        self.target.disabled = self.mode.value != "target"
-        self.k.disabled = self.mode.value != "k"
         key = self.key()
         c = self.lookup(key)
         if c is None and (change is None or change["owner"] is self.task):
@@ -231,16 +224,18 @@ class Explorer:
             if c is not self.circuit:
                 self.show(c)
             return
-        self.circuit = self.g = self.base_loss = self.current_loss = None
-        self.off = set()
-        self.graph.value = self.loss.value = self.details.value = ""
+        self.circuit = self.shown = self.g = self.base_loss = self.current_loss = self.ranked = None
+        self.off, self.order = set(), []
+        self.curve.value = self.loss.value = self.details.value = ""
+        self.graph.nodes, self.graph.edges, self.graph.net = [], [], None
         self.node.options = [("(choose a node)", None)]
-        self.status.value = (f"No {html.escape(key[0])} circuit at {key[1]} {key[2]} with {key[3]} ablation yet: "
+        self.k.disabled = True
+        self.status.value = (f"No {html.escape(key[0])} circuit at target {key[2]} with {key[3]} ablation yet: "
                              "press <b>compute circuit</b> (a minute or more on a CPU).")
 
     def _nearest(self, key: tuple) -> Circuit | None:
-        """On a task switch: a circuit of the new task in the same mode and ablation, the one
-        closest to the current value (its value is then put in the widget)."""
+        """On a task switch: a circuit of the new task with the same ablation, the one whose
+        target is closest to the current one (its target is then put in the widget)."""
         task, mode, value, ablation = key
         found = [(abs(k[2] - value), k) for k in self.circuits if (k[0], k[1], k[3]) == (task, mode, ablation)]
         if not found:
@@ -248,63 +243,179 @@ class Explorer:
         k = min(found)[1]
         self._busy = True
         try:
-            (self.target if mode == "target" else self.k).value = k[2]
+            self.target.value = k[2]
         finally:
             self._busy = False
         return self.circuits[k]
 
+    # ------------------------------------------------------------------ the k slider
+    def _ranking(self, circuit: Circuit) -> list[tuple[str, int]]:
+        """The circuit's node ranking: saved with it, or from the masks a live pruning kept; a
+        circuit that has neither gets its masks trained once (cspkit.pruning.train_masks)."""
+        if circuit.ranking:
+            return [parse_node(n) for n in circuit.ranking]
+        if circuit.taus is None:
+            self.status.value = f"training the masks of {html.escape(circuit.task)} for the k slider (once)…"
+            with self.log:
+                circuit.taus, circuit.mean_taus = prune_mod.train_masks(
+                    self.model, self.tasks[circuit.task], PruneConfig(), circuit.ablation, circuit.seed)
+            self._clear_log()
+        order = prune_mod.ranking(circuit.taus, circuit.mean_taus)
+        return order[:max(256, 4 * circuit.n_nodes)]
+
+    def _start_ranking(self, circuit: Circuit) -> None:
+        """Set the k slider and the loss-against-k curve up for a newly chosen circuit."""
+        self.order = self._ranking(circuit)
+        cfg = PruneConfig()
+        fit, _ = split_pairs(self.tasks[circuit.task], cfg)
+        test = self.tasks[circuit.task].pairs("test", n=self.n_pairs)
+        self.ranked = prune_mod.RankedLoss(self.model, self.order, fit[:cfg.calib_pairs], test, circuit.ablation,
+                                           cfg.calib_steps)
+        n = circuit.n_nodes
+        top = min(len(self.order), max(2 * n, 16))
+        step = max(1, -(-top // 24))                   # about 24 points up to twice the circuit
+        for k in sorted({*range(0, top + 1, step), n}):
+            self.ranked(k)
+        self._busy = True
+        try:
+            self.k.max, self.k.value, self.k.disabled = top, n, False
+        finally:
+            self._busy = False
+
+    def k_circuit(self, k: int) -> Circuit:
+        """The first k nodes of the chosen circuit's ranking as a circuit (scored by the slider's
+        evaluation: calibrated on the train pairs the pruner calibrates on, on n_pairs test pairs)."""
+        c = self.circuit
+        loss = self.ranked(k)
+        nodes = prune_mod.top_nodes(self.order, k)
+        return Circuit(task=c.task, nodes=nodes, edges=compute_edges(self.model, nodes), target=None, loss=loss,
+                       ablation=c.ablation, calibration=self.ranked.seen[k][1], model_path=c.model_path,
+                       model_fingerprint=self.fingerprint, seed=c.seed, config={**c.config, "k": k},
+                       model=self.model, task_obj=c.task_obj)
+
+    def _on_k(self) -> None:
+        if self._busy or self.circuit is None:
+            return
+        k = self.k.value
+        self.display(self.circuit if k == self.circuit.n_nodes else self.k_circuit(k))
+
+    def curve_svg(self, width: int = 360, height: int = 120) -> str:
+        """The loss against k along the ranking (the points evaluated so far), the target as a
+        dashed line and a marker at the slider's k, as inline SVG."""
+        pts = sorted((k, v[0]) for k, v in self.ranked.seen.items())
+        kmax = max(self.k.max, 1)
+        lmax = max(max(v for _, v in pts), self.circuit.target or 0.0, 1e-3) * 1.05
+        x = lambda k: 36 + (width - 46) * k / kmax
+        y = lambda v: 8 + (height - 30) * (1 - min(v, lmax) / lmax)
+        line = " ".join(f"{x(k):.1f},{y(v):.1f}" for k, v in pts)
+        k = self.k.value
+        now = self.ranked.seen[k][0] if k in self.ranked.seen else None
+        parts = [f'<polyline points="{line}" fill="none" stroke="#4e79a7" stroke-width="1.5"/>']
+        if self.circuit.target is not None:
+            t = y(self.circuit.target)
+            parts.append(f'<line x1="36" x2="{width - 10}" y1="{t:.1f}" y2="{t:.1f}" stroke="#c53030" '
+                         f'stroke-dasharray="4 3"/><text x="{width - 12}" y="{t - 3:.1f}" font-size="9" '
+                         f'text-anchor="end" fill="#c53030">target {self.circuit.target}</text>')
+        if now is not None:
+            parts.append(f'<circle class="marker" cx="{x(k):.1f}" cy="{y(now):.1f}" r="4" fill="#e15759"/>')
+        parts.append(f'<text x="36" y="{height - 4}" font-size="9">0</text><text x="{width - 10}" y="{height - 4}" '
+                     f'font-size="9" text-anchor="end">k = {kmax}</text><text x="2" y="14" font-size="9">'
+                     f'{lmax:.2f}</text><text x="2" y="{height - 22}" font-size="9">0</text>')
+        return (f'<svg width="{width}" height="{height}" role="img" aria-label="task loss against k">'
+                + "".join(parts) + "</svg>")
+
     # ------------------------------------------------------------------ drawing
     def show(self, circuit: Circuit) -> None:
-        """Draw a circuit and reset the node selection."""
+        """Choose a circuit: set the k slider up on its ranking and draw it."""
         self.status.value = "computing node statistics (corpus activations, ablation effects)…"
         try:
             with self.log:
                 corpus_stats(self.model)
-                g = annotated_graph(circuit, self.n_pairs, progress=True)
-            base = circuit.evaluate("test", n=self.n_pairs)["loss"]
+            self.circuit = circuit
+            self._start_ranking(circuit)
         except Exception as e:  # the explorer keeps showing the previous circuit, whole
             self._error(e)
             raise
         self._clear_log()
-        self.circuit, self.g, self.base_loss, self.off = circuit, g, base, set()
+        self.display(circuit)
+
+    def display(self, circuit: Circuit) -> None:
+        """Draw ``circuit`` (the chosen one, with ablation effects as node sizes, or a top-k one,
+        without) and reset the node selection."""
+        measured = self.n_pairs if circuit is self.circuit else 0
+        with self.log:
+            g = annotated_graph(circuit, measured, progress=measured > 0)
+        self._clear_log()
+        base = self.ranked(self.k.value) if circuit is not self.circuit else \
+            circuit.evaluate("test", n=self.n_pairs)["loss"]
+        self.shown, self.g, self.base_loss, self.off = circuit, g, base, set()
+        weights = [abs(w) for *_, w in circuit.edges]
         self._busy = True
         try:
             self.node.options = [("(choose a node)", None)] + [(n, n) for n in circuit.node_names()]
             self.node.value = None
             self.node_off.value = False
+            self.graph.selected = ""
+            top = max(weights, default=1.0) or 1.0
+            self.threshold.max = top
+            self.threshold.step = top / 100
+            self.threshold.value = min(self.threshold.value, top)
         finally:
             self._busy = False
-        self.status.value = (f"<b>{html.escape(circuit.task)}</b> ({html.escape(circuit.size_label())}, "
-                             f"{html.escape(circuit.ablation)} ablation): "
-                             f"{circuit.n_nodes} nodes, {circuit.n_edges} edges, held-out task loss {circuit.loss:.3f}")
+        size = circuit.size_label() if circuit is self.circuit else f"top {self.k.value} of its ranking"
+        self.status.value = (f"<b>{html.escape(circuit.task)}</b> ({html.escape(size)}, "
+                             f"{html.escape(circuit.ablation)} ablation): {circuit.n_nodes} nodes, "
+                             f"{circuit.n_edges} edges, held-out task loss {circuit.loss:.3f}")
         self.details.value = ""
+        self._layer_stats()
         self.draw()
         self._update_loss()
+        self.curve.value = self.curve_svg()
+
+    def _layer_stats(self) -> None:
+        """Per layer: the shown circuit's nodes there, and the task loss change when they are all
+        ablated (on n_pairs test pairs), next to the layer filters."""
+        c = self.shown
+        self.layer_deltas = {}
+        for l, box in self.layers.items():
+            locs = [loc for loc in c.nodes if loc.startswith(f"{l}.") and c.nodes[loc]]
+            count = sum(len(c.nodes[loc]) for loc in locs)
+            if count:
+                rest = {loc: idx for loc, idx in c.nodes.items() if loc not in locs}
+                self.layer_deltas[l] = c.evaluate("test", n=self.n_pairs, nodes=rest)["loss"] - self.base_loss
+                box.description = f"layer {l}: {count} nodes, ablated {self.layer_deltas[l]:+.3f}"
+            else:
+                box.description = f"layer {l}: 0 nodes"
 
     def draw(self) -> None:
         """Redraw the graph with the current filters and the nodes turned off greyed out."""
-        if self.circuit is None:
+        if self.shown is None or self._busy:
             return
         kinds = [k for k, w in self.kinds.items() if w.value]
         layers = [l for l, w in self.layers.items() if w.value]
-        net = circuit_graph(self.circuit, self.n_pairs, kinds=kinds, layers=layers, ablated=self.off,
-                            height=self.height, graph=self.g)
-        self.graph.value = net.iframe()
+        net = circuit_graph(self.shown, self.n_pairs, kinds=kinds, layers=layers, ablated=self.off,
+                            height=self.height, graph=self.g, min_weight=self.threshold.value)
+        self.graph.show(net)
 
     def _update_loss(self) -> None:
-        """``current_loss``: the circuit's task loss with the nodes turned off ablated too."""
+        """``current_loss``: the shown circuit's task loss with the nodes turned off ablated too."""
         line = f"task loss on {self.n_pairs} test pairs: circuit {self.base_loss:.4f}"
         self.current_loss = self.base_loss
         if self.off:
             keep = {loc: [i for i in idx if node_name(loc, i) not in self.off]
-                    for loc, idx in self.circuit.nodes.items()}
-            self.current_loss = self.circuit.evaluate("test", n=self.n_pairs, nodes=keep)["loss"]
+                    for loc, idx in self.shown.nodes.items()}
+            self.current_loss = self.shown.evaluate("test", n=self.n_pairs, nodes=keep)["loss"]
             line += (f"; with {len(self.off)} node{'s' * (len(self.off) > 1)} off "
                      f"({html.escape(', '.join(sorted(self.off)))}): {self.current_loss:.4f} "
                      f"({self.current_loss - self.base_loss:+.4f})")
         self.loss.value = line
 
     # ------------------------------------------------------------------ node details
+    def _on_click(self) -> None:
+        """A node clicked in the graph becomes the chosen node."""
+        if not self._busy and self.graph.selected in {v for _, v in self.node.options if v}:
+            self.node.value = self.graph.selected
+
     def _on_node(self) -> None:
         if self._busy:
             return
@@ -312,9 +423,10 @@ class Explorer:
         self._busy = True
         try:
             self.node_off.value = name in self.off
+            self.graph.selected = name or ""
         finally:
             self._busy = False
-        self.details.value = "" if name is None else self.node_details(name)
+        self.details.value = "" if name is None else node_pane(self.model, self.g, self.tasks[self.shown.task], name)
 
     def _on_node_off(self) -> None:
         if self._busy or self.node.value is None:
@@ -322,65 +434,6 @@ class Explorer:
         (self.off.add if self.node_off.value else self.off.discard)(self.node.value)
         self._update_loss()
         self.draw()
-
-    def node_details(self, name: str) -> str:
-        """HTML: the node's statistics, its incoming and outgoing edges, and heatmaps of its
-        activation on the task's prompts and on its strongest corpus contexts."""
-        d = self.g.nodes[name]
-        parts = [f"<h4 style='margin:4px 0'>{html.escape(name)}</h4>"
-                 f"{KIND_NAMES[d['kind']]}, layer {d['layer']} · mean activation {d['mean']:+.4f} · "
-                 f"ablation effect {d['effect']:+.4f} nats<br>"]
-        for title, edges in (("incoming", self.g.in_edges(name, data=True)),
-                             ("outgoing", self.g.out_edges(name, data=True))):
-            rows = "".join(f"<tr><td>{html.escape(s if title == 'incoming' else t)}</td><td>{e['kind']}</td>"
-                           f"<td style='text-align:right'>{_weight(e)}</td></tr>" for s, t, e in edges)
-            parts.append(f"<div style='display:inline-block;vertical-align:top;margin-right:24px'><b>{title} edges</b>"
-                         f"<table>{rows or '<tr><td>none</td></tr>'}</table></div>")
-        parts.append(self._prompt_heatmaps(name))
-        parts.append(self._corpus_heatmaps(name))
-        return "".join(parts)
-
-    @torch.no_grad()
-    def _activations(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
-        loc, i = parse_node(name)
-        _, cache = self.model.run_with_cache(tokens.to(self.model.device), names=[loc])
-        return cache[loc][..., i].float().cpu()
-
-    def _prompt_heatmaps(self, name: str, n_pairs: int = 3, tail: int = 40) -> str:
-        pairs = self.tasks[self.circuit.task].pairs("test", n=n_pairs)
-        batch = tasks_mod.encode_pairs(pairs, self.model.config.block_size, self.model.encoding)
-        acts = self._activations(batch["tokens"], name)
-        enc = self.model.encoding
-        shown = [(max(0, last + 1 - tail), last) for last in batch["last"].tolist()]   # not the padding
-        scale = max(float(acts[r, lo:last + 1].abs().max()) for r, (lo, last) in enumerate(shown)) or 1.0
-        rows = []
-        for r, (lo, last) in enumerate(shown):
-            toks = [enc.decode([t]) for t in batch["tokens"][r, lo:last + 1].tolist()]
-            p = pairs[r % len(pairs)]
-            cand = p.cand_a if r < len(pairs) else p.cand_b
-            rows.append(f"<div style='font-size:11px;color:#555'>prompt {'AB'[r >= len(pairs)]} of pair "
-                        f"{r % len(pairs) + 1}, right next token <code>{token_html(cand)}</code></div>"
-                        + heatmap_html(toks, acts[r, lo:last + 1].tolist(), scale, mark=last - lo))
-        return (f"<p><b>On the task's test prompts</b> (last {tail} tokens; red positive, blue negative, one "
-                f"colour scale, ±{scale:.3f}; the last token outlined)</p>" + "".join(rows))
-
-    def _corpus_heatmaps(self, name: str, n: int = 3, before: int = 24, after: int = 4) -> str:
-        stats = corpus_stats(self.model)
-        out = []
-        for sign, title in ((1, "strongest positive"), (-1, "strongest negative")):
-            ext = stats.extremes(name, sign, n)
-            if not ext:
-                out.append(f"<p><b>Corpus: {title} contexts</b>: none (never {'above' if sign > 0 else 'below'} zero "
-                           "in the sampled windows)</p>")
-                continue
-            acts = self._activations(stats.tokens[[w for w, _, _ in ext]], name)
-            blocks = []
-            for r, (w, t, v) in enumerate(ext):
-                lo, hi = max(0, t - before), t + after + 1
-                blocks.append(heatmap_html(stats.strings[w][lo:hi], acts[r, lo:hi].tolist(), abs(v), mark=t - lo))
-            out.append(f"<p><b>Corpus: {title} contexts</b> (validation windows; the token where it peaks "
-                       "outlined)</p>" + "".join(blocks))
-        return "".join(out)
 
 
 def explore(model: GPT, tasks, circuits=(), **kwargs) -> Explorer:

@@ -54,13 +54,13 @@ VIS_JS = Path(pyvis.__file__).parent / "templates" / "lib" / "vis-9.1.2" / "vis-
 # --------------------------------------------------------------------------- the graph
 def annotated_graph(circuit: Circuit, n_pairs: int = 16, progress: bool = False) -> nx.DiGraph:
     """``circuit.to_networkx()`` with, per node, its mean activation (``mean``), its ablation
-    effect (``effect``, measured on ``n_pairs`` test pairs, kept as the graph's ``effect_pairs``)
-    and the corpus tokens where it is most positive and most negative (``top_tokens`` and
-    ``bottom_tokens``, JSON lists of [token, activation])."""
+    effect (``effect``, measured on ``n_pairs`` test pairs, kept as the graph's ``effect_pairs``;
+    n_pairs 0: not measured, every effect 0) and the corpus tokens where it is most positive and
+    most negative (``top_tokens`` and ``bottom_tokens``, JSON lists of [token, activation])."""
     model = circuit.require_model("drawing it")
     g = circuit.to_networkx()
     means = node_means(model)
-    effects = ablation_effects(circuit, n_pairs, progress=progress)
+    effects = ablation_effects(circuit, n_pairs, progress=progress) if n_pairs else dict.fromkeys(g.nodes, 0.0)
     stats = corpus_stats(model)
     for name, d in g.nodes(data=True):
         d["mean"] = float(means[d["location"]][d["index"]])
@@ -71,15 +71,32 @@ def annotated_graph(circuit: Circuit, n_pairs: int = 16, progress: bool = False)
     return g
 
 
+def node_label(kind: str, index: int, d_head: int) -> str:
+    """A node's short label: ``q h3.ch5`` for query, key and value channels (head 3, its channel
+    5), else the location type's letter and the index (``n37``, ``in112``)."""
+    if kind in ("attn.q", "attn.k", "attn.v"):
+        return f"{_SHORT[kind]} h{index // d_head}.ch{index % d_head}"
+    return f"{_SHORT[kind]}{index}"
+
+
 def _tokens_line(items: list[list]) -> str:
     return ", ".join(f"<code>{token_html(t)}</code>&nbsp;{v:+.2f}" for t, v in items) or "none"
 
 
-def _node_title(name: str, d: dict, n_pairs: int) -> str:
-    return (f"<b>{html.escape(name)}</b><br>{KIND_NAMES[d['kind']]}, layer {d['layer']}<br>"
+def node_place(kind: str, layer: int, index: int, d_head: int) -> str:
+    """Where a node sits, in words: ``query, layer 3, head 6, channel 2``."""
+    where = f"{KIND_NAMES[kind]}, layer {layer}"
+    if kind in ("attn.q", "attn.k", "attn.v"):
+        where += f", head {index // d_head}, channel {index % d_head}"
+    return where
+
+
+def _node_title(name: str, d: dict, n_pairs: int, d_head: int) -> str:
+    return (f"<b>{html.escape(name)}</b><br>{node_place(d['kind'], d['layer'], d['index'], d_head)}<br>"
             f"mean activation {d['mean']:+.4f}<br>"
-            f"ablation effect {d['effect']:+.4f} nats (task loss change when it is ablated too, {n_pairs} pairs)<br>"
-            f"top tokens: {_tokens_line(json.loads(d['top_tokens']))}<br>"
+            + (f"ablation effect {d['effect']:+.4f} nats (task loss change when it is ablated too, {n_pairs} pairs)<br>"
+               if n_pairs else "ablation effect not measured (node sizes equal)<br>")
+            + f"top tokens: {_tokens_line(json.loads(d['top_tokens']))}<br>"
             f"most negative at: {_tokens_line(json.loads(d['bottom_tokens']))}")
 
 
@@ -185,10 +202,12 @@ class CircuitNetwork(Network):
 
 
 def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, ablated=(),
-                  height: str = "640px", progress: bool = False, graph: nx.DiGraph | None = None) -> CircuitNetwork:
+                  height: str = "640px", progress: bool = False, graph: nx.DiGraph | None = None,
+                  min_weight: float = 0.0) -> CircuitNetwork:
     """A circuit as a CircuitNetwork (a pyvis Network). ``kinds`` (location types such as
     ``"mlp.neuron"``) and ``layers`` keep only those nodes; ``ablated`` node names are drawn
-    greyed out; ``n_pairs`` test pairs measure the ablation effects (node sizes). ``graph``: the
+    greyed out; ``min_weight`` leaves out weight edges with a smaller |weight| (the edge-strength
+    threshold); ``n_pairs`` test pairs measure the ablation effects (node sizes). ``graph``: the
     circuit's ``annotated_graph`` already computed (the explorer redraws from it). A notebook
     cell ending in the network draws it; ``write_html(path)`` writes the standalone page.
 
@@ -219,6 +238,9 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     keep = [n for n, d in g.nodes(data=True)
             if (kinds is None or d["kind"] in kinds) and (layers is None or d["layer"] in layers)]
     shown = g.subgraph(keep).copy()
+    shown.remove_edges_from([(s, t) for s, t, d in shown.edges(data=True)
+                             if d["kind"] == "weight" and abs(d["weight"]) < min_weight])
+    d_head, pairs = circuit.model.config.d_head, g.graph.get("effect_pairs", n_pairs)
     pos, layout = _layout(shown)
     title = (f"{circuit.task}: {circuit.n_nodes} nodes, {circuit.n_edges} edges, task loss {circuit.loss:.3f} "
              f"({circuit.size_label()}), {circuit.ablation} ablation"
@@ -228,7 +250,8 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     for n, d in shown.nodes(data=True):
         x, y = pos[n]
         color = "#d9d9d9" if n in off else KIND_COLORS[d["kind"]]
-        net.add_node(n, label=f"{_SHORT[d['kind']]}{d['index']}", title=_node_title(n, d, n_pairs), x=x, y=y,
+        net.add_node(n, label=node_label(d["kind"], d["index"], d_head), title=_node_title(n, d, pairs, d_head),
+                     x=x, y=y,
                      size=7 + 18 * math.sqrt(abs(d["effect"]) / peak), color={"background": color, "border": "#333333"},
                      shapeProperties={"borderDashes": [3, 3] if n in off else False}, kind=d["kind"], layer=d["layer"])
     wpeak = max((abs(d["weight"]) for *_, d in shown.edges(data=True) if d["kind"] == "weight"), default=0.0) or 1.0
