@@ -32,7 +32,7 @@ from ..circuit import Circuit, compute_edges, split_pairs
 from ..config import PruneConfig
 from ..model import GPT, node_name, parse_node
 from ..paths import cache_dir
-from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph
+from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph, legend_html
 from .panes import node_pane
 from .stats import corpus_stats
 from .widget import GraphWidget, graph_png
@@ -99,6 +99,7 @@ class Explorer:
                        for l in range(model.config.n_layer)}
         self.threshold = W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="|weight| ≥",
                                        continuous_update=False, readout_format=".3f")
+        self.legend = W.HTML()
         self.graph = GraphWidget()
         self.graph.height = height
         self.node = W.Dropdown(options=[("(choose a node)", None)], description="node")
@@ -123,7 +124,7 @@ class Explorer:
             W.HBox([W.Label("show:"), *self.kinds.values()], layout=W.Layout(flex_flow="row wrap")),
             W.HBox([W.Label("layers:"), *self.layers.values()], layout=W.Layout(flex_flow="row wrap")),
             self.threshold,
-            self.graph,
+            self.legend, self.graph,
             W.HBox([self.node, self.node_off]), self.loss, self.details])
         # stable handles for the browser test and for styling
         self.widget.add_class("cspkit-explorer")
@@ -226,7 +227,7 @@ class Explorer:
             return
         self.circuit = self.shown = self.g = self.base_loss = self.current_loss = self.ranked = None
         self.off, self.order = set(), []
-        self.curve.value = self.loss.value = self.details.value = ""
+        self.curve.value = self.loss.value = self.details.value = self.legend.value = ""
         self.graph.nodes, self.graph.edges, self.graph.net = [], [], None
         self.node.options = [("(choose a node)", None)]
         self.k.disabled = True
@@ -396,6 +397,7 @@ class Explorer:
         net = circuit_graph(self.shown, self.n_pairs, kinds=kinds, layers=layers, ablated=self.off,
                             height=self.height, graph=self.g, min_weight=self.threshold.value)
         self.graph.show(net)
+        self.legend.value = legend_html(net.title)
 
     def _update_loss(self) -> None:
         """``current_loss``: the shown circuit's task loss with the nodes turned off ablated too."""

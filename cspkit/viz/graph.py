@@ -162,7 +162,7 @@ class CircuitNetwork(Network):
         nonce = secrets.token_urlsafe(16)
         self.html = _TEMPLATE.render(
             nonce=nonce, title=self.title, height=height, nodes=nodes, edges=edges, options=self.options,
-            columns=self.columns, bands=self.bands, box=self.box, legend=Markup(_legend(self.title)),
+            columns=self.columns, bands=self.bands, box=self.box, legend=Markup(legend_html(self.title)),
             vis_js=Markup(VIS_JS.read_text(encoding="utf-8")), n_nodes=len(nodes), n_edges=n_weight,
             task=self.graph.graph.get("task", ""))
         return self.html
@@ -271,14 +271,17 @@ def circuit_graph(circuit: Circuit, n_pairs: int = 16, kinds=None, layers=None, 
     return net
 
 
-def _legend(title: str) -> str:
-    kinds = "".join(f'<span class="sw" style="background:{c}"></span>{KIND_NAMES[k]}' for k, c in KIND_COLORS.items())
-    edges = (f'<span class="ln" style="background:{EDGE_COLORS["positive"]}"></span>positive weight'
-             f'<span class="ln" style="background:{EDGE_COLORS["negative"]}"></span>negative weight'
-             f'<span class="ln" style="background:{EDGE_COLORS["residual"]}"></span>residual stream'
-             f'<span class="ln" style="background:{EDGE_COLORS["qk"]}"></span>query-key pairing')
-    return (f"<b>{html.escape(title)}</b><br>{kinds}<br>{edges}; node size: ablation effect, "
-            "edge width: |weight|; hover for details")
+def legend_html(title: str) -> str:
+    """The graph's title and legend (location colours, edge colours, what sizes mean), styled
+    inline so that it reads the same in the graph page and beside the explorer's widget."""
+    sw = "display:inline-block;width:10px;height:10px;border-radius:5px;margin:0 3px 0 10px"
+    ln = "display:inline-block;width:18px;height:3px;margin:0 3px 3px 10px"
+    kinds = "".join(f'<span style="{sw};background:{c}"></span>{KIND_NAMES[k]}' for k, c in KIND_COLORS.items())
+    edges = "".join(f'<span style="{ln};background:{EDGE_COLORS[key]}"></span>{label}' for key, label in
+                    (("positive", "positive weight"), ("negative", "negative weight"),
+                     ("residual", "residual stream"), ("qk", "query-key pairing")))
+    return (f"<div style='font:12px sans-serif;line-height:1.6'><b>{html.escape(title)}</b><br>{kinds}<br>{edges}; "
+            "node size: ablation effect, edge width: |weight|; hover for details</div>")
 
 
 _TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
@@ -289,8 +292,6 @@ _TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
 <style>
 body { margin: 0; font: 12px sans-serif; background: #fff; }
 #legend { padding: 4px 8px; line-height: 1.6; }
-#legend .sw { display: inline-block; width: 10px; height: 10px; border-radius: 5px; margin: 0 3px 0 10px; }
-#legend .ln { display: inline-block; width: 18px; height: 3px; margin: 0 3px 3px 10px; }
 #mynetwork { width: 100%; height: {{ height }}; border-top: 1px solid #ddd; }
 div.vis-tooltip { position: absolute; visibility: hidden; padding: 5px; white-space: nowrap; font-size: 12px;
   background: #f5f4ed; border: 1px solid #808074; border-radius: 3px; box-shadow: 3px 3px 10px rgba(0,0,0,.2);
