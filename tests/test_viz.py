@@ -329,7 +329,7 @@ def test_explorer_node_click_details_and_toggle(explorer, circuit):
     read = f"0.mlp.in[{circuit.nodes['0.mlp.in'][0]}]"
     explorer.node.value = read
     top, bottom = viz.embedding_tokens(circuit.model, circuit.nodes["0.mlp.in"][0], 8)
-    col = circuit.model.wte.weight[:, circuit.nodes["0.mlp.in"][0]]
+    col = circuit.model.wte.weight.detach()[:, circuit.nodes["0.mlp.in"][0]]
     assert top[0][1] == pytest.approx(float(col.max())) and bottom[0][1] == pytest.approx(float(col.min()))
     assert "Embedding, residual channel" in explorer.details.value
     explorer.node.value = name
