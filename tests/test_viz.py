@@ -102,10 +102,13 @@ def test_corpus_extremes_point_at_the_activations(model, circuit):
                 assert sign * found[0][2] == pytest.approx(float((sign * cache[loc][..., i]).max()), abs=1e-5)
 
 
-def test_hostile_tokens_are_escaped(model, circuit):
+def test_hostile_tokens_are_escaped(model, circuit, monkeypatch):
     stats = viz.corpus_stats(model)
     real = stats.strings
     stats.strings = [[HOSTILE[j % len(HOSTILE)] for j in range(len(row))] for row in real]
+    # the node pane's corpus examples decode their windows through decode_window
+    monkeypatch.setattr(viz.panes, "decode_window",
+                        lambda model, ex, w, lo, hi: [HOSTILE[j % len(HOSTILE)] for j in range(lo, hi)])
     try:
         net = viz.circuit_graph(circuit, n_pairs=4)
         page = net.generate_html()
@@ -143,6 +146,43 @@ def test_hostile_prompts_are_escaped_in_the_explorer(model, circuit):
         assert "&lt;/" in d and "rror" in d, name      # the prompt's markup, shown as text
         assert "<img" not in d and "</script>" not in d
     assert all("<img" not in n["title"] for n in ex.graph.nodes)
+
+
+def test_quantile_examples_sit_at_their_quantiles_and_are_cached(model, tmp_path, monkeypatch):
+    from cspkit.viz import examples as ex_mod
+    ex = ex_mod.compute_examples(model, n_tokens=2048, n_examples=2)
+    T = ex.tokens.shape[1]
+    assert ex.tokens.shape == (2048 // T, T)
+    _, cache = model.run_with_cache(ex.tokens.long(), names=["0.mlp.neuron"])
+    acts = cache["0.mlp.neuron"].flatten(0, 1)                           # (tokens, width)
+    i = int(acts.abs().sum(0).argmax())                                  # a neuron that fires
+    col = acts[:, i].sort().values
+    for j, (_, q) in enumerate(ex_mod.LEVELS):
+        value = float(col[round(q * (len(col) - 1))])
+        assert float(ex.values["0.mlp.neuron"][j, i]) == pytest.approx(value, abs=1e-5)
+        found = ex.examples(f"0.mlp.neuron[{i}]")[j][2]
+        assert found[0][2] == pytest.approx(value, abs=1e-5)             # the nearest example takes that value
+        for w, t, a in found:                                           # at the token it points to
+            assert float(acts[w * T + t, i]) == pytest.approx(a, abs=1e-5)
+    # cached beside the weights, read back as written; a file made for other weights is rebuilt
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(model.path, d)
+    copy = cspkit.load(d)
+    ex_mod._CACHE.clear()
+    first = ex_mod.quantile_examples(copy, n_tokens=2048)
+    assert (d / ex_mod.EXAMPLES_FILE).is_file()
+    ex_mod._CACHE.clear()
+    monkeypatch.setattr(ex_mod, "compute_examples", lambda *a, **k: pytest.fail("recomputed a valid cache"))
+    again = ex_mod.quantile_examples(copy, n_tokens=2048)
+    assert torch.equal(again.values["1.attn.v"], first.values["1.attn.v"]) and torch.equal(again.tokens, first.tokens)
+    monkeypatch.undo()
+    with torch.no_grad():
+        copy.h[0].mlp.c_fc.weight.mul_(2)                                # other weights: another fingerprint
+    ex_mod._CACHE.clear()
+    other = ex_mod.quantile_examples(copy, n_tokens=2048)
+    assert other.meta["fingerprint"] != first.meta["fingerprint"] and not torch.equal(
+        other.values["0.mlp.neuron"], first.values["0.mlp.neuron"])
 
 
 def test_token_heatmap_escapes_and_matches_the_cache(model):
@@ -322,7 +362,7 @@ def test_explorer_node_click_details_and_toggle(explorer, circuit):
     assert name in d and "incoming edges" in d and "outgoing edges" in d
     assert "On the task&#x27;s test prompts" in d or "On the task's test prompts" in d
     assert "class A" in d and "class B" in d and "difference" in d
-    assert "Corpus: strongest positive contexts" in d and d.count("<span") > 20
+    assert "Corpus examples at quantiles" in d and "top 0.1%" in d and "bottom 0.1%" in d and d.count("<span") > 20
     ins = [s for s, t, _ in circuit.edges if t == name]
     assert ins and all(s in d for s in ins)
     # a read or write channel shows the tokens the embedding puts highest and lowest in it

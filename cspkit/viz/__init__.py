@@ -11,6 +11,7 @@
 >>> import cspkit
 >>> from cspkit.viz import circuit_graph, explore, token_heatmap, plot_frontier
 """
+from .examples import LEVELS, QuantileExamples, quantile_examples
 from .explorer import Explorer, explore
 from .graph import (
     BANDS,
@@ -50,7 +51,7 @@ __all__ = [
     # token heatmaps
     "TokenHeatmap", "heatmap_html", "token_heatmap", "token_html",
     # node statistics
-    "CorpusStats", "ablation_effects", "corpus_stats",
+    "CorpusStats", "ablation_effects", "corpus_stats", "LEVELS", "QuantileExamples", "quantile_examples",
     # the explorer
     "Explorer", "explore", "attention_pattern", "embedding_tokens", "node_pane",
     # figures

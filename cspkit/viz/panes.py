@@ -1,6 +1,7 @@
-"""What the explorer shows about one node, as HTML: where it sits, its edges, its activation on
-the task's prompts (class A, class B and their difference side by side), the attention pattern
-of its head for query, key and value channels, and the corpus contexts where it is strongest.
+"""What the explorer shows about one node, as HTML: where it sits, its edges, the attention
+pattern of its head (query, key and value channels), the embedding's top and bottom tokens
+(residual channels), its activation on the task's prompts (class A, class B and their
+difference side by side), and corpus examples at quantiles of its activation.
 Every token string is escaped (``tokens.token_html``, ``tokens.heatmap_html``).
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 
 from .. import tasks as tasks_mod
 from ..model import GPT, parse_node
+from .examples import decode_window, quantile_examples
 from .graph import node_place
-from .stats import corpus_stats
 from .tokens import heatmap_html, token_html
 
 HEAD_KINDS = ("attn.q", "attn.k", "attn.v")   # node kinds that belong to one head
@@ -129,23 +130,28 @@ def attention_view(model: GPT, task, name: str, tail: int = 24) -> str:
     return (f"<p><b>Attention of layer {layer}, head {head}</b> (weights 0 to 1, red)</p>" + "".join(blocks))
 
 
-def corpus_view(model: GPT, name: str, n: int = 3, before: int = 24, after: int = 4) -> str:
-    stats = corpus_stats(model)
-    out = []
-    for sign, title in ((1, "strongest positive"), (-1, "strongest negative")):
-        ext = stats.extremes(name, sign, n)
-        if not ext:
-            out.append(f"<p><b>Corpus: {title} contexts</b>: none (never {'above' if sign > 0 else 'below'} zero "
-                       "in the sampled windows)</p>")
-            continue
-        acts = activations(model, stats.tokens[[w for w, _, _ in ext]], name)
+def quantile_view(model: GPT, name: str, before: int = 40, after: int = 10) -> str:
+    """The node's activation at the top and bottom 0.1, 1 and 10 percent and the median of its
+    training corpus (``examples.quantile_examples``, 65,536 tokens), each with the contexts
+    (``before`` tokens before, ``after`` after) of the tokens where it takes about that value."""
+    ex = quantile_examples(model)
+    levels = ex.examples(name)
+    scale = max(abs(v) for _, v, _ in levels) or 1.0
+    spots = [(w, t) for _, _, found in levels for w, t, _ in found]
+    acts = activations(model, ex.tokens[[w for w, _ in spots]].long(), name)       # (examples, T): one pass
+    rows, j = [], 0
+    for label, value, found in levels:
         blocks = []
-        for r, (w, t, v) in enumerate(ext):
-            lo, hi = max(0, t - before), t + after + 1
-            blocks.append(heatmap_html(stats.strings[w][lo:hi], acts[r, lo:hi].tolist(), abs(v), mark=t - lo))
-        out.append(f"<p><b>Corpus: {title} contexts</b> (validation windows; the token where it peaks "
-                   "outlined)</p>" + "".join(blocks))
-    return "".join(out)
+        for w, t, _ in found:
+            lo, hi = max(0, t - before), min(ex.tokens.shape[1], t + after + 1)
+            blocks.append(heatmap_html(decode_window(model, ex, w, lo, hi), acts[j, lo:hi].tolist(), scale,
+                                       mark=t - lo))
+            j += 1
+        rows.append(f"<tr><td style='vertical-align:top;white-space:nowrap;padding-right:8px'><b>{label}</b><br>"
+                    f"{value:+.3f}</td><td>{''.join(blocks)}</td></tr>")
+    return (f"<p><b>Corpus examples at quantiles</b> of its activation over {ex.meta['n_tokens']} training "
+            f"tokens (the token outlined takes about that value; one colour scale, ±{scale:.3f})</p>"
+            "<table>" + "".join(rows) + "</table>")
 
 
 RESIDUAL_KINDS = ("attn.in", "mlp.in", "attn.out", "mlp.out")   # nodes that are channels of the residual stream
@@ -174,4 +180,4 @@ def embedding_view(model: GPT, name: str, n: int = 8) -> str:
 def node_pane(model: GPT, g: nx.DiGraph, task, name: str) -> str:
     """Everything the explorer shows about the chosen node."""
     return (node_header(g, name, model.config.d_head) + edge_tables(g, name) + attention_view(model, task, name)
-            + embedding_view(model, name) + task_view(model, task, name) + corpus_view(model, name))
+            + embedding_view(model, name) + task_view(model, task, name) + quantile_view(model, name))
