@@ -50,7 +50,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"select a node": [], "move k by one": [], "toggle a node off and on": [],
                                      "change the edge threshold": []}
     # sizes the curve has not evaluated yet, nearest the circuit first: each move evaluates a loss
-    fresh = sorted((k for k in range(ex.k.max + 1) if k not in ex.ranked.seen), key=lambda k: abs(k - n))
+    fresh = sorted((k for k in range(ex.k.max + 1) if k not in ex.ranked.ranked.seen), key=lambda k: abs(k - n))
     for r in range(args.repeats):
         times["select a node"].append(timed(lambda r=r: setattr(ex.graph, "selected", names[r % len(names)])))
         ex.k.value = fresh[r] - 1 if fresh[r] > n else fresh[r] + 1

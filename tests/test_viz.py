@@ -474,6 +474,36 @@ def test_explorer_k_slider_moves_over_the_ranking(model, circuit, monkeypatch, t
     assert shown.order == [("0.attn.in", i) for i in range(8)] and shown.k.max == 8
 
 
+def test_explorer_switches_models_and_draws_two_side_by_side(model, circuit, tmp_path):
+    import shutil
+    shutil.copytree(model.path, tmp_path / "other")
+    other = cspkit.load(tmp_path / "other")
+    with torch.no_grad():
+        other.h[1].attn.c_proj.weight.mul_(-1)                            # other weights, same shape
+    theirs = _circuit(other, nodes={k: v for k, v in _connected_nodes(other).items() if k.startswith("0.")})
+    ex = viz.explore({"mine": model, "theirs": other}, ["single_double_quote"], circuits=[theirs, circuit],
+                     n_pairs=4, cache=False)
+    assert ex.model_choice.options == ("mine", "theirs") and ex.circuit is circuit and ex.other.layout.display == "none"
+    ex.model_choice.value = "theirs"
+    assert ex.model is other and ex.circuit is theirs and sorted(_ids(ex)) == sorted(theirs.node_names())
+    ex.compare.value = "mine"                                            # the other model's circuit beside it
+    assert ex.other.layout.display == "flex" and sorted(n["id"] for n in ex.other_graph.nodes) == \
+        sorted(circuit.node_names())
+    assert f"{circuit.n_nodes} nodes, {circuit.n_edges} edges" in ex.other_status.value
+    ex.target.value = 0.3                                                # no circuit there in either model
+    assert ex.other_graph.nodes == [] and "no single_double_quote circuit" in ex.other_status.value
+    ex.target.value = 0.15
+    ex.model_choice.value = "mine"
+    ex.compare.value = "theirs"
+    assert ex.circuit is circuit and sorted(n["id"] for n in ex.other_graph.nodes) == sorted(theirs.node_names())
+    ex.compare.value = None
+    assert ex.other.layout.display == "none"
+    with pytest.raises(ValueError, match="none of mine"):
+        stranger = _circuit(cspkit.load(tmp_path / "other"))
+        stranger.model_fingerprint, stranger.model = "0" * 16, None
+        viz.explore({"mine": model, "theirs": other}, ["single_double_quote"], circuits=[stranger], cache=False)
+
+
 def test_explorer_falls_back_to_a_picture(explorer):
     from IPython.core.formatters import DisplayFormatter
     data, _ = DisplayFormatter().format(explorer)

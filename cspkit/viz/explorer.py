@@ -9,9 +9,12 @@ readout and the marker on the loss-against-k curve follow it. Filters narrow the
 location types and layers (each layer with its node count and what ablating its nodes costs) and
 to edges above a weight threshold. Clicking a node in the graph (or choosing it in the list)
 shows where it sits (head and channel for q/k/v), its edges, its head's attention pattern, its
-activation on the task's class-A and class-B prompts and their difference, and the corpus
-contexts where it is strongest; turning it off re-evaluates the task loss without it. Every
-callback works without a browser, so tests drive the widgets from Python.
+activation on the task's class-A and class-B prompts and their difference, and corpus
+examples at quantiles of its activation; turning it off re-evaluates the task loss without it.
+Given several models (``explore({"small-sparse": sparse, "small-dense": dense}, ...)``), "model"
+switches between them and "beside it" draws another model's circuit for the same task, target and
+ablation next to the chosen one. Every callback works without a browser, so tests drive the
+widgets from Python.
 """
 from __future__ import annotations
 
@@ -28,14 +31,19 @@ from IPython import get_ipython
 from .. import pruning as prune_mod
 from .. import tasks as tasks_mod
 from ..ablation import ABLATIONS, fingerprint
-from ..circuit import Circuit, compute_edges, split_pairs
-from ..config import PruneConfig
-from ..model import GPT, node_name, parse_node
+from ..circuit import Circuit
+from ..model import GPT, node_name
 from ..paths import cache_dir
 from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph, legend_html
 from .panes import node_pane
+from .ranking import RankSlider, circuit_ranking
 from .stats import corpus_stats
 from .widget import GraphWidget, graph_png
+
+
+def model_name(model: GPT) -> str:
+    """A model's name in the explorer: its checkpoint directory's name."""
+    return Path(model.path).name if getattr(model, "path", None) else "model"
 
 
 class Explorer:
@@ -43,10 +51,14 @@ class Explorer:
     shows it). Circuits are kept per (task, target, ablation); ``shown`` is the circuit drawn: the
     chosen one, or the top k of its ranking while the k slider is elsewhere."""
 
-    def __init__(self, model: GPT, tasks, circuits=(), target: float = 0.15, ablation: str = "mean",
+    def __init__(self, model: GPT | dict[str, GPT], tasks, circuits=(), target: float = 0.15, ablation: str = "mean",
                  n_pairs: int = 16, seed: int = 0, height: str = "480px", cache: bool = True):
         t0 = time.perf_counter()
-        self.model, self.n_pairs, self.seed, self.height = model, n_pairs, seed, height
+        self.models = dict(model) if isinstance(model, dict) else {model_name(model): model}
+        if not self.models:
+            raise ValueError("explore needs a model, or a dict {name: model} of models to switch between")
+        self.model = next(iter(self.models.values()))
+        self.n_pairs, self.seed, self.height, self.cache = n_pairs, seed, height, cache
         self.tasks = {t.name: t for t in map(tasks_mod.get, [tasks] if isinstance(tasks, str) else tasks)}
         if not self.tasks:
             raise ValueError("explore needs at least one task, e.g. explore(model, ['single_double_quote'])")
@@ -54,11 +66,10 @@ class Explorer:
             raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
         if not 1e-3 <= target <= 10.0:
             raise ValueError(f"target {target} is outside 0.001 to 10 (a task loss in nats; chance is 0.693)")
-        self.fingerprint = fingerprint(model)
-        self.cache_dir = cache_dir() / "circuits" / self.fingerprint if cache else None
+        self.fingerprints = {name: fingerprint(m) for name, m in self.models.items()}
         # what each task is, for the cache's file names (a task redefined under a name is another)
         self.digests = {name: tasks_mod.pairs_digest(t.pairs("train", n=8)) for name, t in self.tasks.items()}
-        self.circuits: dict[tuple, Circuit] = {}
+        self.by_model: dict[str, dict[tuple, Circuit]] = {name: {} for name in self.models}
         for c in circuits:
             if isinstance(c, Circuit):
                 self.add(c)
@@ -69,20 +80,23 @@ class Explorer:
                     raise ValueError(f"{c} holds no circuit files of {', '.join(self.tasks)}; pass the folder "
                                      "that holds them, e.g. results/circuits/small-sparse")
                 for d in found:
-                    self.add(Circuit.from_dict(d, model=model))
+                    self.add(Circuit.from_dict(d, model=self._model_of(d.get("model_fingerprint"))))
             else:
-                self.add(Circuit.load(c, model=model))
+                d = json.loads(Path(c).read_text()) if Path(c).is_file() else {}
+                self.add(Circuit.load(c, model=self._model_of(d.get("model_fingerprint"))))
         self.circuit: Circuit | None = None      # the chosen circuit
         self.shown: Circuit | None = None        # the circuit drawn (the chosen one or its top k)
         self.g = None                            # the shown circuit's annotated graph
         self.off: set[str] = set()               # nodes turned off on top of the shown circuit
         self.base_loss = self.current_loss = None
         self.order: list[tuple[str, int]] = []   # the chosen circuit's node ranking
-        self.ranked = None                       # loss of the top k of the ranking (memoized)
+        self.ranked: RankSlider | None = None    # the top k of the ranking, for the k slider
         self.layer_deltas: dict[int, float] = {}
         self._busy = False                       # set while callbacks change widgets themselves
 
         names = list(self.tasks)
+        self.model_choice = W.Dropdown(options=list(self.models), description="model")
+        self.compare = W.Dropdown(options=[("(none)", None)] + [(m, m) for m in self.models], description="beside it")
         self.task = W.Dropdown(options=names, value=names[0], description="task")
         self.target = W.BoundedFloatText(value=target, min=1e-3, max=10.0, step=0.01, description="target")
         self.ablation = W.Dropdown(options=list(ABLATIONS), value=ablation, description="ablation")
@@ -96,12 +110,16 @@ class Explorer:
         self.kinds = {k: W.Checkbox(value=True, description=KIND_NAMES[k], indent=False,
                                     layout=W.Layout(width="auto")) for k in PLACES}
         self.layers = {l: W.Checkbox(value=True, description=f"layer {l}", indent=False, layout=W.Layout(width="auto"))
-                       for l in range(model.config.n_layer)}
+                       for l in range(max(m.config.n_layer for m in self.models.values()))}
         self.threshold = W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="|weight| ≥",
                                        continuous_update=False, readout_format=".3f")
         self.legend = W.HTML()
         self.graph = GraphWidget()
         self.graph.height = height
+        self.other_status = W.HTML()
+        self.other_graph = GraphWidget()
+        self.other_graph.height = height
+        self.other = W.VBox([self.other_status, self.other_graph], layout=W.Layout(display="none", width="50%"))
         self.node = W.Dropdown(options=[("(choose a node)", None)], description="node")
         self.node_off = W.Checkbox(value=False, description="turn this node off (ablate it)", indent=False)
         self.loss = W.HTML()
@@ -109,6 +127,8 @@ class Explorer:
 
         for w in (self.task, self.target, self.ablation):
             w.observe(self._on_choice, names="value")
+        self.model_choice.observe(lambda _: self._on_model(), names="value")
+        self.compare.observe(lambda _: self.draw_other(), names="value")
         for w in (*self.kinds.values(), *self.layers.values(), self.threshold):
             w.observe(lambda _: self.draw(), names="value")
         self.k.observe(lambda _: self._on_k(), names="value")
@@ -117,6 +137,7 @@ class Explorer:
         self.node.observe(lambda _: self._on_node(), names="value")
         self.node_off.observe(lambda _: self._on_node_off(), names="value")
         self.widget = W.VBox([
+            W.HBox([self.model_choice, self.compare]) if len(self.models) > 1 else W.HBox([]),
             W.HBox([self.task, self.ablation]),
             W.HBox([self.target, self.compute]),
             self.status, self.log,
@@ -124,11 +145,14 @@ class Explorer:
             W.HBox([W.Label("show:"), *self.kinds.values()], layout=W.Layout(flex_flow="row wrap")),
             W.HBox([W.Label("layers:"), *self.layers.values()], layout=W.Layout(flex_flow="row wrap")),
             self.threshold,
-            self.legend, self.graph,
+            self.legend, W.HBox([W.VBox([self.graph], layout=W.Layout(flex="1")), self.other]),
             W.HBox([self.node, self.node_off]), self.loss, self.details])
         # stable handles for the browser test and for styling
         self.widget.add_class("cspkit-explorer")
         self.task.add_class("cspkit-task")
+        self.model_choice.add_class("cspkit-model")
+        self.compare.add_class("cspkit-compare")
+        self.other_graph.add_class("cspkit-other-graph")
         self.k.add_class("cspkit-k")
         self.graph.add_class("cspkit-graph")
         self.details.add_class("cspkit-details")
@@ -143,7 +167,31 @@ class Explorer:
             data["image/png"] = base64.b64encode(graph_png(self.graph.net)).decode()
         return bundle
 
-    # ------------------------------------------------------------------ circuits
+    # ------------------------------------------------------------------ models and circuits
+    @property
+    def circuits(self) -> dict[tuple, Circuit]:
+        """The circuits of the chosen model, by (task, "target", target, ablation)."""
+        return self.by_model[self.model_choice.value if hasattr(self, "model_choice") else next(iter(self.models))]
+
+    def _model_of(self, fp: str | None) -> GPT:
+        """The model a circuit was found in (by its weights' fingerprint); with one model, that one."""
+        for name, f in self.fingerprints.items():
+            if f == fp:
+                return self.models[name]
+        if len(self.models) == 1:
+            return self.model        # Circuit.attach then says what does not match
+        raise ValueError(f"a circuit was found in model {fp}, none of {', '.join(self.models)}; give its model too")
+
+    def _cache_dir(self, name: str) -> Path | None:
+        return cache_dir() / "circuits" / self.fingerprints[name] if self.cache else None
+
+    def _on_model(self) -> None:
+        """Another model: its circuit for the current task, target and ablation (or the nearest)."""
+        self.model = self.models[self.model_choice.value]
+        self.circuit = None
+        self._on_choice({"owner": self.task})
+        self.draw_other()
+
     def key(self) -> tuple:
         return (self.task.value, "target", round(self.target.value, 6), self.ablation.value)
 
@@ -153,29 +201,35 @@ class Explorer:
             raise ValueError(f"circuit for task {circuit.task!r}, which this explorer does not show "
                              f"({', '.join(self.tasks)}); add the task to explore(model, tasks)")
         if circuit.model is None:
-            circuit.attach(self.model)
+            circuit.attach(self._model_of(circuit.model_fingerprint))
+        name = next((n for n, m in self.models.items() if m is circuit.model), None)
+        if name is None:
+            raise ValueError("the circuit's model is not one of the explorer's; pass the model to explore()")
         circuit.task_obj = self.tasks[circuit.task]
         k = circuit.config.get("k")
         value = ("k", int(k)) if k is not None else ("target", round(circuit.target, 6))
-        self.circuits[(circuit.task, *value, circuit.ablation)] = circuit
+        self.by_model[name][(circuit.task, *value, circuit.ablation)] = circuit
         return circuit
 
-    def _cache_file(self, key: tuple) -> Path | None:
-        """The cached circuit of a key: named by the task's prompts too (a task redefined under
-        the same name is another task) and the pruning seed."""
-        if self.cache_dir is None:
+    def _cache_file(self, key: tuple, model: str | None = None) -> Path | None:
+        """The cached circuit of a key in a model (default the chosen one): named by the task's
+        prompts too (a task redefined under the same name is another task) and the pruning seed."""
+        d = self._cache_dir(model or self.model_choice.value)
+        if d is None:
             return None
         task, mode, value, ablation = key
         name = re.sub(r"[^\w.-]", "_", task)
-        return self.cache_dir / f"{name}-{self.digests[task][:8]}-{ablation}-{mode}{value}-s{self.seed}.json"
+        return d / f"{name}-{self.digests[task][:8]}-{ablation}-{mode}{value}-s{self.seed}.json"
 
-    def lookup(self, key: tuple) -> Circuit | None:
-        """The circuit for a key from memory or the on-disk cache, or None."""
-        if key not in self.circuits:
-            f = self._cache_file(key)
+    def lookup(self, key: tuple, model: str | None = None) -> Circuit | None:
+        """The circuit for a key in a model (default the chosen one) from memory or the on-disk
+        cache, or None."""
+        model = model or self.model_choice.value
+        if key not in self.by_model[model]:
+            f = self._cache_file(key, model)
             if f is not None and f.is_file():
-                self.add(Circuit.load(f, model=self.model))
-        return self.circuits.get(key)
+                self.add(Circuit.load(f, model=self.models[model]))
+        return self.by_model[model].get(key)
 
     def compute_circuit(self) -> Circuit:
         """Find the circuit for the current choices with cspkit.prune (progress bars in the
@@ -233,6 +287,7 @@ class Explorer:
         self.k.disabled = True
         self.status.value = (f"No {html.escape(key[0])} circuit at target {key[2]} with {key[3]} ablation yet: "
                              "press <b>compute circuit</b> (a minute or more on a CPU).")
+        self.draw_other()
 
     def _nearest(self, key: tuple) -> Circuit | None:
         """On a task switch: a circuit of the new task with the same ablation, the one whose
@@ -250,80 +305,26 @@ class Explorer:
         return self.circuits[k]
 
     # ------------------------------------------------------------------ the k slider
-    def _ranking(self, circuit: Circuit) -> list[tuple[str, int]]:
-        """The circuit's node ranking: saved with it, or from the masks a live pruning kept; a
-        circuit that has neither gets its masks trained once (cspkit.pruning.train_masks)."""
-        if circuit.ranking:
-            return [parse_node(n) for n in circuit.ranking]
-        if circuit.taus is None:
-            self.status.value = f"training the masks of {html.escape(circuit.task)} for the k slider (once)…"
-            with self.log:
-                circuit.taus, circuit.mean_taus = prune_mod.train_masks(
-                    self.model, self.tasks[circuit.task], PruneConfig(), circuit.ablation, circuit.seed)
-            self._clear_log()
-        order = prune_mod.ranking(circuit.taus, circuit.mean_taus)
-        return order[:max(256, 4 * circuit.n_nodes)]
-
     def _start_ranking(self, circuit: Circuit) -> None:
         """Set the k slider and the loss-against-k curve up for a newly chosen circuit."""
-        self.order = self._ranking(circuit)
-        cfg = PruneConfig()
-        fit, _ = split_pairs(self.tasks[circuit.task], cfg)
-        test = self.tasks[circuit.task].pairs("test", n=self.n_pairs)
-        self.ranked = prune_mod.RankedLoss(self.model, self.order, fit[:cfg.calib_pairs], test, circuit.ablation,
-                                           cfg.calib_steps)
-        n = circuit.n_nodes
-        top = min(len(self.order), max(2 * n, 16))
-        step = max(1, -(-top // 24))                   # about 24 points up to twice the circuit
-        for k in sorted({*range(0, top + 1, step), n}):
-            self.ranked(k)
+        task = self.tasks[circuit.task]
+        if not circuit.ranking and circuit.taus is None:
+            self.status.value = f"training the masks of {html.escape(circuit.task)} for the k slider (once)…"
+        with self.log:
+            self.order = circuit_ranking(self.model, circuit, task)
+        self.ranked = RankSlider(self.model, circuit, task, self.order, self.n_pairs)
+        self.ranked.start()
         self._busy = True
         try:
-            self.k.max, self.k.value, self.k.disabled = top, n, False
+            self.k.max, self.k.value, self.k.disabled = self.ranked.kmax, circuit.n_nodes, False
         finally:
             self._busy = False
-
-    def k_circuit(self, k: int) -> Circuit:
-        """The first k nodes of the chosen circuit's ranking as a circuit (scored by the slider's
-        evaluation: calibrated on the train pairs the pruner calibrates on, on n_pairs test pairs)."""
-        c = self.circuit
-        loss = self.ranked(k)
-        nodes = prune_mod.top_nodes(self.order, k)
-        return Circuit(task=c.task, nodes=nodes, edges=compute_edges(self.model, nodes), target=None, loss=loss,
-                       ablation=c.ablation, calibration=self.ranked.seen[k][1], model_path=c.model_path,
-                       model_fingerprint=self.fingerprint, seed=c.seed, config={**c.config, "k": k},
-                       model=self.model, task_obj=c.task_obj)
 
     def _on_k(self) -> None:
         if self._busy or self.circuit is None:
             return
         k = self.k.value
-        self.display(self.circuit if k == self.circuit.n_nodes else self.k_circuit(k))
-
-    def curve_svg(self, width: int = 360, height: int = 120) -> str:
-        """The loss against k along the ranking (the points evaluated so far), the target as a
-        dashed line and a marker at the slider's k, as inline SVG."""
-        pts = sorted((k, v[0]) for k, v in self.ranked.seen.items())
-        kmax = max(self.k.max, 1)
-        lmax = max(max(v for _, v in pts), self.circuit.target or 0.0, 1e-3) * 1.05
-        x = lambda k: 36 + (width - 46) * k / kmax
-        y = lambda v: 8 + (height - 30) * (1 - min(v, lmax) / lmax)
-        line = " ".join(f"{x(k):.1f},{y(v):.1f}" for k, v in pts)
-        k = self.k.value
-        now = self.ranked.seen[k][0] if k in self.ranked.seen else None
-        parts = [f'<polyline points="{line}" fill="none" stroke="#4e79a7" stroke-width="1.5"/>']
-        if self.circuit.target is not None:
-            t = y(self.circuit.target)
-            parts.append(f'<line x1="36" x2="{width - 10}" y1="{t:.1f}" y2="{t:.1f}" stroke="#c53030" '
-                         f'stroke-dasharray="4 3"/><text x="{width - 12}" y="{t - 3:.1f}" font-size="9" '
-                         f'text-anchor="end" fill="#c53030">target {self.circuit.target}</text>')
-        if now is not None:
-            parts.append(f'<circle class="marker" cx="{x(k):.1f}" cy="{y(now):.1f}" r="4" fill="#e15759"/>')
-        parts.append(f'<text x="36" y="{height - 4}" font-size="9">0</text><text x="{width - 10}" y="{height - 4}" '
-                     f'font-size="9" text-anchor="end">k = {kmax}</text><text x="2" y="14" font-size="9">'
-                     f'{lmax:.2f}</text><text x="2" y="{height - 22}" font-size="9">0</text>')
-        return (f'<svg width="{width}" height="{height}" role="img" aria-label="task loss against k">'
-                + "".join(parts) + "</svg>")
+        self.display(self.circuit if k == self.circuit.n_nodes else self.ranked.circuit(k))
 
     # ------------------------------------------------------------------ drawing
     def show(self, circuit: Circuit) -> None:
@@ -347,7 +348,7 @@ class Explorer:
         with self.log:
             g = annotated_graph(circuit, measured, progress=measured > 0)
         self._clear_log()
-        base = self.ranked(self.k.value) if circuit is not self.circuit else \
+        base = self.ranked.loss(self.k.value) if circuit is not self.circuit else \
             circuit.evaluate("test", n=self.n_pairs)["loss"]
         self.shown, self.g, self.base_loss, self.off = circuit, g, base, set()
         weights = [abs(w) for *_, w in circuit.edges]
@@ -371,7 +372,7 @@ class Explorer:
         self._layer_stats()
         self.draw()
         self._update_loss()
-        self.curve.value = self.curve_svg()
+        self.curve.value = self.ranked.curve_svg(self.k.value)
 
     def _layer_stats(self) -> None:
         """Per layer: the shown circuit's nodes there, and the task loss change when they are all
@@ -398,6 +399,29 @@ class Explorer:
                             height=self.height, graph=self.g, min_weight=self.threshold.value)
         self.graph.show(net)
         self.legend.value = legend_html(net.title)
+        self.draw_other()
+
+    def draw_other(self) -> None:
+        """Beside the graph: the circuit of the model chosen under "beside it" for the same task,
+        target and ablation, with the same filters (or why there is none)."""
+        other = self.compare.value
+        self.other.layout.display = "none" if other is None else "flex"
+        if other is None:
+            return
+        key = self.key()
+        c = self.lookup(key, other)
+        if c is None:
+            self.other_graph.nodes, self.other_graph.edges, self.other_graph.net = [], [], None
+            self.other_status.value = (f"<b>{html.escape(other)}</b>: no {html.escape(key[0])} circuit at target "
+                                       f"{key[2]} with {key[3]} ablation yet (choose it as the model and compute it)")
+            return
+        kinds = [k for k, w in self.kinds.items() if w.value]
+        layers = [l for l, w in self.layers.items() if w.value and l < c.model.config.n_layer]
+        net = circuit_graph(c, self.n_pairs, kinds=kinds, layers=layers, height=self.height,
+                            min_weight=self.threshold.value)
+        self.other_graph.show(net)
+        self.other_status.value = (f"<b>{html.escape(other)}</b>: {c.n_nodes} nodes, {c.n_edges} edges, "
+                                   f"held-out task loss {c.loss:.3f}")
 
     def _update_loss(self) -> None:
         """``current_loss``: the shown circuit's task loss with the nodes turned off ablated too."""
@@ -440,8 +464,10 @@ class Explorer:
 
 def explore(model: GPT, tasks, circuits=(), **kwargs) -> Explorer:
     """The interactive explorer (an ipywidgets app; a notebook cell ending in it shows it) for a
-    model on ``tasks`` (names or Task objects). ``circuits``: Circuit objects, circuit files or
-    directories of them (e.g. ``results/circuits/small-sparse``), shown without recomputing.
+    model, or a dict {name: model} of models to switch between and compare, on ``tasks`` (names or
+    Task objects). ``circuits``: Circuit objects, circuit files or directories of them (e.g.
+    ``results/circuits/small-sparse``), shown without recomputing; each goes to the model it was
+    found in (by the weights' fingerprint).
     Keyword arguments: ``target``, ``ablation``, ``n_pairs`` (pairs for losses and ablation
     effects), ``seed``, ``height``, ``cache`` (keep computed circuits in the cspkit cache).
 
