@@ -29,6 +29,7 @@ DENSE ?= data/models/small-dense
 RESULTS ?= results
 BRIDGE ?= data/models/small-bridge
 CIRCUITS = $(RESULTS)/circuits/small-sparse
+DENSE_CIRCUITS = $(RESULTS)/circuits/small-dense
 # the pruner before the penalty multiplier and the CSR products, which prune_speed.txt is timed against
 PRUNE_BASELINE := bb63d53
 VALID = $(RESULTS)/validation/small-sparse
@@ -80,7 +81,8 @@ small-model-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json \
 	$(VALID)_single_double_quote.txt $(VALID)_bracket_counting.txt $(VALID)_indent_for.txt \
 	$(RESULTS)/prune_speed.txt $(RESULTS)/prune_ranking.txt $(RESULTS)/sparse_vs_dense.json \
 	$(RESULTS)/sweep_small_hour.json $(EDGES)/single_double_quote.json $(EDGES)/bracket_counting.json \
-	$(VALID_EDGES)_single_double_quote.txt $(VALID_EDGES)_bracket_counting.txt
+	$(VALID_EDGES)_single_double_quote.txt $(VALID_EDGES)_bracket_counting.txt \
+	$(DENSE_CIRCUITS)/single_double_quote.json
 small-bridge-results: $(RESULTS)/bridge_quality.txt $(RESULTS)/intervene_quote.txt $(RESULTS)/intervene_quote_site.txt
 
 $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json: | $(VENV)/.installed
@@ -93,6 +95,10 @@ $(CIRCUITS)/%.json: | $(VENV)/.installed
 $(VALID)_single_double_quote.txt $(VALID)_bracket_counting.txt: $(VALID)_%.txt: $(CIRCUITS)/%.json
 	@mkdir -p $(@D)
 	$(CS) validate --circuit $< --out $(@:.txt=.json) $(call save,$@)
+# the dense model's quote circuit, which the explorer (notebook 05) draws beside the sparse one's
+.PRECIOUS: $(DENSE_CIRCUITS)/%.json
+$(DENSE_CIRCUITS)/%.json: | $(VENV)/.installed
+	$(CS) prune --model $(DENSE) --task $* --out $@
 .PRECIOUS: $(EDGES)/%.json
 $(EDGES)/%.json: | $(VENV)/.installed
 	$(CS) prune --model $(SMALL) --task $* --edges --out $@
