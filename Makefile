@@ -28,6 +28,9 @@ SMALL ?= data/models/small-sparse
 DENSE ?= data/models/small-dense
 RESULTS ?= results
 BRIDGE ?= data/models/small-bridge
+# the bridged pair: a 2-layer dense partner, and a sparse model trained from scratch with its bridges
+BRIDGED_DENSE ?= data/models/bridged-dense
+BRIDGED ?= data/models/bridged-small
 CIRCUITS = $(RESULTS)/circuits/small-sparse
 DENSE_CIRCUITS = $(RESULTS)/circuits/small-dense
 # the pruner before the penalty multiplier and the CSR products, which prune_speed.txt is timed against
@@ -113,6 +116,13 @@ $(RESULTS)/prune_speed.txt: | $(VENV)/.installed
 $(RESULTS)/bridge_quality.txt: | $(VENV)/.installed
 	$(CS) bridge --dense $(DENSE) --sparse $(SMALL) --out $(BRIDGE) --profile small
 	$(CS) bridge-report --bridge $(BRIDGE) --out $@
+# the bridged pair (docs/models.md): hours on 2 CPU cores; `BRIDGE_DEVICE=cuda` on a GPU. Both resume.
+BRIDGE_DEVICE ?= auto
+$(BRIDGED_DENSE)/model.safetensors: | $(VENV)/.installed
+	$(CS) train --profile small-hour --dense --out $(BRIDGED_DENSE) d_model=256 d_mlp=1024 n_head=16 \
+		stop_at_val_loss=2.663 device=$(BRIDGE_DEVICE)
+$(BRIDGED)/bridge.safetensors: $(BRIDGED_DENSE)/model.safetensors
+	$(CS) bridge --dense $(BRIDGED_DENSE) --out $(BRIDGED) --profile bridged-small train.device=$(BRIDGE_DEVICE)
 # the bridge's steering was measured on the quote circuit found with the fixed penalty
 STEER_CIRCUIT = results/history/fixed_penalty/circuits/small-sparse/single_double_quote.json
 $(RESULTS)/intervene_quote.txt: $(RESULTS)/bridge_quality.txt $(STEER_CIRCUIT)

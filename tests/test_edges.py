@@ -68,7 +68,7 @@ def quote_edges():
 
 
 def test_edge_circuit_meets_the_target_with_fewer_edges(quote_edges, tmp_path):
-    """On the shipped sparse model the quote circuit's 45 edges come down to 32 at the same target
+    """On the shipped sparse model the quote circuit's 38 edges come down to 27 at the same target
     (docs/results.md, "Edge circuits")."""
     c = quote_edges
     assert c.edge_level and c.loss <= c.target
