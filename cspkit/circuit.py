@@ -100,7 +100,7 @@ class Circuit:
     >>> path = cspkit.paths.results_dir() / "circuits" / "small-sparse" / "single_double_quote.json"
     >>> circuit = cspkit.Circuit.load(path)      # with the model it was found in
     >>> (circuit.n_nodes, circuit.n_edges)
-    (26, 45)
+    (24, 38)
     >>> circuit.evaluate()["accuracy"] > 0.9
     True
     >>> circuit.to_networkx().number_of_nodes() == circuit.n_nodes

@@ -2,8 +2,8 @@
 off) runs notebooks/05_explore_circuits.ipynb in headless Chromium; the explorer's graph must be
 drawn on a canvas of nonzero size, a mouse click on a node must fill the node pane (a round trip
 through the kernel), the k slider moved with the keyboard must redraw the graph with one node
-fewer and change the loss line, choosing another task in the dropdown must redraw it, and no
-request may leave localhost. Screenshots go to test-artifacts/.
+fewer and change the loss line, switching to the dense model and choosing another task in the
+dropdowns must redraw it, and no request may leave localhost. Screenshots go to test-artifacts/.
 
 Needs Debian's chromium at /usr/bin/chromium (Playwright's own browser download is not used);
 .ci/run installs it.
@@ -208,6 +208,16 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
                                    timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "explorer-k.png"))
             page.keyboard.press("ArrowRight")
+            _explorer_graph(page, n)
+
+            # another model: its circuit of the same task replaces the graph, and back
+            page.select_option(".cspkit-model select", "small-dense")
+            page.wait_for_function(f"() => document.querySelector('{_GRAPH}').dataset.nodes !== '{n}'",
+                                   timeout=120_000)
+            dense = _explorer_graph(page)
+            page.screenshot(path=str(ARTIFACTS / "explorer-dense.png"))
+            assert dense["painted"] > 1000, dense
+            page.select_option(".cspkit-model select", "small-sparse")
             _explorer_graph(page, n)
 
             page.select_option(".cspkit-task select", "bracket_counting")
