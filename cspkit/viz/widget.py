@@ -40,6 +40,7 @@ function render({ model, el }) {
   // fit the layer and band labels too, not only the nodes
   function view() {
     const b = model.get("box");
+    if (b.x1 === undefined || !box.clientWidth) return;     // nothing drawn yet, or hidden
     const scale = Math.min(box.clientWidth / (b.x1 - b.x0), box.clientHeight / (b.y1 - b.y0), 1.5);
     network.moveTo({position: {x: (b.x0 + b.x1) / 2, y: (b.y0 + b.y1) / 2}, scale: scale});
   }
@@ -65,11 +66,19 @@ function render({ model, el }) {
     if (id && network.body.data.nodes.get(id)) network.selectNodes([id]); else network.unselectAll();
     el.dataset.selected = id;
   }
-  model.on("change:nodes", () => { network.setData(data(model)); view(); select(); });
-  model.on("change:edges", () => { network.setData(data(model)); select(); });
+  // a tooltip open when the data change would stay over the new drawing
+  function hideTips() { for (const t of box.querySelectorAll("div.vis-tooltip")) t.style.visibility = "hidden"; }
+  model.on("change:options", () => { network.setOptions(model.get("options")); view(); });
+  // the options first: a message that changes them and the data may deliver the data first
+  function redraw() { hideTips(); network.setOptions(model.get("options")); network.setData(data(model)); }
+  model.on("change:nodes", () => { redraw(); view(); select(); });
+  model.on("change:edges", () => { redraw(); select(); });
   model.on("change:selected", select);
+  // drawn while hidden (zero size), the view is fitted again once the box gets its size
+  const resized = new ResizeObserver(() => { if (box.clientWidth) view(); });
+  resized.observe(box);
   select();
-  return () => network.destroy();
+  return () => { resized.disconnect(); network.destroy(); };
 }
 export default { render };
 """
