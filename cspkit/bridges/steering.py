@@ -321,8 +321,9 @@ def format_flips(rows: list[dict]) -> str:
     cols += [("random control", "control_flip_rate", 15, ".3f")] if ctl else []
     cols += [("logit shift", "logit_shift", 12, ".3f")]
     cols += [("control", "control_logit_shift", 8, ".3f")] if ctl else []
-    cols += [("P(other)", "p_other", 9, ".3f")]
-    cols += [("control", "control_p_other", 8, ".3f")] if ctl else []
+    if rows and "p_other" in rows[0]:     # results written before P(other) was measured have none
+        cols += [("P(other)", "p_other", 9, ".3f")]
+        cols += [("control", "control_p_other", 8, ".3f")] if ctl else []
     head = " ".join(f"{title:>{width}s}" for title, _, width, _ in cols)
     lines = [head] + [" ".join(f"{row[key]:>{width}{fmt}}" for _, key, width, fmt in cols)
                       + (" (extrapolation)" if row["strength"] > 1 else "") for row in rows]
