@@ -140,6 +140,14 @@ def _explorer_graph(page, n: int | None = None) -> dict:
     return page.evaluate(_PAINTED, f"{_GRAPH} canvas")
 
 
+def _choose(page, select: str, value: str, n: int) -> dict:
+    """Choose ``value`` in a dropdown of the explorer and wait for a graph other than the one of
+    ``n`` nodes to be drawn."""
+    page.select_option(select, value)
+    page.wait_for_function(f"() => document.querySelector('{_GRAPH}').dataset.nodes !== '{n}'", timeout=120_000)
+    return _explorer_graph(page)
+
+
 def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -211,19 +219,13 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
             _explorer_graph(page, n)
 
             # another model: its circuit of the same task replaces the graph, and back
-            page.select_option(".cspkit-model select", "small-dense")
-            page.wait_for_function(f"() => document.querySelector('{_GRAPH}').dataset.nodes !== '{n}'",
-                                   timeout=120_000)
-            dense = _explorer_graph(page)
+            dense = _choose(page, ".cspkit-model select", "small-dense", n)
             page.screenshot(path=str(ARTIFACTS / "explorer-dense.png"))
             assert dense["painted"] > 1000, dense
             page.select_option(".cspkit-model select", "small-sparse")
             _explorer_graph(page, n)
 
-            page.select_option(".cspkit-task select", "bracket_counting")
-            page.wait_for_function(f"() => document.querySelector('{_GRAPH}').dataset.nodes !== '{n}'",
-                                   timeout=120_000)
-            second = _explorer_graph(page)
+            second = _choose(page, ".cspkit-task select", "bracket_counting", n)
             page.screenshot(path=str(ARTIFACTS / "explorer-bracket_counting.png"))
             assert second["width"] > 0 and second["height"] > 0 and second["painted"] > 1000, second
             browser.close()
