@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = cspkit.load(args.model)
-    circuits = args.circuits or cspkit.paths.results_dir() / "circuits" / model.path.name
+    circuits = args.circuits or cspkit.paths.results_dir() / "circuits" / Path(model.path).name
 
     t0 = time.perf_counter()
     ex = viz.explore(model, [args.task], circuits=[circuits], n_pairs=args.pairs, cache=False)
