@@ -12,6 +12,7 @@ which a forward hook on the linear module adds to its output, before any activat
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -75,9 +76,11 @@ def edge_groups(model: GPT, edges: list[tuple[str, str, float]], ablation: str =
 def edge_gates(groups: list[EdgeGroup], gates: torch.Tensor) -> Iterator[None]:
     """Within the block, the model's edges carry ``x * g + mean * (1 - g)`` with ``gates`` (one per
     edge, in the order the groups were built from; 0/1, or a Heaviside gate with a gradient)."""
-    handles = []
+    handles, owner = [], threading.get_ident()
     for grp in groups:
         def hook(module, inputs, out, grp=grp):
+            if threading.get_ident() != owner:  # another thread's forward (cspkit.hooks: per thread)
+                return None
             x = inputs[0]                                               # (B, T, in)
             scale = grp.weight * (gates[grp.pos] - 1)                   # (E,)
             carried = (x[..., grp.src] - grp.mean) * scale              # (B, T, E)

@@ -2,17 +2,26 @@
 
 A hook function takes ``(activation, name)`` and returns a replacement tensor or None
 (keep the activation). Hooks live only for one call of run_with_cache / run_with_hooks,
-or inside the ``hooks`` context manager.
+or inside the ``hooks`` context manager, and only in the thread that attached them: the
+explorer computes in a background thread while the notebook runs forwards of its own on the
+same model, and neither may see the other's hooks.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+_THREAD = threading.local()
+
+
+class _Recorded(Exception):
+    """Raised by run_with_cache(stop=True) once it holds every activation it was asked for."""
 
 
 class HookPoint(nn.Module):
@@ -21,7 +30,12 @@ class HookPoint(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.name = name
-        self.fns: list[HookFn] = []
+
+    @property
+    def fns(self) -> list[HookFn]:
+        """The hook functions this thread attached."""
+        table = _THREAD.__dict__.setdefault("fns", weakref.WeakKeyDictionary())
+        return table.setdefault(self, [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for fn in self.fns:
@@ -72,14 +86,22 @@ class HookedMixin:
             return self(tokens, **kw)
 
     def run_with_cache(self, tokens: torch.Tensor, names: Iterable[str] | None = None,
-                       detach: bool = True, **kw):
-        """Forward once; return (output, {name: activation}) for the named locations (default all)."""
+                       detach: bool = True, stop: bool = False, **kw):
+        """Forward once; return (output, {name: activation}) for the named locations (default all).
+        ``stop``: end the forward as soon as every named location is recorded, and return None for
+        the output (a layer-0 node's activations then cost a quarter of a 4-layer forward)."""
         names = self._resolve(self.hook_points if names is None else names)
         cache: dict[str, torch.Tensor] = {}
 
         def record(x, name):
             cache[name] = x.detach() if detach else x
+            if stop and len(cache) == len(names):
+                raise _Recorded
 
         with self.hooks({n: record for n in names}):
-            out = self(tokens, **kw)
+            try:
+                out = self(tokens, **kw)
+            except _Recorded:
+                out = None
         return out, cache
+

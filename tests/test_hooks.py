@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -49,6 +51,16 @@ def test_run_with_cache_names_and_shapes(model, toks, tiny_cfg):
     # cached activations are the ones the forward used: the unembedding reads "unembed"
     with torch.no_grad():
         assert torch.allclose(model.lm_head(everything["unembed"]), logits, atol=1e-5)
+    assert all(not hp.fns for hp in model.hook_points.values())
+
+
+def test_run_with_cache_can_stop_once_it_has_recorded(model, toks):
+    _, full = model.run_with_cache(toks, names=["0.mlp.neuron", "0.attn.q"])
+    seen = []
+    with model.hooks({"1.attn.in": lambda x, name: seen.append(name)}):
+        out, cache = model.run_with_cache(toks, names=["0.mlp.neuron", "0.attn.q"], stop=True)
+    assert out is None and not seen                      # layer 1 never ran
+    assert all(torch.equal(cache[n], full[n]) for n in full)
     assert all(not hp.fns for hp in model.hook_points.values())
 
 
@@ -107,3 +119,24 @@ def test_unknown_names_raise_keyerror_naming_them(model, toks):
     with pytest.raises(KeyError, match="9.attn.q"):
         model.run_with_hooks(toks, {"9.attn.q": lambda x, n: x})
     assert all(not hp.fns for hp in model.hook_points.values())
+
+
+def test_hooks_belong_to_the_thread_that_attached_them(model):
+    # the explorer computes in a background thread while the notebook runs its own forwards
+    x = torch.randint(0, model.config.vocab_size, (1, 8))
+    plain = model(x)
+    started, release = threading.Event(), threading.Event()
+
+    def hold_hooks():
+        with model.hooks({"0.mlp.out": lambda a, name: torch.zeros_like(a)}):
+            started.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=hold_hooks)
+    worker.start()
+    started.wait(10)
+    try:
+        assert torch.equal(model(x), plain)
+    finally:
+        release.set()
+        worker.join()
