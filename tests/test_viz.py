@@ -560,3 +560,13 @@ def test_figures_display_in_jupyter_and_still_save(tmp_path):
     fig.savefig(tmp_path / "scores.svg")
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert b"<svg" in (tmp_path / "scores.svg").read_bytes()
+
+
+def test_window_activations_match_whole_rows(model):
+    # the quantile view runs rows cut at the last position it shows; causal attention makes that exact
+    tokens = torch.randint(0, model.config.vocab_size, (5, 32))
+    spots = [(0, 5), (3, 32), (1, 17), (4, 1), (2, 20)]
+    for name in ("0.attn.q[3]", "1.mlp.neuron[7]"):
+        whole = viz.panes.activations(model, tokens, name)
+        for (w, hi), got in zip(spots, viz.panes.window_activations(model, tokens, spots, name)):
+            assert got.shape == (hi,) and torch.allclose(got, whole[w, :hi], atol=1e-5), (name, w, hi)

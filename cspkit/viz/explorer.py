@@ -36,7 +36,7 @@ from ..model import GPT, node_name
 from ..paths import cache_dir
 from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph, legend_html
 from .panes import node_pane
-from .ranking import RankSlider, circuit_ranking
+from .ranking import RankSlider, circuit_ranking, layer_deltas
 from .stats import corpus_stats
 from .widget import GraphWidget, graph_png
 
@@ -312,6 +312,8 @@ class Explorer:
             self.status.value = f"training the masks of {html.escape(circuit.task)} for the k slider (once)…"
         with self.log:
             self.order = circuit_ranking(self.model, circuit, task)
+        if self.ranked is not None:
+            self.ranked.wait()           # its background prefetch would compete for the cores
         self.ranked = RankSlider(self.model, circuit, task, self.order, self.n_pairs)
         self.ranked.start()
         self._busy = True
@@ -373,21 +375,17 @@ class Explorer:
         self.draw()
         self._update_loss()
         self.curve.value = self.ranked.curve_svg(self.k.value)
+        self.ranked.prefetch(self.k.value)
 
     def _layer_stats(self) -> None:
         """Per layer: the shown circuit's nodes there, and the task loss change when they are all
         ablated (on n_pairs test pairs), next to the layer filters."""
         c = self.shown
-        self.layer_deltas = {}
+        stats = layer_deltas(c, self.n_pairs, self.base_loss) if c is self.circuit else self.ranked.layers(self.k.value)
+        self.layer_deltas = {l: d for l, (_, d) in stats.items() if d is not None}
         for l, box in self.layers.items():
-            locs = [loc for loc in c.nodes if loc.startswith(f"{l}.") and c.nodes[loc]]
-            count = sum(len(c.nodes[loc]) for loc in locs)
-            if count:
-                rest = {loc: idx for loc, idx in c.nodes.items() if loc not in locs}
-                self.layer_deltas[l] = c.evaluate("test", n=self.n_pairs, nodes=rest)["loss"] - self.base_loss
-                box.description = f"layer {l}: {count} nodes, ablated {self.layer_deltas[l]:+.3f}"
-            else:
-                box.description = f"layer {l}: 0 nodes"
+            count, delta = stats.get(l, (0, None))
+            box.description = f"layer {l}: {count} nodes" + ("" if delta is None else f", ablated {delta:+.3f}")
 
     def draw(self) -> None:
         """Redraw the graph with the current filters and the nodes turned off greyed out."""

@@ -29,8 +29,25 @@ def _weight(edge: dict) -> str:
 def activations(model: GPT, tokens: torch.Tensor, name: str) -> torch.Tensor:
     """One node's activation at every token, (N, T)."""
     loc, i = parse_node(name)
-    _, cache = model.run_with_cache(tokens.to(model.device), names=[loc])
+    _, cache = model.run_with_cache(tokens.to(model.device), names=[loc], stop=True)
     return cache[loc][..., i].float().cpu()
+
+
+def window_activations(model: GPT, tokens: torch.Tensor, spots: list[tuple[int, int]], name: str,
+                       groups: int = 3) -> list[torch.Tensor]:
+    """The node's activation on row w of ``tokens`` up to position hi, for each (w, hi) of
+    ``spots``: in a few passes over rows of similar length, each cut at its longest hi (what comes
+    after a position cannot change it), rather than one pass over whole rows."""
+    order = sorted(range(len(spots)), key=lambda j: spots[j][1])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(spots)
+    size = -(-len(order) // groups) if order else 1
+    for g in range(0, len(order), size):
+        part = order[g:g + size]
+        hi = max(spots[j][1] for j in part)
+        acts = activations(model, tokens[[spots[j][0] for j in part], :hi].long(), name)   # (len(part), hi)
+        for row, j in enumerate(part):
+            out[j] = acts[row, :spots[j][1]]
+    return out
 
 
 @torch.no_grad()
@@ -39,7 +56,7 @@ def attention_pattern(model: GPT, tokens: torch.Tensor, layer: int, head: int) -
     position, computed from the cached (AbsTopK-ed) queries and keys as the model computes them,
     sink included (a sink's share is left out of the row, which then sums to less than 1)."""
     c = model.config
-    _, cache = model.run_with_cache(tokens.to(model.device), names=[f"{layer}.attn.q", f"{layer}.attn.k"])
+    _, cache = model.run_with_cache(tokens.to(model.device), names=[f"{layer}.attn.q", f"{layer}.attn.k"], stop=True)
     sl = slice(head * c.d_head, (head + 1) * c.d_head)
     q, k = cache[f"{layer}.attn.q"][..., sl].float(), cache[f"{layer}.attn.k"][..., sl].float()   # (N, T, D)
     scale = c.attn_scale if c.attn_scale is not None else 1 / math.sqrt(c.d_head)
@@ -137,14 +154,14 @@ def quantile_view(model: GPT, name: str, before: int = 40, after: int = 10) -> s
     ex = quantile_examples(model)
     levels = ex.examples(name)
     scale = max(abs(v) for _, v, _ in levels) or 1.0
-    spots = [(w, t) for _, _, found in levels for w, t, _ in found]
-    acts = activations(model, ex.tokens[[w for w, _ in spots]].long(), name)       # (examples, T): one pass
+    spots = [(w, min(ex.tokens.shape[1], t + after + 1)) for _, _, found in levels for w, t, _ in found]
+    acts = window_activations(model, ex.tokens, spots, name)
     rows, j = [], 0
     for label, value, found in levels:
         blocks = []
         for w, t, _ in found:
-            lo, hi = max(0, t - before), min(ex.tokens.shape[1], t + after + 1)
-            blocks.append(heatmap_html(decode_window(model, ex, w, lo, hi), acts[j, lo:hi].tolist(), scale,
+            lo, hi = max(0, t - before), spots[j][1]
+            blocks.append(heatmap_html(decode_window(model, ex, w, lo, hi), acts[j][lo:hi].tolist(), scale,
                                        mark=t - lo))
             j += 1
         rows.append(f"<tr><td style='vertical-align:top;white-space:nowrap;padding-right:8px'><b>{label}</b><br>"

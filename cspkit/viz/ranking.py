@@ -2,6 +2,8 @@
 loss of its top k nodes for any k, and the loss-against-k curve drawn as inline SVG."""
 from __future__ import annotations
 
+import threading
+
 from .. import pruning as prune_mod
 from ..circuit import Circuit, compute_edges, split_pairs
 from ..config import PruneConfig
@@ -20,37 +22,86 @@ def circuit_ranking(model: GPT, circuit: Circuit, task, progress: bool = True) -
     return prune_mod.ranking(circuit.taus, circuit.mean_taus)[:max(256, 4 * circuit.n_nodes)]
 
 
+def layer_deltas(circuit: Circuit, n_pairs: int, base_loss: float) -> dict[int, tuple[int, float | None]]:
+    """Per layer: the circuit's nodes there, and the task loss change (on the first ``n_pairs``
+    test pairs, the circuit's calibration) when they are all ablated; None for a layer without
+    nodes."""
+    out = {}
+    for l in range(circuit.require_model().config.n_layer):
+        locs = [loc for loc in circuit.nodes if loc.startswith(f"{l}.") and circuit.nodes[loc]]
+        count = sum(len(circuit.nodes[loc]) for loc in locs)
+        rest = {loc: idx for loc, idx in circuit.nodes.items() if loc not in locs}
+        out[l] = (count, circuit.evaluate("test", n=n_pairs, nodes=rest)["loss"] - base_loss if count else None)
+    return out
+
+
 class RankSlider:
-    """The top k of a circuit's ranking for any k: ``loss(k)`` (memoized; calibrated on the train
-    pairs the pruner calibrates on, scored on the first ``n_pairs`` test pairs, so that moving
-    the slider costs one small evaluation) and ``circuit(k)``. ``kmax``: the slider's range,
-    twice the circuit or 16 nodes; ``start()`` evaluates about 24 points up to there."""
+    """The top k of a circuit's ranking for any k: ``loss(k)`` (calibrated on the train pairs the
+    pruner calibrates on, scored on the first ``n_pairs`` test pairs), ``circuit(k)`` and
+    ``layers(k)`` (its per-layer ablation deltas), all memoized. ``kmax``: the slider's range,
+    twice the circuit or 16 nodes; ``start()`` evaluates about 24 points up to there.
+
+    One new k costs three or four small evaluations, about 1.5 s on 2 CPU cores: more than a
+    slider step may take. ``prefetch(k)`` computes k - 1 and k + 1 in a background thread while
+    the user looks at k (torch releases the GIL, so the kernel keeps answering), so that a step
+    of one finds its k ready (docs/explorer.md, "Speed")."""
 
     def __init__(self, model: GPT, circuit: Circuit, task, order: list[tuple[str, int]], n_pairs: int):
-        self.model, self.base, self.task, self.order = model, circuit, task, order
+        self.model, self.base, self.task, self.order, self.n_pairs = model, circuit, task, order, n_pairs
         cfg = PruneConfig()
         fit, _ = split_pairs(task, cfg)
         self.ranked = prune_mod.RankedLoss(model, order, fit[:cfg.calib_pairs], task.pairs("test", n=n_pairs),
                                            circuit.ablation, cfg.calib_steps)
         self.kmax = min(len(order), max(2 * circuit.n_nodes, 16))
+        self.circuits: dict[int, Circuit] = {}
+        self.deltas: dict[int, dict[int, tuple[int, float | None]]] = {}
+        self.lock = threading.Lock()     # one computation at a time: the memo dicts are shared
+        self.worker: threading.Thread | None = None
 
     def start(self) -> None:
         n = self.base.n_nodes
         step = max(1, -(-self.kmax // 24))
         for k in sorted({*range(0, self.kmax + 1, step), n}):
-            self.ranked(k)
+            self.loss(k)
 
     def loss(self, k: int) -> float:
-        return self.ranked(k)
+        with self.lock:
+            return self.ranked(k)
 
     def circuit(self, k: int) -> Circuit:
         """The first k nodes of the ranking as a circuit, scored as ``loss(k)``."""
-        c, loss = self.base, self.ranked(k)
-        nodes = prune_mod.top_nodes(self.order, k)
-        return Circuit(task=c.task, nodes=nodes, edges=compute_edges(self.model, nodes), target=None, loss=loss,
-                       ablation=c.ablation, calibration=self.ranked.seen[k][1], model_path=c.model_path,
-                       model_fingerprint=c.model_fingerprint, seed=c.seed, config={**c.config, "k": k},
-                       model=self.model, task_obj=c.task_obj)
+        with self.lock:
+            if k not in self.circuits:
+                c, loss = self.base, self.ranked(k)
+                nodes = prune_mod.top_nodes(self.order, k)
+                self.circuits[k] = Circuit(
+                    task=c.task, nodes=nodes, edges=compute_edges(self.model, nodes), target=None, loss=loss,
+                    ablation=c.ablation, calibration=self.ranked.seen[k][1], model_path=c.model_path,
+                    model_fingerprint=c.model_fingerprint, seed=c.seed, config={**c.config, "k": k},
+                    model=self.model, task_obj=c.task_obj)
+            return self.circuits[k]
+
+    def layers(self, k: int) -> dict[int, tuple[int, float | None]]:
+        """``layer_deltas`` of the top k, against ``loss(k)``."""
+        c = self.circuit(k)
+        with self.lock:
+            if k not in self.deltas:
+                self.deltas[k] = layer_deltas(c, self.n_pairs, self.ranked(k))
+            return self.deltas[k]
+
+    def prefetch(self, k: int) -> None:
+        """Compute the slider's neighbours of k in the background (unless a prefetch still runs)."""
+        if self.worker is not None and self.worker.is_alive():
+            return
+        todo = [j for j in (k + 1, k - 1) if 0 <= j <= self.kmax and j not in self.deltas]
+        if todo:
+            self.worker = threading.Thread(target=lambda: [self.layers(j) for j in todo], daemon=True)
+            self.worker.start()
+
+    def wait(self) -> None:
+        """Until the background prefetch (if any) is done."""
+        if self.worker is not None:
+            self.worker.join()
 
     def curve_svg(self, k: int, width: int = 360, height: int = 120) -> str:
         """The loss against k (the points evaluated so far), the target as a dashed line and a
