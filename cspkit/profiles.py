@@ -90,9 +90,11 @@ BRIDGE_PROFILES: dict[str, tuple[BridgeConfig, TrainConfig]] = {
     # of its depth, every loss term from the first step. small-hour's recipe (2 layers, its width,
     # sparsity, corpus and schedule) against data/models/bridged-dense, a 2-layer dense model
     # trained on the same corpus to small-hour's validation loss; the hybrid passes at two of the
-    # four sites per step (docs/models.md, "The bridged pair")
+    # four sites per step. 2,000 of small-hour's 2,800 steps: a bridged step costs about three plain
+    # ones (the hybrid passes run forward and backward through both models), and the whole pair
+    # has to fit about four hours of 2 CPU cores (docs/models.md, "The bridged pair")
     "bridged-small": (BridgeConfig(kl_sites=2),
-                      replace(PROFILES["small-hour"][1], eval_interval=200, eval_batches=4)),
+                      replace(PROFILES["small-hour"][1], max_steps=2000, eval_interval=200, eval_batches=4)),
 }
 
 # the sparse model of a bridge trained from scratch takes this model profile's shape

@@ -548,6 +548,7 @@ def test_small_bridge_profiles_freeze_or_fine_tune_the_sparse_model(pair):
     b_model, b_bridge, b_train = bridges.configs_for("bridged-small", dense_dir)
     hour_model, hour_train = profile("small-hour")
     assert b_model == hour_model and b_bridge.train_sparse and b_train.init_from is None
-    assert (b_train.max_steps, b_train.lr, b_train.l0_frac, b_train.anneal_end) == \
-        (hour_train.max_steps, hour_train.lr, hour_train.l0_frac, hour_train.anneal_end)
+    assert (b_train.lr, b_train.l0_frac, b_train.anneal_end) == \
+        (hour_train.lr, hour_train.l0_frac, hour_train.anneal_end)
+    assert b_train.max_steps < hour_train.max_steps  # a bridged step costs about three plain ones
     assert bridges.configs_for("bridged-small", dense_dir, overrides=["model.n_layer=1"])[0].n_layer == 1
