@@ -14,13 +14,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # JupyterLab refuses to run as root unless told; containers often run as root
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test bench frontier paper-models small-results small-model-results small-bridge-results
+.PHONY: lab test student bench frontier paper-models small-results small-model-results small-bridge-results \
+	bridged-results
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) notebooks/
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
+
+# the notebooks without their exercises' solutions, for a course (notebooks/README.md)
+student: $(VENV)/.installed
+	$(CS) student --src notebooks --out student
 
 # the shipped pair and where results go; the variables measure another pair into other folders
 CS := $(VENV)/bin/cspkit
@@ -123,6 +128,22 @@ $(BRIDGED_DENSE)/model.safetensors: | $(VENV)/.installed
 		stop_at_val_loss=2.663 device=$(BRIDGE_DEVICE)
 $(BRIDGED)/bridge.safetensors: $(BRIDGED_DENSE)/model.safetensors
 	$(CS) bridge --dense $(BRIDGED_DENSE) --out $(BRIDGED) --profile bridged-small train.device=$(BRIDGE_DEVICE)
+# the bridged pair's quality per site, its sparse model's circuits, and steering through them
+# (strength 0 to 1 the paper's range, 2 and 4 extrapolation)
+BRIDGED_CIRCUITS = $(RESULTS)/circuits/bridged-small
+STRENGTHS = 0.25 0.5 0.75 1 2 4
+bridged-results: $(RESULTS)/bridged_quality.txt $(RESULTS)/intervene_bridged_quote.txt \
+	$(RESULTS)/intervene_bridged_while.txt
+$(RESULTS)/bridged_quality.txt: $(BRIDGED)/bridge.safetensors
+	$(CS) bridge-report --bridge $(BRIDGED) --out $@
+$(BRIDGED_CIRCUITS)/%.json: $(BRIDGED)/bridge.safetensors
+	$(CS) prune --model $(BRIDGED)/sparse --task $* --out $@
+$(RESULTS)/intervene_bridged_quote.txt: $(BRIDGED_CIRCUITS)/single_double_quote.json
+	$(CS) intervene --bridge $(BRIDGED) --node auto --task single_double_quote --circuit $< \
+		--strength $(STRENGTHS) --out $(@:.txt=.json) $(call save,$@)
+$(RESULTS)/intervene_bridged_while.txt: $(BRIDGED_CIRCUITS)/while_return_true.json
+	$(CS) intervene --bridge $(BRIDGED) --node auto --task while_return_true --circuit $< \
+		--strength $(STRENGTHS) --out $(@:.txt=.json) $(call save,$@)
 # the bridge's steering was measured on the quote circuit found with the fixed penalty
 STEER_CIRCUIT = results/history/fixed_penalty/circuits/small-sparse/single_double_quote.json
 $(RESULTS)/intervene_quote.txt: $(RESULTS)/bridge_quality.txt $(STEER_CIRCUIT)

@@ -10,12 +10,13 @@ The pipeline, one call a step:
     table   = cspkit.validate(circuit)                       # the controls
     cspkit.circuit_graph(circuit)                            # or cspkit.explore(model, tasks)
     cspkit.bridges.load(path)                                # a sparse model steering a dense one
+    cspkit.course.check(name, answer)                        # the notebooks' exercises
 
 Modules, in the order they depend on each other: paths, files, config, profiles, tokenizer,
 tasks, data, hooks, model, sparsity, checkpoint, training, natural, ablation, circuit, pruning,
-validation, sweeps, viz, bridges, compat, cli.
+validation, sweeps, viz, bridges, compat, course, cli.
 """
-from . import bridges, tasks
+from . import bridges, course, tasks
 from .checkpoint import load
 from .circuit import Circuit
 from .compat import load_openai_checkpoint
@@ -29,5 +30,6 @@ from .validation import validate
 from .viz import circuit_graph, explore, token_heatmap
 
 __all__ = ["load", "get_encoding", "config_for", "train", "tasks", "evaluate", "prune", "Circuit", "validate",
-           "sweep", "circuit_graph", "explore", "token_heatmap", "load_openai_checkpoint", "bridges"]
+           "sweep", "circuit_graph", "explore", "token_heatmap", "load_openai_checkpoint", "bridges",
+           "course"]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from .bridges import report_file, steer_report, train_report
 from .checkpoint import describe, load
 from .compat import convert_report
 from .config import PruneConfig, SweepConfig, override_configs
+from .course import make_student_version
 from .natural import evidence_report, score_models
 from .profiles import BRIDGE_PROFILES, PROFILE_ALIASES, PROFILES
 from .pruning import prune_to_files
@@ -115,6 +116,12 @@ def cmd_intervene(args) -> None:
 
 def cmd_bridge_report(args) -> None:
     _emit(args, *report_file(args.bridge, dense=args.dense, batches=args.batches, out=args.out))
+
+
+def cmd_student(args) -> None:
+    written = make_student_version(args.src, args.out)
+    _emit(args, {"out": str(args.out), "notebooks": [str(p) for p in written]},
+          f"the student version of {len(written)} notebooks (no solutions, no outputs) -> {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, help="also write the human report to this file")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_bridge_report)
+
+    st = sub.add_parser("student", help="the notebook series without its exercises' solutions, for a course")
+    st.add_argument("--src", type=Path, default=Path("notebooks"), help="the series (default: notebooks)")
+    st.add_argument("--out", type=Path, required=True, help="a folder of its own, e.g. student/")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_student)
 
     return p
 

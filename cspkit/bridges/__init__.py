@@ -77,6 +77,7 @@ from .steering import (
     Channel,
     channel_stats,
     diff_positions,
+    flip_rate,
     flip_rates,
     format_flips,
     intervene,
@@ -99,7 +100,7 @@ __all__ = [
     "quality", "val_tokens", "format_quality", "report", "report_file",
     # steering
     "READS", "AT", "Channel", "read_channel", "read_channels", "steering_vector", "intervene", "diff_positions",
-    "channel_stats", "pick_channel", "flip_rates", "own_flip_rates", "steering_fidelity", "format_flips",
+    "channel_stats", "pick_channel", "flip_rate", "flip_rates", "own_flip_rates", "steering_fidelity", "format_flips",
     # circuits
     "read_nodes", "model_names", "find_circuit", "task_circuit", "circuit_channel", "site_channels", "shown_path",
     "steer_report",

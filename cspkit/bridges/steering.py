@@ -337,6 +337,16 @@ def candidate_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
     return tasks_mod.pair_logits(at_last, batch).cpu()
 
 
+def flip_rate(before: torch.Tensor, after: torch.Tensor, label: torch.Tensor) -> float:
+    """Among the prompts whose preferred candidate was right ``before`` (scores (N, 2), label 0
+    for candidate A), the fraction that prefer the other candidate ``after``; 0.0 when none was
+    right. A prompt wrong before cannot flip: steering is judged on answers the model had."""
+    right = before.argmax(-1) == label
+    if not right.any():
+        return 0.0
+    return float((after.argmax(-1) != label)[right].float().mean())
+
+
 def _flip_table(two: dict[float, list], label: torch.Tensor, strengths,
                 control: dict[float, list] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """From each strength's candidate log-probabilities, ``two[strength]`` (batches of (B, 2);
@@ -360,8 +370,8 @@ def _flip_table(two: dict[float, list], label: torch.Tensor, strengths,
         for name, runs in (("", two), ("control_", control)):
             if runs is None:
                 continue
-            pref, gap, p_other = prefs(runs, float(st))
-            row[f"{name}flip_rate"] = mean(pref != label)
+            _, gap, p_other = prefs(runs, float(st))
+            row[f"{name}flip_rate"] = flip_rate(torch.cat(two[0.0]), torch.cat(runs[float(st)]), label)
             row[f"{name}logit_shift"] = mean(gap - base_gap)
             row[f"{name}p_other"] = mean(p_other)
         rows.append(row)

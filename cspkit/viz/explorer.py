@@ -171,7 +171,7 @@ class Explorer:
     @property
     def circuits(self) -> dict[tuple, Circuit]:
         """The circuits of the chosen model, by (task, "target", target, ablation)."""
-        return self.by_model[self.model_choice.value if hasattr(self, "model_choice") else next(iter(self.models))]
+        return self.by_model[self.model_choice.value]
 
     def _model_of(self, fp: str | None) -> GPT:
         """The model a circuit was found in (by its weights' fingerprint); with one model, that one."""

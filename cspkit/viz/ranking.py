@@ -44,7 +44,7 @@ class RankSlider:
     One new k costs three or four small evaluations, about 1.5 s on 2 CPU cores: more than a
     slider step may take. ``prefetch(k)`` computes k - 1 and k + 1 in a background thread while
     the user looks at k (torch releases the GIL, so the kernel keeps answering), so that a step
-    of one finds its k ready (docs/explorer.md, "Speed")."""
+    of one finds its k ready (``bench/explorer_speed.py`` times it)."""
 
     def __init__(self, model: GPT, circuit: Circuit, task, order: list[tuple[str, int]], n_pairs: int):
         self.model, self.base, self.task, self.order, self.n_pairs = model, circuit, task, order, n_pairs
