@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # JupyterLab refuses to run as root unless told; containers often run as root
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test student bench frontier paper-models small-results small-model-results small-bridge-results \
+.PHONY: lab test test-gpu student bench frontier paper-models small-results small-model-results small-bridge-results \
 	bridged-results
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) notebooks/
@@ -22,6 +22,11 @@ lab: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
+
+# the series at full size (CSPKIT_PROFILE=full) on a CUDA machine; notebooks/README.md records its times
+test-gpu: $(VENV)/.installed
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU: torch.cuda.is_available() is False here')"
+	CSPKIT_PROFILE=full $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=0 notebooks
 
 # the notebooks without their exercises' solutions, for a course (notebooks/README.md)
 student: $(VENV)/.installed

@@ -14,7 +14,7 @@ The pipeline, one call a step:
 
 Modules, in the order they depend on each other: paths, files, config, profiles, tokenizer,
 tasks, data, hooks, model, sparsity, checkpoint, training, natural, ablation, circuit, pruning,
-validation, sweeps, viz, bridges, compat, course, cli.
+validation, sweeps, viz, bridges, patching, compat, course, cli.
 """
 from . import bridges, course, tasks
 from .checkpoint import load

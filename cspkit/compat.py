@@ -203,7 +203,7 @@ def load_openai_checkpoint(path: str | os.PathLike, tokenizer: str | os.PathLike
     ``tokenizer``: a directory with encoder.json + vocab.bpe; by default ``path`` itself when it
     holds them. Without one, ``model.encoding`` is None: feed token ids of the openai tokenizer.
 
-    The released weights are not shipped (notebook 10 shows where to put them), so this example
+    The released weights are not shipped (notebook 11 shows where to put them), so this example
     runs only where they are:
 
     >>> import cspkit

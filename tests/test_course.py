@@ -103,6 +103,16 @@ def head_attention(q, k):
     scores = (q @ k.transpose(1, 2)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     return scores.softmax(-1)
 """],
+    "bracket_depth": ["""
+def bracket_depth_nodes():
+    return ["3.mlp.neuron[0]"]
+""", """
+def bracket_depth_nodes():
+    return ["3.attn.out[356]", "0.attn.in[180]"]
+""", """
+def bracket_depth_nodes():
+    return []
+"""],
     "random_like": ["""
 def random_like(nodes, widths, rng):
     fixed = random.Random(0)
@@ -181,8 +191,8 @@ def test_check_fails_on_the_stub_and_wrong_answers_and_passes_on_the_solution(na
     with pytest.raises(course.CheckFailed, match="still the stub"):
         course.check(name, eval(answer, ns))
     exec(_source(nb, parts["solution"]), ns)
-    assert course.check(name, eval(answer, ns))
-    assert capsys.readouterr().out.startswith("✓ ")
+    course.check(name, eval(answer, ns))
+    assert capsys.readouterr().out.startswith(f"✓ {course.EXERCISES[name].title}: ")
     assert WRONG[name], f"{name} has no wrong answer to fail on"
     for wrong in WRONG[name]:
         ns = {}     # fresh: the stub's functions look names up in the namespace they were defined in

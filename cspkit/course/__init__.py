@@ -54,16 +54,17 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
     Exercise("smallest_k", "04", "The bisection over k", 3, 4, 20, checks.smallest_k),
     Exercise("count_edges", "05", "Edges from weights", 3, 4, 20, checks.count_edges),
     Exercise("head_attention", "05", "One head's attention pattern", 2, 3, 15, checks.head_attention),
-    Exercise("random_like", "06", "The random-circuit control", 2, 4, 10, checks.random_like),
-    Exercise("edge_ratio", "07", "The geometric-mean ratio", 1, 3, 10, checks.edge_ratio),
-    Exercise("bridge_nmse", "08", "A bridge's normalized MSE", 2, 4, 10, checks.bridge_nmse),
-    Exercise("flip_rate", "09", "A flip rate", 2, 4, 10, checks.flip_rate),
+    Exercise("bracket_depth", "06", "Which nodes carry the depth?", 4, 4, 45, checks.bracket_depth),
+    Exercise("random_like", "07", "The random-circuit control", 2, 4, 10, checks.random_like),
+    Exercise("edge_ratio", "08", "The geometric-mean ratio", 1, 3, 10, checks.edge_ratio),
+    Exercise("bridge_nmse", "09", "A bridge's normalized MSE", 2, 4, 10, checks.bridge_nmse),
+    Exercise("flip_rate", "10", "A flip rate", 2, 4, 10, checks.flip_rate),
 )}
 
 
-def check(name: str, answer) -> str:
-    """Run exercise ``name``'s self-check on ``answer`` (the student's function or object); prints
-    and returns what was checked, or raises CheckFailed saying what is wrong."""
+def check(name: str, answer) -> None:
+    """Run exercise ``name``'s self-check on ``answer`` (the student's function or object): prints
+    what was checked, or raises CheckFailed saying what is wrong."""
     if name not in EXERCISES:
         raise KeyError(f"no exercise {name!r}; the exercises are {', '.join(EXERCISES)}")
     try:
@@ -76,7 +77,6 @@ def check(name: str, answer) -> str:
     except Exception as e:  # the student's code failed: say where, keep the traceback
         raise CheckFailed(f"{name}: your code raised {type(e).__name__}: {e}") from e
     print(f"✓ {EXERCISES[name].title}: {said}")
-    return said
 
 
 __all__ = ["Exercise", "EXERCISES", "CheckFailed", "check", "checks", "exercise_cells", "make_student_version"]

@@ -7,23 +7,26 @@ The inputs are small and seeded (random tensors, a tiny random model), so a chec
 under a second and needs no shipped model."""
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable
 
 import torch
 
+from .. import paths
 from ..ablation import gate_hooks, node_widths
 from ..bridges.maps import nmse as lib_nmse
 from ..bridges.steering import flip_rate as lib_flip_rate
-from ..circuit import compute_edges, geometric_mean
+from ..checkpoint import load
+from ..circuit import Circuit, compute_edges, geometric_mean
 from ..config import ModelConfig
 from ..data import is_val
-from ..model import GPT, abs_topk
+from ..model import GPT, abs_topk, parse_node
 from ..pruning import bisect as lib_bisect
 from ..pruning import gate as lib_gate
 from ..sparsity import project_
-from ..tasks import Task, task_loss
+from ..tasks import Task, encode_pairs, task_loss, trim
 from ..viz.panes import attention_pattern
 
 
@@ -411,3 +414,58 @@ def flip_rate(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]) -
         raise CheckFailed("counted every changed answer, including wrong ones that became right: a flip turns "
                           "a right answer into the other candidate")
     raise CheckFailed(f"flip_rate gave {got:.3f}; among the 6 prompts right before, {want:.3f} flip")
+
+
+# ------------------------------------------------------------------ 06: the capstone
+@functools.lru_cache(maxsize=1)
+def _bracket_circuit() -> Circuit:
+    model = load(paths.models_dir() / "small-sparse")
+    return Circuit.load(paths.results_dir() / "circuits" / "small-sparse" / "bracket_counting.json", model=model)
+
+
+@torch.no_grad()
+def class_separation(circuit: Circuit, names: list[str], n: int = 64) -> dict[str, float]:
+    """Per node, at each test prompt's last token: class B's mean activation minus class A's, in
+    pooled standard deviations (the full model's activations)."""
+    model = circuit.require_model()
+    b = encode_pairs(circuit.get_task().pairs("test", n=n), model.config.block_size, model.encoding)
+    locs = sorted({parse_node(name)[0] for name in names})
+    _, cache = model.run_with_cache(trim(b["tokens"], b["last"]).to(model.device), names=locs)
+    rows = torch.arange(len(b["last"]))
+    out = {}
+    for name in names:
+        loc, i = parse_node(name)
+        act = cache[loc][rows, b["last"], i].float().cpu()
+        a, bb = act[b["label"] == 0], act[b["label"] == 1]
+        pooled = torch.cat([a - a.mean(), bb - bb.mean()]).std()
+        out[name] = float((bb.mean() - a.mean()) / pooled.clamp_min(1e-6))
+    return out
+
+
+def bracket_depth(fn: Callable[[], list[str]]) -> str:
+    claim = fn()
+    if not isinstance(claim, (list, tuple, set)) or not claim or not all(isinstance(n, str) for n in claim):
+        raise CheckFailed("return a list of node names, e.g. ['3.attn.in[12]', '2.mlp.neuron[40]']")
+    circuit = _bracket_circuit()
+    names = circuit.node_names()
+    outside = [n for n in claim if n not in names]
+    if outside:
+        raise CheckFailed(f"{outside[0]} is not a node of the bracket counting circuit (circuit.node_names() "
+                          f"lists its {len(names)} nodes)")
+    if len(set(claim)) > 8:
+        raise CheckFailed(f"{len(set(claim))} nodes is not a claim about where the depth is: name at most 8")
+    sep = class_separation(circuit, list(claim))
+    weak = min(claim, key=lambda n: abs(sep[n]))
+    if abs(sep[weak]) < 1.0:
+        raise CheckFailed(f"{weak} barely tells flat lists from nested ones at the last token (its class means "
+                          f"are {abs(sep[weak]):.1f} standard deviations apart): it is in the circuit for "
+                          "another reason")
+    base = circuit.evaluate("test", n=64)["loss"]
+    rest = {loc: [i for i in idx if f"{loc}[{i}]" not in set(claim)] for loc, idx in circuit.nodes.items()}
+    rise = circuit.evaluate("test", n=64, nodes=rest)["loss"] - base
+    if rise < 0.2:
+        raise CheckFailed(f"removing your nodes from the circuit raises its test loss by only {rise:.2f} nats: "
+                          "they tell the depths apart, but the circuit gets the depth through other nodes too")
+    return (f"{len(set(claim))} nodes that tell the depths apart ({min(abs(v) for v in sep.values()):.1f} to "
+            f"{max(abs(v) for v in sep.values()):.1f} sd) and carry them: removing them raises the circuit's "
+            f"loss by {rise:.2f} nats")

@@ -245,3 +245,22 @@ def plot_steering(results: dict[str, dict[str, Any]]) -> NotebookFigure:
                 title="answers switched to the other class's")
     ax_p.set(xlabel="strength", ylabel="P(other class's answer)", title="probability of the other answer")
     return _finish(fig, ax_flip, ax_p)
+
+
+def plot_patching(m: dict[str, Any]) -> NotebookFigure:
+    """A ``cspkit.patching.patching_map``: the share of the A-minus-B answer that patching A's
+    residual into B's run recovers, per site (rows) and position (columns, labelled by B's
+    tokens), on a colour scale centred at zero."""
+    rec = m["recovered"].numpy()
+    fig = NotebookFigure(figsize=(max(6.0, 0.42 * rec.shape[1] + 2), 0.38 * rec.shape[0] + 1.6))
+    ax = fig.subplots()
+    top = max(1.0, float(abs(rec).max()))
+    im = ax.imshow(rec, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
+    ax.set_yticks(range(len(m["sites"])), m["sites"])
+    ax.set_xticks(range(len(m["tokens"])), [repr(t)[1:-1] for t in m["tokens"]], rotation=60, ha="right",
+                  fontsize=8)
+    ax.set(xlabel="position (the B prompt's tokens)", ylabel="residual entering",
+           title="activation patching A -> B: share of the answer recovered")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
