@@ -137,8 +137,10 @@ $(BRIDGED)/bridge.safetensors: $(BRIDGED_DENSE)/model.safetensors
 # (strength 0 to 1 the paper's range, 2 and 4 extrapolation)
 BRIDGED_CIRCUITS = $(RESULTS)/circuits/bridged-small
 STRENGTHS = 0.25 0.5 0.75 1 2 4
-bridged-results: $(RESULTS)/bridged_quality.txt $(RESULTS)/intervene_bridged_quote.txt \
-	$(RESULTS)/intervene_bridged_while.txt
+bridged-results: $(RESULTS)/bridged_quality.txt $(RESULTS)/bridged_task_scores.txt \
+	$(RESULTS)/intervene_bridged_quote.txt $(RESULTS)/intervene_bridged_while.txt
+$(RESULTS)/bridged_task_scores.txt: $(BRIDGED)/bridge.safetensors
+	$(CS) eval --model $(BRIDGED)/sparse --model $(BRIDGED_DENSE) --task all $(call save,$@)
 $(RESULTS)/bridged_quality.txt: $(BRIDGED)/bridge.safetensors
 	$(CS) bridge-report --bridge $(BRIDGED) --out $@
 $(BRIDGED_CIRCUITS)/%.json: $(BRIDGED)/bridge.safetensors
