@@ -179,13 +179,14 @@ def test_dense_model_ends_within_005_nats_of_its_sparse_one(dense, sparse):
     assert abs(final[dense] - final[sparse]) <= 0.05, final
 
 
-def test_data_stays_under_40_mb():
-    """What a clone carries in data/ (tokenizer, shipped models) stays small;
-    weights that `make paper-models` restores from history are not tracked and not counted."""
+def test_data_stays_under_55_mb():
+    """What a clone carries in data/ (tokenizer, shipped models) stays small: 40 MB until the
+    bridged pair (17 MB, its dense partner 10.8 MB of it) joined the small pair; weights that
+    `make paper-models` restores from history are not tracked and not counted."""
     tracked = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True,
                              check=True, text=True).stdout.split("\0")
     size = sum((REPO / f).stat().st_size for f in tracked if f)
-    assert size < 40e6, f"data/ holds {size / 1e6:.1f} MB; keep it under 40 MB"
+    assert size < 55e6, f"data/ holds {size / 1e6:.1f} MB; keep it under 55 MB"
 
 
 def test_packages_read_as_corpus_are_pinned_at_the_recorded_versions():
