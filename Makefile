@@ -138,7 +138,9 @@ $(BRIDGED)/bridge.safetensors: $(BRIDGED_DENSE)/model.safetensors
 BRIDGED_CIRCUITS = $(RESULTS)/circuits/bridged-small
 STRENGTHS = 0.25 0.5 0.75 1 2 4
 bridged-results: $(RESULTS)/bridged_quality.txt $(RESULTS)/bridged_task_scores.txt \
-	$(RESULTS)/intervene_bridged_quote.txt $(RESULTS)/intervene_bridged_while.txt
+	$(RESULTS)/intervene_bridged_quote.txt $(RESULTS)/intervene_bridged_while.txt \
+	$(RESULTS)/intervene_bridged_quote_site.txt $(RESULTS)/intervene_bridged_while_site.txt \
+	$(RESULTS)/intervene_bridged_quote_layer1.txt
 $(RESULTS)/bridged_task_scores.txt: $(BRIDGED)/bridge.safetensors
 	$(CS) eval --model $(BRIDGED)/sparse --model $(BRIDGED_DENSE) --task all $(call save,$@)
 $(RESULTS)/bridged_quality.txt: $(BRIDGED)/bridge.safetensors
@@ -151,6 +153,19 @@ $(RESULTS)/intervene_bridged_quote.txt: $(BRIDGED_CIRCUITS)/single_double_quote.
 $(RESULTS)/intervene_bridged_while.txt: $(BRIDGED_CIRCUITS)/while_return_true.json
 	$(CS) intervene --bridge $(BRIDGED) --node auto --task while_return_true --circuit $< \
 		--strength $(STRENGTHS) --out $(@:.txt=.json) $(call save,$@)
+# all of the circuit's reads at the auto channel's site together, each by its own class difference
+$(RESULTS)/intervene_bridged_%_site.txt: $(RESULTS)/intervene_bridged_%.txt
+	$(CS) intervene --bridge $(BRIDGED) --node auto --site-channels \
+		--task $(if $(filter quote,$*),single_double_quote,while_return_true) \
+		--circuit $(BRIDGED_CIRCUITS)/$(if $(filter quote,$*),single_double_quote,while_return_true).json \
+		--strength $(STRENGTHS) --out $(@:.txt=.json) $(call save,$@)
+# at the last attention layer's input, where the paper steers: the channels of 1.attn.in that best
+# separate the classes at the opening quote and at the last token (bridges.pick_channel over all 384)
+$(RESULTS)/intervene_bridged_quote_layer1.txt: $(BRIDGED)/bridge.safetensors
+	( $(CS) intervene --bridge $(BRIDGED) --node '1.attn.in[308]' --at diff --task single_double_quote \
+		--strength $(STRENGTHS) && \
+	  $(CS) intervene --bridge $(BRIDGED) --node '1.attn.in[164]' --at last --task single_double_quote \
+		--strength $(STRENGTHS) ) $(call save,$@)
 # the bridge's steering was measured on the quote circuit found with the fixed penalty
 STEER_CIRCUIT = results/history/fixed_penalty/circuits/small-sparse/single_double_quote.json
 $(RESULTS)/intervene_quote.txt: $(RESULTS)/bridge_quality.txt $(STEER_CIRCUIT)
