@@ -510,8 +510,10 @@ def test_cli_bridge_and_intervene(pair, tmp_path, capsys, monkeypatch):
     assert rep["step"] == rep["max_steps"] == 2 and rep["sites"] == res_quality["sites"]
     assert (tmp_path / "q.txt").read_text().startswith(f"bridge {out} at step 2 of 2\nsite ")
 
-    from cspkit.viz import plot_bridge_quality, plot_steering
+    from cspkit.viz import plot_bridge_quality, plot_bridge_training, plot_steering
     assert len(plot_bridge_quality(rep).axes) == 2
+    curves = plot_bridge_training(ckpt.read_log(out)).axes[1].lines     # both maps' NMSE, both hybrids' KL
+    assert [len(line.get_xdata()) for line in curves] == [len(ckpt.eval_rows(ckpt.read_log(out)))] * 4
     # the CLI's result carries the sparse model's own curve: drawn beside the steered and control ones
     assert {"sparse_right", "rows"} <= set(saved["own"]) and "the sparse model itself" in text
     assert len(plot_steering({"a": res, "b": saved}).axes[0].lines) == 6

@@ -31,6 +31,7 @@ from .panes import attention_pattern, embedding_tokens, node_pane
 from .plots import (
     NotebookFigure,
     plot_bridge_quality,
+    plot_bridge_training,
     plot_density,
     plot_frontier,
     plot_patching,
@@ -56,7 +57,7 @@ __all__ = [
     # the explorer
     "Explorer", "explore", "attention_pattern", "embedding_tokens", "node_pane",
     # figures
-    "NotebookFigure", "plot_bridge_quality", "plot_density", "plot_frontier", "plot_patching", "plot_schedule",
-    "plot_steering",
+    "NotebookFigure", "plot_bridge_quality", "plot_bridge_training", "plot_density", "plot_frontier", "plot_patching",
+    "plot_schedule", "plot_steering",
     "plot_task_curves", "plot_task_scores", "plot_training", "save_frontier",
 ]

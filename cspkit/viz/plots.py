@@ -220,6 +220,25 @@ def plot_bridge_quality(q: dict[str, Any]) -> NotebookFigure:
     return _finish(fig, ax_fve, ax_kl)
 
 
+def plot_bridge_training(rows: list[dict[str, Any]]) -> NotebookFigure:
+    """A bridge run's evaluations against step (rows of ``cspkit.checkpoint.read_log`` of a
+    ``cspkit bridge`` directory): the sparse model's validation loss, both maps' normalized MSE
+    and both hybrid passes' KL from the dense output, averaged over the sites. Curves still
+    falling at the last step say the run stopped before the losses settled."""
+    evals = eval_rows(rows)
+    steps = [r["step"] for r in evals]
+    fig = NotebookFigure(figsize=(11, 3.8))
+    ax_lm, ax_maps = fig.subplots(1, 2)
+    ax_lm.plot(steps, [r["val_loss"] for r in evals], "o-", label="sparse model, val loss")
+    ax_lm.set(xlabel="step", ylabel="nats / token", title="the sparse model's own loss")
+    for key, fmt, label in (("val_nmse_enc", "o-", "NMSE encoder"), ("val_nmse_dec", "s-", "NMSE decoder"),
+                            ("val_kl_d2s", "^--", "KL hybrid d2s"), ("val_kl_s2d", "v--", "KL hybrid s2d")):
+        ax_maps.plot(steps, [r[key] for r in evals], fmt, label=label)
+    ax_maps.set(xlabel="step", ylabel="NMSE / KL (nats / token)", ylim=(0, None),
+                title="bridge losses, mean over sites (validation)")
+    return _finish(fig, ax_lm, ax_maps)
+
+
 def plot_steering(results: dict[str, dict[str, Any]]) -> NotebookFigure:
     """Flip rate and the probability of the other class's answer against steering strength
     (label -> a ``cspkit.bridges.flip_rates`` or ``steer_report`` result): the dense model steered
