@@ -39,7 +39,8 @@ class RankSlider:
     """The top k of a circuit's ranking for any k: ``loss(k)`` (calibrated on the train pairs the
     pruner calibrates on, scored on the first ``n_pairs`` test pairs), ``circuit(k)`` and
     ``layers(k)`` (its per-layer ablation deltas), all memoized. ``kmax``: the slider's range,
-    twice the circuit or 16 nodes; ``start()`` evaluates about 24 points up to there.
+    twice the circuit or 16 nodes; ``start()`` evaluates about 12 points up to there (each new
+    k the slider visits adds its point to the curve).
 
     One new k costs three or four small evaluations, about 1.5 s on 2 CPU cores: more than a
     slider step may take. ``prefetch(k)`` computes k - 1 and k + 1 in a background thread while
@@ -60,7 +61,7 @@ class RankSlider:
 
     def start(self) -> None:
         n = self.base.n_nodes
-        step = max(1, -(-self.kmax // 24))
+        step = max(1, -(-self.kmax // 12))
         for k in sorted({*range(0, self.kmax + 1, step), n}):
             self.loss(k)
 
