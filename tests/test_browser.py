@@ -1,6 +1,7 @@
 """The explorer notebook in a real browser: JupyterLab on localhost (temporary config, autosave
 off) runs notebooks/05_explore_circuits.ipynb in headless Chromium; the explorer's graph must be
-drawn on a canvas of nonzero size, a mouse click on a node must fill the node pane (a round trip
+drawn on a canvas of nonzero size (and the graph the notebook draws before it, and the
+standalone page of a circuit), a mouse click on a node must fill the node pane (a round trip
 through the kernel), the k slider moved with the keyboard must redraw the graph with one node
 fewer and change the loss line, switching to the dense model and choosing another task in the
 dropdowns must redraw it, and no request may leave localhost. Screenshots go to test-artifacts/.
@@ -28,7 +29,7 @@ from conftest import REPO
 NOTEBOOK = REPO / "notebooks" / "05_explore_circuits.ipynb"
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
-# On idle cores JupyterLab starts in seconds and the notebook runs in about a minute; busy cores
+# On idle cores JupyterLab starts in seconds and the notebook runs in under 2 minutes; busy cores
 # make both many times slower, hence the generous limits (CSPKIT_BROWSER_TIMEOUT, in seconds).
 NOTEBOOK_TIMEOUT_S = float(os.environ.get("CSPKIT_BROWSER_TIMEOUT", 900))
 START_TIMEOUT_S = 300
@@ -77,7 +78,7 @@ def _settings(root: Path) -> Path:
 
 def _start_lab(tmp: Path, port: int, token: str) -> subprocess.Popen:
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
-           "IPYTHONDIR": str(tmp / "ipython"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+           "IPYTHONDIR": str(tmp / "ipython")}
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
            f"--ServerApp.root_dir={NOTEBOOK.parent}", f"--LabApp.user_settings_dir={_settings(tmp)}",
@@ -119,7 +120,7 @@ def _frame_canvas(frame) -> dict:
 
 
 _PAINTED = """sel => {
-  const c = document.querySelector(sel);
+  const c = typeof sel === "string" ? document.querySelector(sel) : sel;
   const r = c.getBoundingClientRect();
   const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let painted = 0;
@@ -127,6 +128,19 @@ _PAINTED = """sel => {
     if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) painted++;
   return {width: c.width, height: c.height, shown_width: r.width, shown_height: r.height, painted: painted};
 }"""
+
+# the first graph widget outside the explorer (the box its canvas is drawn in)
+_PLAIN = "[...document.querySelectorAll('.cspkit-graph-canvas')].find(b => !b.closest('.cspkit-explorer'))"
+
+
+def _graph_page(path: Path) -> Path:
+    """The quote circuit's standalone page (inlined vis-network, a CSP that allows nothing remote)."""
+    import cspkit
+    from cspkit.circuit import Circuit
+    model = cspkit.load("small-sparse")
+    circuit = Circuit.load(REPO / "results" / "circuits" / "small-sparse" / "single_double_quote.json", model=model)
+    return cspkit.circuit_graph(circuit, n_pairs=4).write_html(path)
+
 
 # the explorer's graph widget once it has drawn ``n`` nodes
 _GRAPH = ".cspkit-explorer .cspkit-graph"
@@ -179,13 +193,13 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
             assert state == "done", state
             ran = time.time() - start
 
-            # the graph the notebook displays directly (an output, not a widget)
-            plain = page.query_selector(".jp-OutputArea-output iframe[sandbox]")  # the first: before the explorer
+            # the graph the notebook draws directly (viz.GraphWidget, outside the explorer)
+            page.wait_for_function(f"() => {{ const b = {_PLAIN}; return b && b.parentElement.dataset.drawn; }}",
+                                   timeout=60_000)
+            plain = page.evaluate_handle(f"() => {_PLAIN}.querySelector('canvas')")
             plain.scroll_into_view_if_needed()
-            shown = plain.content_frame()
-            shown.wait_for_selector("body[data-drawn='1']", state="attached", timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "notebook-graph.png"))
-            direct = _frame_canvas(shown)
+            direct = page.evaluate(_PAINTED, plain)
             assert direct["width"] > 0 and direct["height"] > 0 and direct["painted"] > 1000, direct
 
             first = _explorer_graph(page)
@@ -228,12 +242,21 @@ def test_explorer_notebook_draws_offline_in_jupyterlab(tmp_path):
             second = _choose(page, ".cspkit-task select", "bracket_counting", n)
             page.screenshot(path=str(ARTIFACTS / "explorer-bracket_counting.png"))
             assert second["width"] > 0 and second["height"] > 0 and second["painted"] > 1000, second
+
+            # the standalone page (write_html), as net.show() puts it in a sandboxed iframe
+            standalone = context.new_page()
+            standalone.on("console", lambda m: graph_errors.append(m.text) if m.type == "error" else None)
+            standalone.goto(_graph_page(tmp_path / "quote.html").as_uri())
+            standalone.wait_for_selector("body[data-drawn='1']", state="attached", timeout=60_000)
+            standalone.screenshot(path=str(ARTIFACTS / "standalone-graph.png"))
+            page_drawn = _frame_canvas(standalone.main_frame)
+            assert page_drawn["width"] > 0 and page_drawn["painted"] > 1000, page_drawn
             browser.close()
     finally:
         _stop(proc)
     local = {"127.0.0.1", "localhost"}
     away = [u for u in requests + sockets
-            if urlparse(u).scheme not in ("data", "blob", "about") and urlparse(u).hostname not in local]
+            if urlparse(u).scheme not in ("data", "blob", "about", "file") and urlparse(u).hostname not in local]
     assert not away, away
     assert not graph_errors, graph_errors
     assert hashlib.sha256(NOTEBOOK.read_bytes()).hexdigest() == before, "the test changed the notebook file"
