@@ -21,7 +21,7 @@ lab: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
+	$(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=25 tests notebooks
 
 # the series at full size (CSPKIT_PROFILE=full) on a CUDA machine; notebooks/README.md records its times
 test-gpu: $(VENV)/.installed
