@@ -34,6 +34,7 @@ from ..ablation import ABLATIONS, fingerprint
 from ..circuit import Circuit
 from ..model import GPT, node_name
 from ..paths import cache_dir
+from .examples import quantile_examples
 from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph, legend_html
 from .panes import node_pane
 from .ranking import RankSlider, circuit_ranking, layer_deltas
@@ -158,6 +159,9 @@ class Explorer:
         self.details.add_class("cspkit-details")
         self.loss.add_class("cspkit-loss")
         self._on_choice()
+        # the node pane's corpus examples, loaded and checked against the corpus now rather than at
+        # the first click (finding the corpus's files alone takes about a second)
+        quantile_examples(self.model)
         self.load_seconds = time.perf_counter() - t0
 
     def _repr_mimebundle_(self, **kwargs):
