@@ -96,7 +96,9 @@ class RankSlider:
             return
         todo = [j for j in (k + 1, k - 1) if 0 <= j <= self.kmax and j not in self.deltas]
         if todo:
-            self.worker = threading.Thread(target=lambda: [self.layers(j) for j in todo], daemon=True)
+            # not a daemon: a script that ends while it runs waits for it (a daemon thread still
+            # inside torch when the interpreter shuts down aborts the process)
+            self.worker = threading.Thread(target=lambda: [self.layers(j) for j in todo])
             self.worker.start()
 
     def wait(self) -> None:
