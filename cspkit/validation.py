@@ -132,13 +132,17 @@ def _prune_control(name: str, model: GPT, task, circuit: Circuit, progress: bool
 
 def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: int = 0,
              stochastic: tuple[float, ...] = (0.25, 0.5, 0.75), prune_controls: bool = True,
-             progress: bool = True) -> list[Row]:
+             progress: bool = True, attribution: bool = True) -> list[Row]:
     """The table of controls for a circuit, in the order they are best read: the circuit, then
-    what it must beat, then what must not work.
+    what it must beat, then what must not work. ``prune_controls=False`` leaves out the two
+    controls that prune again (re-initialized weights, random labels), ``attribution=False`` the
+    attribution baseline (whose search for its own size evaluates the model dozens of times),
+    ``stochastic=()`` the partial ablations.
 
     >>> import cspkit
     >>> c = cspkit.Circuit.load(cspkit.paths.results_dir() / "small_hour" / "circuit_single_double_quote.json")
-    >>> rows = cspkit.validate(c, n_test=32, draws=1, stochastic=(0.5,), prune_controls=False, progress=False)
+    >>> rows = cspkit.validate(c, n_test=32, draws=1, stochastic=(0.5,), prune_controls=False, progress=False,
+    ...                        attribution=False)
     >>> [row.control for row in rows[:2]]
     ['full model', 'circuit alone (sufficiency)']
     >>> rows[1].loss < 0.2 < rows[2].loss
@@ -150,8 +154,8 @@ def validate(circuit: Circuit, n_test: int | None = None, draws: int = 4, seed: 
     everything = {loc: list(range(w)) for loc, w in widths.items()}
     sc = _Scorer(circuit, n_test)
     rng = random.Random(seed)
-    steps = ["full", "circuit", "necessity", "random", "attribution", "stochastic"] + \
-        (["reinit", "nonsense"] if prune_controls else [])
+    steps = ["full", "circuit", "necessity", "random"] + (["attribution"] if attribution else []) + \
+        ["stochastic"] + (["reinit", "nonsense"] if prune_controls else [])
     bar = tqdm(steps, desc=f"validate {task.name}", disable=not progress, leave=False)
     rows: list[Row] = []
     for step in bar:

@@ -90,7 +90,8 @@ def test_edge_circuit_meets_the_target_with_fewer_edges(quote_edges, tmp_path):
     ex.node_off.value = True
     assert ex.current_loss != ex.base_loss
     # sufficiency and necessity of the edge circuit, as validate reports them
-    rows = cspkit.validate(c, n_test=64, draws=1, stochastic=(), prune_controls=False, progress=False)
+    rows = cspkit.validate(c, n_test=64, draws=1, stochastic=(), prune_controls=False, progress=False,
+                           attribution=False)
     by = {r.control: r for r in rows}
     assert by["circuit alone (sufficiency)"].edges == c.n_edges and by["circuit alone (sufficiency)"].loss < 0.3
     assert by["circuit ablated (necessity)"].loss > 0.3, by["circuit ablated (necessity)"]

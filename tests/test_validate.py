@@ -73,3 +73,7 @@ def test_validate_table(tiny):
     # necessity: the circuit ablated, with a calibration of its own, in the table and in evaluate
     assert rows[2].loss == pytest.approx(c.evaluate(n=8, invert=True)["loss"], abs=1e-4)
     assert "necessity" in format_table(rows)
+    # without the attribution baseline: the same table less its rows
+    fewer = validate(c, n_test=8, draws=2, progress=False, attribution=False)
+    assert [r.control for r in fewer] == [n for n in names if not n.startswith("attribution")]
+    assert any(n.startswith("attribution") for n in names) and fewer[1].loss == rows[1].loss
