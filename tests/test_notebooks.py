@@ -32,6 +32,8 @@ QUOTED = {
     ("08_sparse_vs_dense", "3.483"): "paper-e1-sparser's validation loss, docs/models.md",
     ("08_sparse_vs_dense", "3.399"): "paper-e2-sparse's validation loss, docs/models.md",
     ("10_interventions", "0.129"): "results/intervene_bridged_quote_layer1.txt",
+    ("10_interventions", "3.5"): "results/intervene_quote_site.txt",
+    ("10_interventions", "46.1"): "results/intervene_quote_site.txt",
 }
 PLACEHOLDER = re.compile(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]*[A-Z0-9]\b")  # e.g. LIVE_PROSE left in by an editor
 
