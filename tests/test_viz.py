@@ -403,7 +403,9 @@ def test_explorer_attention_node_shows_its_heads_pattern(explorer, circuit, mode
     assert p.shape == (1, tokens.shape[1], tokens.shape[1]) and bool((p.triu(1) == 0).all())   # causal
     # rows sum to 1, less the sink's share where the model has one
     assert bool((p.sum(-1) <= 1 + 1e-6).all()) and (model.config.sink or torch.allclose(p.sum(-1), torch.ones(1, 8)))
-    # the pattern times the head's values is the head's output, as the model computes it
+    # the pattern times the head's values is the head's output, as the model computes it (the
+    # slider's background prefetch runs forwards of its own: let it finish before hooking the model)
+    explorer.ranked.wait()
     seen = {}
     hook = model.h[1].attn.c_proj.register_forward_hook(lambda mod, inp, out: seen.update(y=inp[0]))
     try:
