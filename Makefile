@@ -154,10 +154,11 @@ $(RESULTS)/intervene_bridged_while.txt: $(BRIDGED_CIRCUITS)/while_return_true.js
 	$(CS) intervene --bridge $(BRIDGED) --node auto --task while_return_true --circuit $< \
 		--strength $(STRENGTHS) --out $(@:.txt=.json) $(call save,$@)
 # all of the circuit's reads at the auto channel's site together, each by its own class difference
+BRIDGED_TASK_quote := single_double_quote
+BRIDGED_TASK_while := while_return_true
 $(RESULTS)/intervene_bridged_%_site.txt: $(RESULTS)/intervene_bridged_%.txt
-	$(CS) intervene --bridge $(BRIDGED) --node auto --site-channels \
-		--task $(if $(filter quote,$*),single_double_quote,while_return_true) \
-		--circuit $(BRIDGED_CIRCUITS)/$(if $(filter quote,$*),single_double_quote,while_return_true).json \
+	$(CS) intervene --bridge $(BRIDGED) --node auto --site-channels --task $(BRIDGED_TASK_$*) \
+		--circuit $(BRIDGED_CIRCUITS)/$(BRIDGED_TASK_$*).json \
 		--strength $(STRENGTHS) --out $(@:.txt=.json) $(call save,$@)
 # at the last attention layer's input, where the paper steers: the channels of 1.attn.in that best
 # separate the classes at the opening quote and at the last token (bridges.pick_channel over all 384)
