@@ -367,7 +367,8 @@ def masked_pair_logits(model: GPT, pairs, gates: dict[str, torch.Tensor], ablati
             sub = {"last": batch["last"][sl], "cands": batch["cands"][sl]}
             rows = tasks_mod.trim(tokens[sl], sub["last"])
             vals = {k: v[sl, : rows.shape[1]] for k, v in values.items()} if ablation == "resample" else values
-            logits = model.run_with_hooks(rows, gate_hooks(gates, vals), last=sub["last"])
+            logits = model.run_with_hooks(rows, gate_hooks(gates, vals), last=sub["last"],
+                                          last_block_at_last=ablation != "resample")
             out.append(tasks_mod.pair_logits(logits, sub))
     return torch.cat(out).float().cpu(), batch["label"]
 

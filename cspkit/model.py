@@ -55,7 +55,12 @@ def maybe_topk(cfg: ModelConfig, x: torch.Tensor, loc: str) -> torch.Tensor:
     return x
 
 
-def sink_attention(q, k, v, sink_logit, scale: float) -> torch.Tensor:
+def at_positions(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) -> (B, 1, d): each row at its own position ``last[b]``."""
+    return x[torch.arange(x.shape[0], device=x.device), last.to(x.device)].unsqueeze(1)
+
+
+def sink_attention(q, k, v, sink_logit, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention with one extra key/value slot per head whose logit is ``sink_logit[h]``
     for every query and whose value is zero.
 
@@ -64,13 +69,18 @@ def sink_attention(q, k, v, sink_logit, scale: float) -> torch.Tensor:
     extra channel too (zero, dropped after): with head sizes that differ, SDPA on CPU falls
     back to its unfused path, 2.7 times slower forward and backward.
     q, k, v: (B, H, T, D) -> (B, H, T, D).
+    With ``mask`` (B, 1, Tq, T) for queries that are not the T positions in order (see
+    Attention.forward), that mask instead of the causal one; q is then (B, H, Tq, D).
     """
-    B, H, T, D = q.shape
-    q1 = F.pad(q, (0, 1), value=1.0)                                           # (B, H, T, D+1)
+    B, H, T, D = k.shape
+    q1 = F.pad(q, (0, 1), value=1.0)                                           # (B, H, Tq, D+1)
     k_sink = torch.cat([q.new_zeros(H, D), (sink_logit / scale).to(q.dtype).unsqueeze(-1)], -1)
     k1 = torch.cat([k_sink.view(1, H, 1, D + 1).expand(B, H, 1, D + 1), F.pad(k, (0, 1))], dim=2)
     v1 = F.pad(v, (0, 1, 1, 0))                                                # (B, H, T+1, D+1)
-    mask = torch.ones(T, T + 1, dtype=torch.bool, device=q.device).tril(diagonal=1)
+    if mask is None:
+        mask = torch.ones(T, T + 1, dtype=torch.bool, device=q.device).tril(diagonal=1)
+    else:
+        mask = F.pad(mask, (1, 0), value=True)                                 # the sink slot is always seen
     return F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask, scale=scale)[..., :D]
 
 
@@ -103,7 +113,9 @@ class Attention(nn.Module):
         self.sink_logit = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.sink else None
         self.hook_q, self.hook_k, self.hook_v = (HookPoint(f"{layer}.attn.{n}") for n in "qkv")
 
-    def forward(self, x):
+    def forward(self, x, last: torch.Tensor | None = None):
+        """(B, T, d_model) -> (B, T, d_model); with ``last`` (B,) positions, the output at those
+        positions only, (B, 1, d_model): every key and value is computed, the query only there."""
         c = self.cfg
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(c.n_head * c.d_head, dim=-1)
@@ -112,19 +124,26 @@ class Attention(nn.Module):
         q = self.hook_q(maybe_topk(self.cfg, q, "attn.q"))
         k = self.hook_k(maybe_topk(self.cfg, k, "attn.k"))
         v = self.hook_v(maybe_topk(self.cfg, v, "attn.v"))
+        mask, Tq = None, T
+        if last is not None:
+            q, Tq = at_positions(q, last), 1
+            mask = (torch.arange(T, device=x.device) <= last.to(x.device)[:, None]).view(B, 1, 1, T)
         # (B, T, H*D) -> (B, H, T, D)
-        q, k, v = (t.view(B, T, c.n_head, c.d_head).transpose(1, 2) for t in (q, k, v))
+        q = q.view(B, Tq, c.n_head, c.d_head).transpose(1, 2)
+        k, v = (t.view(B, T, c.n_head, c.d_head).transpose(1, 2) for t in (k, v))
         scale = c.attn_scale if c.attn_scale is not None else 1 / math.sqrt(c.d_head)
         # under bf16 autocast on CPU, attention's backward runs 3x slower in bf16 than in fp32
         fp32 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             if fp32:
                 q, k, v = q.float(), k.float(), v.float()
-            if self.sink_logit is None:
+            if self.sink_logit is not None:
+                y = sink_attention(q, k, v, self.sink_logit, scale, mask)
+            elif mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             else:
-                y = sink_attention(q, k, v, self.sink_logit, scale)
-        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.d_head)     # (B, H, T, D) -> (B, T, H*D)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        y = y.transpose(1, 2).reshape(B, Tq, c.n_head * c.d_head)    # (B, H, Tq, D) -> (B, Tq, H*D)
         return self.c_proj(y)
 
 
@@ -155,11 +174,13 @@ class Block(nn.Module):
         self.hook_attn_in, self.hook_attn_out, self.hook_mlp_in, self.hook_mlp_out = (
             HookPoint(f"{layer}.{n}") for n in names)
 
-    def attn_sublayer(self, x):
-        """Residual entering the attention -> residual entering the MLP."""
-        # L.attn.in and L.attn.out: (B, T, d_model)
+    def attn_sublayer(self, x, last: torch.Tensor | None = None):
+        """Residual entering the attention -> residual entering the MLP; with ``last`` (B,)
+        positions, the latter at those positions only, (B, 1, d_model)."""
+        # L.attn.in: (B, T, d_model); L.attn.out: (B, T, d_model), or (B, 1, d_model) with last
         a = self.hook_attn_in(maybe_topk(self.cfg, self.ln_1(x), "attn.in"))
-        return self.resid_act(x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a), "attn.out")))
+        x = x if last is None else at_positions(x, last)
+        return self.resid_act(x + self.hook_attn_out(maybe_topk(self.cfg, self.attn(a, last), "attn.out")))
 
     def mlp_sublayer(self, x):
         """Residual entering the MLP -> residual leaving the block."""
@@ -167,8 +188,8 @@ class Block(nn.Module):
         m = self.hook_mlp_in(maybe_topk(self.cfg, self.ln_2(x), "mlp.in"))
         return self.resid_act(x + self.hook_mlp_out(maybe_topk(self.cfg, self.mlp(m), "mlp.out")))
 
-    def forward(self, x):
-        return self.mlp_sublayer(self.attn_sublayer(x))
+    def forward(self, x, last: torch.Tensor | None = None):
+        return self.mlp_sublayer(self.attn_sublayer(x, last))
 
     def resid_act(self, x):
         return F.relu(x) if self.cfg.residual_activation == "relu" else x
@@ -234,12 +255,13 @@ class GPT(HookedMixin, nn.Module):
     def unembed(self, x: torch.Tensor, idx: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """The final residual (B, T, d_model) -> logits (B, T, vocab); idx feeds the bigram table.
         With ``last`` (B,) positions: only those rows' logits, (B, vocab), which is all a task's
-        pair loss reads (the unembedding is the widest matrix of a small model)."""
-        x = self.hook_unembed(self.ln_f(x))   # unembed: (B, T, d_model), the normalized final residual
+        pair loss reads (the unembedding is the widest matrix of a small model); x may then be
+        (B, 1, d_model), the residual at those positions already."""
+        x = self.hook_unembed(self.ln_f(x))   # unembed: (B, T, d_model) (or (B, 1, d_model)), normalized
         if last is not None:
             rows = torch.arange(x.shape[0], device=x.device)
             last = last.to(x.device)
-            x, idx = x[rows, last], idx[rows, last]     # (B, d_model), (B,)
+            x, idx = (x[:, 0] if x.shape[1] == 1 else x[rows, last]), idx[rows, last]     # (B, d_model), (B,)
         logits = x @ self.wte.weight.T if self.lm_head is None else self.lm_head(x)
         if self.bigram is not None:
             logits = logits + self.bigram[idx]
@@ -254,15 +276,20 @@ class GPT(HookedMixin, nn.Module):
         return [(f"{l}.{kind}", getattr(b, f"{kind}_sublayer"))
                 for l, b in enumerate(self.h) for kind in ("attn", "mlp")]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, last: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, last: torch.Tensor | None = None,
+                last_block_at_last: bool = False):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean CE loss; with
-        ``last`` (B,) positions, only the logits there, (B, vocab)."""
+        ``last`` (B,) positions, only the logits there, (B, vocab). ``last_block_at_last`` (with
+        last): the last block computes its queries and all that follows them at those positions
+        only, as the logits there read nothing else; its hooks from ``attn.out`` on, and
+        ``unembed``, then see (B, 1, width). Mask training and circuit evaluation use it: a
+        quarter of a 4-layer model's work (docs/method.md, "Pruning")."""
         if targets is not None and last is not None:
             raise ValueError("forward takes targets (the LM loss at every position) or last (logits at one "
                              "position per row), not both")
         x = self.embed(idx)
-        for block in self.h:
-            x = block(x)
+        for i, block in enumerate(self.h):
+            x = block(x, last if last_block_at_last and i == len(self.h) - 1 else None)
         logits = self.unembed(x, idx, last)
         if targets is None:
             return logits
