@@ -60,40 +60,114 @@ def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed
                 progress: bool = True, pairs=None, target: float = 0.15
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Train one mask parameter per node, the penalty's multiplier following ``target`` (see
-    PruneConfig); returns {location: final tau} and {location: tau averaged over the steps},
-    which ranks nodes that the clamp left tied at -1 or 1."""
-    widths = node_widths(model.config)
-    g = torch.Generator().manual_seed(seed)
-    taus = {loc: cfg.init_bias + cfg.init_noise * torch.randn(w, generator=g) for loc, w in widths.items()}
-    values = None if ablation == "resample" else ablation_values(model, ablation)
-
-    def run(gates, tokens, last):
-        vals = ablation_values(model, "resample", tokens, resample_shift(len(tokens), g)) \
-            if ablation == "resample" else values
-        return model.run_with_hooks(tokens, gate_hooks(gates, vals), last=last)
-
-    return _train_gates(model, task, cfg, taus, run, g, cfg.node_penalty(sum(widths.values())), progress,
-                        pairs, target, f"masks {task.name}")
+    PruneConfig); returns {location: tau} and {location: tau averaged over the steps}, which
+    ranks nodes that the clamp left tied at -1 or 1, both of the step ``settle`` keeps."""
+    steps = MaskSteps.nodes(model, task, cfg, ablation, seed, progress, pairs, target)
+    return steps.at(steps.settle())
 
 
 def train_edge_masks(model: GPT, task, nodes: dict[str, list[int]], groups: list[EdgeGroup], n_edges: int,
                      cfg: PruneConfig, ablation: str = "mean", seed: int = 0, progress: bool = True, pairs=None,
                      target: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
     """Train one mask parameter per edge of a node circuit (its nodes kept, every other node
-    ablated), as train_masks does per node; returns the final and the step-averaged taus, (n_edges,)."""
-    g = torch.Generator().manual_seed(seed)
-    node_gates = keep_gates(model.config, nodes, model.device)
-    values = ablation_values(model, ablation)
+    ablated), as train_masks does per node; returns the taus and the step-averaged taus, (n_edges,)."""
+    steps = MaskSteps.edges(model, task, nodes, groups, n_edges, cfg, ablation, seed, progress, pairs, target)
+    taus, mean = steps.at(steps.settle())
+    return taus["edges"], mean["edges"]
 
-    def run(gates, tokens, last):
-        with edge_gates(groups, gates["edges"]):
-            return model.run_with_hooks(tokens, gate_hooks(node_gates, values), last=last)
 
-    taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
-    penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
-    final, mean = _train_gates(model, task, dataclasses.replace(cfg, penalty_start=cfg.edge_penalty_start), taus, run,
-                               g, penalty, progress, pairs, target, f"edges {task.name}")
-    return final["edges"], mean["edges"]
+class MaskSteps:
+    """The taus after every step of one mask training, with the held-out loss of each step's
+    open gates (memoized): what ``settle`` chooses from."""
+
+    def __init__(self, snaps: list[dict[str, torch.Tensor]], loss_of, target: float):
+        self.snaps, self.loss_of, self.target, self.seen = snaps, loss_of, target, {}
+
+    @classmethod
+    def nodes(cls, model: GPT, task, cfg: PruneConfig, ablation: str, seed: int, progress: bool, pairs,
+              target: float) -> MaskSteps:
+        widths = node_widths(model.config)
+        g = torch.Generator().manual_seed(seed)
+        taus = {loc: cfg.init_bias + cfg.init_noise * torch.randn(w, generator=g) for loc, w in widths.items()}
+        values = None if ablation == "resample" else ablation_values(model, ablation)
+        fit, heldout = split_pairs(task, cfg)
+        fit = fit if pairs is None else pairs
+
+        def run(gates, tokens, last):
+            vals = ablation_values(model, "resample", tokens, resample_shift(len(tokens), g)) \
+                if ablation == "resample" else values
+            # resample values are (B, T, width): every position must be computed
+            return model.run_with_hooks(tokens, gate_hooks(gates, vals), last=last,
+                                        last_block_at_last=ablation != "resample")
+
+        def loss_of(snap):
+            gates = {loc: (t > 0).float() for loc, t in snap.items()}
+            return heldout_loss(model, fit[:cfg.calib_pairs], heldout, gates, ablation, cfg.calib_steps)[0]
+
+        snaps = _train_gates(model, task, cfg, taus, run, g, cfg.node_penalty(sum(widths.values())), progress,
+                             fit, target, f"masks {task.name}")
+        return cls(snaps, loss_of, target)
+
+    @classmethod
+    def edges(cls, model: GPT, task, nodes: dict[str, list[int]], groups: list[EdgeGroup], n_edges: int,
+              cfg: PruneConfig, ablation: str, seed: int, progress: bool, pairs, target: float) -> MaskSteps:
+        g = torch.Generator().manual_seed(seed)
+        node_gates = keep_gates(model.config, nodes, model.device)
+        values = ablation_values(model, ablation)
+        fit, heldout = split_pairs(task, cfg)
+        fit = fit if pairs is None else pairs
+
+        def run(gates, tokens, last):
+            with edge_gates(groups, gates["edges"]):
+                return model.run_with_hooks(tokens, gate_hooks(node_gates, values), last=last,
+                                            last_block_at_last=True)
+
+        def loss_of(snap):
+            return heldout_loss(model, fit[:cfg.calib_pairs], heldout, node_gates, ablation, cfg.calib_steps,
+                                edges=(groups, (snap["edges"] > 0).float()))[0]
+
+        taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
+        penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
+        snaps = _train_gates(model, task, dataclasses.replace(cfg, penalty_start=cfg.edge_penalty_start), taus,
+                             run, g, penalty, progress, fit, target, f"edges {task.name}")
+        return cls(snaps, loss_of, target)
+
+    @property
+    def last(self) -> int:
+        return len(self.snaps) - 1
+
+    def loss(self, i: int) -> float:
+        if i not in self.seen:
+            self.seen[i] = self.loss_of(self.snaps[i])
+        return self.seen[i]
+
+    def n_open(self, i: int) -> int:
+        return sum(int((t > 0).sum()) for t in self.snaps[i].values())
+
+    def at(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Step i's taus and the taus averaged over steps 0..i."""
+        return self.snaps[i], {k: torch.stack([s[k] for s in self.snaps[:i + 1]]).mean(0) for k in self.snaps[i]}
+
+    def settle(self) -> int:
+        """The step whose masks to keep: the last, if its open gates alone come within MASK_SLACK
+        of the target on the held-out pairs. Otherwise the multiplier overshot at the end (it
+        grows while the loss is under the target and needs steps to come back, and gates closed
+        by then reopen slowly): the step with the fewest open gates whose set meets the target,
+        found by bisection over the steps' open counts (the loss falls as gates open). The first
+        step's set, nearly every gate open, meets it when the full model does (docs/method.md,
+        "Penalty")."""
+        if self.loss(self.last) <= self.target + MASK_SLACK:
+            return self.last
+        latest = {self.n_open(i): i for i in range(len(self.snaps))}   # open count -> its latest step
+        steps = [latest[c] for c in sorted(latest)]
+        lo, hi = -1, len(steps) - 1        # steps[hi], the most open set, is taken to meet the target
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.loss(steps[mid]) <= self.target:
+                hi = mid
+            else:
+                lo = mid
+        return steps[hi]
 
 
 def calibrated_pair(two: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
@@ -103,10 +177,9 @@ def calibrated_pair(two: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
 
 
 def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], run, g: torch.Generator,
-                 penalty: float, progress: bool, pairs, target: float, desc: str):
+                 penalty: float, progress: bool, fit, target: float, desc: str):
     """The mask training loop shared by nodes and edges: ``run(gates, tokens, last)`` gives the
-    logits at the last tokens with those gates applied."""
-    fit = pairs if pairs is not None else split_pairs(task, cfg)[0]
+    logits at the last tokens with those gates applied. Returns the taus after every step."""
     batch = tasks_mod.encode_pairs(fit, model.config.block_size, model.encoding)
     n = len(fit)
     taus = {k: t.to(model.device).requires_grad_() for k, t in init.items()}
@@ -117,7 +190,7 @@ def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], r
     opt = torch.optim.AdamW([{"params": list(taus.values())}, {"params": [cal], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
-    sums = {k: torch.zeros_like(t, requires_grad=False) for k, t in taus.items()}
+    snaps = []
     with frozen(model), sparse_matmuls(model):    # only the masks learn
         for step in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
             for grp in opt.param_groups:
@@ -136,10 +209,10 @@ def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], r
             recent = task_loss.item() if recent is None else 0.7 * recent + 0.3 * task_loss.item()
             mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (target - recent) / target)), 1e-6), 1e6)
             with torch.no_grad():
-                for k, t in taus.items():
+                for t in taus.values():
                     t.clamp_(-1, 1)
-                    sums[k] += t
-    return {k: t.detach() for k, t in taus.items()}, {k: s / cfg.steps for k, s in sums.items()}
+            snaps.append({k: t.detach().clone() for k, t in taus.items()})
+    return snaps
 
 
 def ranking(taus: dict[str, torch.Tensor], tiebreak: dict[str, torch.Tensor] | None = None) -> list[tuple[str, int]]:
@@ -181,11 +254,19 @@ class RankedLoss:
                 nodes, groups, n_edges = self.edges
                 gates = keep_gates(self.model.config, nodes, self.model.device)
                 eg = (groups, keep_edges(n_edges, self.order[:k], self.model.device))
-            two_c, lab_c = masked_pair_logits(self.model, self.calib, gates, self.ablation, edges=eg)
-            cal = fit_calibration(two_c, lab_c, self.calib_steps)
-            two_h, lab_h = masked_pair_logits(self.model, self.heldout, gates, self.ablation, edges=eg)
-            self.seen[k] = (score(two_h, lab_h, cal)["loss"], cal)
+            self.seen[k] = heldout_loss(self.model, self.calib, self.heldout, gates, self.ablation,
+                                        self.calib_steps, edges=eg)
         return self.seen[k][0]
+
+
+def heldout_loss(model, calib, heldout, gates, ablation: str, calib_steps: int, edges=None
+                 ) -> tuple[float, tuple[float, float]]:
+    """The calibrated held-out task loss with ``gates`` (and ``edges``: groups and 0/1 edge gates)
+    applied, the calibration fitted on the ``calib`` pairs; and that calibration."""
+    two_c, lab_c = masked_pair_logits(model, calib, gates, ablation, edges=edges)
+    cal = fit_calibration(two_c, lab_c, calib_steps)
+    two_h, lab_h = masked_pair_logits(model, heldout, gates, ablation, edges=edges)
+    return score(two_h, lab_h, cal)["loss"], cal
 
 
 
@@ -331,17 +412,26 @@ def _prune(model: GPT, task_obj, target: float, ablation: str, seed: int, cfg: P
         taus = mean_taus = None
         order, ev, k, k_mask, t_masks = [], full, 0, 0, 0.0
     else:
-        taus, mean_taus = train_masks(model, task_obj, cfg, ablation, seed, progress, pairs=fit, target=target)
+        steps = MaskSteps.nodes(model, task_obj, cfg, ablation, seed, progress, fit, target)
+        kept = steps.settle()
         t_masks = time.time() - t_masks
-        order = ranking(taus, mean_taus)
-        ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
-        ev.seen[0], ev.seen[n_total] = full.seen[0], full.seen[n_total]
-        k_mask = sum(int((t > 0).sum()) for t in taus.values())
-        k = _circuit_size(ev, n_total, target, full_loss, k_mask, task_obj.name)
-    # The masks' own node set (every open gate), which the bisection starts from: when it misses
-    # the target by more than MASK_SLACK the masks collapsed, and the circuit comes from a ranking
-    # the training did not shape (docs/method.md, "Ranking and bisection"); recorded, not hidden.
-    mask_loss = ev(k_mask)
+        k_mask = steps.n_open(kept)
+        # When settle went back to an earlier step, the last step's ranking is tried too and the
+        # smaller circuit kept: the later ranking was shaped by more steps of the penalty.
+        best = None
+        for i in dict.fromkeys([kept, steps.last] if full_loss <= target else [kept]):
+            taus, mean_taus = steps.at(i)
+            order = ranking(taus, mean_taus)
+            ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
+            ev.seen[0], ev.seen[n_total] = full.seen[0], full.seen[n_total]
+            k = _circuit_size(ev, n_total, target, full_loss, steps.n_open(i), task_obj.name)
+            if best is None or k < best[0]:
+                best = (k, taus, mean_taus, order, ev)
+        k, taus, mean_taus, order, ev = best
+    # The masks' own node set (every open gate of the kept step): when it misses the target by
+    # more than MASK_SLACK the masks collapsed (settle found no step that meets it), recorded, not
+    # hidden (docs/method.md, "Ranking and bisection").
+    mask_loss = ev(0) if taus is None else steps.loss(kept)
     loss, cal = ev.seen[k]
     nodes = top_nodes(order, k)
     return Circuit(task=task_obj.name, nodes=nodes, edges=compute_edges(model, nodes), target=target, loss=loss,
