@@ -176,6 +176,26 @@ def test_causal(tiny_cfg, pos_emb, sink):
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_last_block_at_last_gives_the_same_logits_and_gradients(tiny_cfg, sink):
+    """The last block computed only at the read positions: the same logits at those positions,
+    the same gradient into an earlier activation, and (B, 1, width) at its later hooks."""
+    model = make(replace(tiny_cfg, sink=sink))
+    x, last = tokens(tiny_cfg, B=3, T=20), torch.tensor([19, 4, 11])
+    L = tiny_cfg.n_layer - 1
+    seen, grads = {}, []
+    for at_last in (False, True):
+        scale = torch.ones(tiny_cfg.d_model, requires_grad=True)
+        hooks = {"0.attn.out": lambda a, name, scale=scale: a * scale,
+                 f"{L}.mlp.neuron": lambda a, name, k=at_last: seen.setdefault(k, a.shape) and a}
+        logits = model.run_with_hooks(x, hooks, last=last, last_block_at_last=at_last)
+        logits[:, :7].sum().backward()
+        grads.append((logits.detach(), scale.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4)
+    assert seen == {False: (3, 20, tiny_cfg.d_mlp), True: (3, 1, tiny_cfg.d_mlp)}
+
+
 def test_init_statistics():
     cfg = ModelConfig(n_layer=4, d_model=64, n_head=4, d_head=16, d_mlp=256, block_size=64, bigram_table=True)
     model = make(cfg)
