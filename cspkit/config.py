@@ -181,6 +181,10 @@ class PruneConfig:
     # model's quote task; the paper's search centres are k_coef 1e-4, noise 1e-2, bias 1e-1,
     # weight decay 1e-3, lr 3e-3, beta2 0.95, warm-up 5 percent, temperature 1.
     steps: int = 70
+    # up to this many steps more (None: as many as steps), 10 at a time, while the masks' own node
+    # set scores under 0.8 x the target on the held-out pairs (the multiplier still growing;
+    # cspkit.pruning.MaskSteps.train)
+    extra_steps: int | None = None
     batch_pairs: int = 16
     lr: float = 3e-2
     k_coef: float = 3e-3

@@ -14,10 +14,13 @@ is never seen; ``Circuit.evaluate()`` reports it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +37,10 @@ from .sparsity import sparse_matmuls
 
 # how far above the target the masks' own node set may be before their training counts as collapsed
 MASK_SLACK = 0.05
+# extra mask steps (PruneConfig.extra_steps) are taken in chunks of EXTRA_CHECK while the masks'
+# own node set scores under LOOSE x the target
+EXTRA_CHECK = 10
+LOOSE = 0.8
 
 
 class _Heaviside(torch.autograd.Function):
@@ -80,8 +87,24 @@ class MaskSteps:
     """The taus after every step of one mask training, with the held-out loss of each step's
     open gates (memoized): what ``settle`` chooses from."""
 
-    def __init__(self, snaps: list[dict[str, torch.Tensor]], loss_of, target: float):
-        self.snaps, self.loss_of, self.target, self.seen = snaps, loss_of, target, {}
+    def __init__(self, loss_of, target: float):
+        self.snaps: list[dict[str, torch.Tensor]] = []
+        self.loss_of, self.target, self.seen = loss_of, target, {}
+
+    def train(self, steps: Iterator[dict[str, torch.Tensor]], cfg: PruneConfig) -> MaskSteps:
+        """Take ``cfg.steps`` steps, then up to ``cfg.extra_steps`` (None: ``cfg.steps``) more, checking every
+        EXTRA_CHECK steps, while the last step's masks score under LOOSE x the target on the
+        held-out pairs: the multiplier was still growing, and the masks keep far more than the
+        circuit needs (docs/method.md, "Settling the masks")."""
+        most = cfg.steps if cfg.extra_steps is None else cfg.extra_steps
+        with contextlib.closing(steps):
+            for snap in steps:
+                self.snaps.append(snap)
+                extra = len(self.snaps) - cfg.steps
+                if extra >= 0 and extra % EXTRA_CHECK == 0 and (
+                        extra + EXTRA_CHECK > most or self.loss(self.last) >= LOOSE * self.target):
+                    return self
+        return self
 
     @classmethod
     def nodes(cls, model: GPT, task, cfg: PruneConfig, ablation: str, seed: int, progress: bool, pairs,
@@ -104,9 +127,9 @@ class MaskSteps:
             gates = {loc: (t > 0).float() for loc, t in snap.items()}
             return heldout_loss(model, fit[:cfg.calib_pairs], heldout, gates, ablation, cfg.calib_steps)[0]
 
-        snaps = _train_gates(model, task, cfg, taus, run, g, cfg.node_penalty(sum(widths.values())), progress,
-                             fit, target, f"masks {task.name}")
-        return cls(snaps, loss_of, target)
+        return cls(loss_of, target).train(_gate_steps(model, task, cfg, taus, run, g,
+                                                      cfg.node_penalty(sum(widths.values())), progress, fit,
+                                                      target, f"masks {task.name}"), cfg)
 
     @classmethod
     def edges(cls, model: GPT, task, nodes: dict[str, list[int]], groups: list[EdgeGroup], n_edges: int,
@@ -128,9 +151,9 @@ class MaskSteps:
 
         taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
         penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
-        snaps = _train_gates(model, task, dataclasses.replace(cfg, penalty_start=cfg.edge_penalty_start), taus,
-                             run, g, penalty, progress, fit, target, f"edges {task.name}")
-        return cls(snaps, loss_of, target)
+        return cls(loss_of, target).train(_gate_steps(model, task, dataclasses.replace(
+            cfg, penalty_start=cfg.edge_penalty_start), taus, run, g, penalty, progress, fit, target,
+            f"edges {task.name}"), cfg)
 
     @property
     def last(self) -> int:
@@ -149,14 +172,14 @@ class MaskSteps:
         return self.snaps[i], {k: torch.stack([s[k] for s in self.snaps[:i + 1]]).mean(0) for k in self.snaps[i]}
 
     def settle(self) -> int:
-        """The step whose masks to keep: the last, if its open gates alone come within MASK_SLACK
-        of the target on the held-out pairs. Otherwise the multiplier overshot at the end (it
+        """The step whose masks to keep: the last, if its open gates alone meet the target on the
+        held-out pairs. Otherwise the multiplier overshot at the end (it
         grows while the loss is under the target and needs steps to come back, and gates closed
         by then reopen slowly): the step with the fewest open gates whose set meets the target,
         found by bisection over the steps' open counts (the loss falls as gates open). The first
         step's set, nearly every gate open, meets it when the full model does (docs/method.md,
         "Penalty")."""
-        if self.loss(self.last) <= self.target + MASK_SLACK:
+        if self.loss(self.last) <= self.target:
             return self.last
         latest = {self.n_open(i): i for i in range(len(self.snaps))}   # open count -> its latest step
         steps = [latest[c] for c in sorted(latest)]
@@ -176,10 +199,11 @@ def calibrated_pair(two: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
     return torch.stack([cal[0] * (two[:, 0] - two[:, 1]) + cal[1], torch.zeros_like(two[:, 0])], dim=1)
 
 
-def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], run, g: torch.Generator,
-                 penalty: float, progress: bool, fit, target: float, desc: str):
+def _gate_steps(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], run, g: torch.Generator,
+                penalty: float, progress: bool, fit, target: float, desc: str) -> Iterator[dict[str, torch.Tensor]]:
     """The mask training loop shared by nodes and edges: ``run(gates, tokens, last)`` gives the
-    logits at the last tokens with those gates applied. Returns the taus after every step."""
+    logits at the last tokens with those gates applied. Yields the taus after every step, for as
+    many steps as the caller takes (MaskSteps.train)."""
     batch = tasks_mod.encode_pairs(fit, model.config.block_size, model.encoding)
     n = len(fit)
     taus = {k: t.to(model.device).requires_grad_() for k, t in init.items()}
@@ -190,9 +214,8 @@ def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], r
     opt = torch.optim.AdamW([{"params": list(taus.values())}, {"params": [cal], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
-    snaps = []
     with frozen(model), sparse_matmuls(model):    # only the masks learn
-        for step in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
+        for step in tqdm(itertools.count(), total=cfg.steps, desc=desc, disable=not progress, leave=False):
             for grp in opt.param_groups:
                 grp["lr"] = cfg.lr * min(1.0, (step + 1) / warm)
             idx = torch.randperm(n, generator=g)[:cfg.batch_pairs]
@@ -211,8 +234,7 @@ def _train_gates(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], r
             with torch.no_grad():
                 for t in taus.values():
                     t.clamp_(-1, 1)
-            snaps.append({k: t.detach().clone() for k, t in taus.items()})
-    return snaps
+            yield {k: t.detach().clone() for k, t in taus.items()}
 
 
 def ranking(taus: dict[str, torch.Tensor], tiebreak: dict[str, torch.Tensor] | None = None) -> list[tuple[str, int]]:
