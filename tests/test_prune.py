@@ -284,13 +284,16 @@ def test_means_follow_the_checkpoints_corpus_mixture(tiny_cfg, corpus_dir, tmp_p
 
 
 def test_masks_that_collapse_are_reported_in_the_circuit_and_its_file(tmp_path):
-    """A penalty so large that training closes every gate leaves the masks' own node set at
-    chance: the circuit says so (and the bisection still returns one); with no penalty every gate
-    stays open and nothing collapsed."""
+    """A penalty so large, and steps so long, that the first step closes every gate leaves no
+    step whose masks meet the target, so settle has nothing to go back to: the masks' own node
+    set is at chance, and the circuit says so (the bisection still returns one); with no penalty
+    every gate stays open and nothing collapsed."""
     model = cspkit.load("small-hour")
     fast = dict(steps=6, batch_pairs=8, heldout_pairs=16, calib_pairs=16)   # Platt: loss floor -ln(17/18) = 0.06
     fixed = dict(penalty_start=1.0, penalty_rate=0.0)      # a fixed penalty, as before the multiplier
-    c = prune(model, "single_double_quote", config=PruneConfig(k_coef=10.0, **fixed, **fast), progress=False)
+    # Adam's first step moves every tau by lr: from 0.1 to -0.9
+    c = prune(model, "single_double_quote", config=PruneConfig(k_coef=10.0, lr=1.0, warmup_frac=0.0, **fixed, **fast),
+              progress=False)
     assert c.mask_nodes == 0 and c.mask_loss > 0.15 + 0.05 and c.collapsed is True
     assert c.loss <= 0.15 and "masks collapsed" in repr(c)
     c.save(tmp_path / "c.json")
@@ -301,3 +304,20 @@ def test_masks_that_collapse_are_reported_in_the_circuit_and_its_file(tmp_path):
                        progress=False)
     assert open_gates.mask_nodes == open_gates.n_nodes_total and open_gates.collapsed is False
     assert open_gates.mask_loss == pytest.approx(open_gates.full_loss)
+
+
+def test_settle_keeps_the_last_step_or_the_fewest_gates_that_meet_the_target():
+    from cspkit.pruning import MaskSteps
+    loss_by_open = {4: 0.05, 3: 0.10, 2: 0.14, 1: 0.50}
+    taus = [[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [1, -1, -1, -1], [1, -1, -1, -1]]
+    steps = MaskSteps(lambda snap: loss_by_open[int((snap["a"] > 0).sum())], target=0.15)
+    steps.snaps = [{"a": torch.tensor(t, dtype=torch.float)} for t in taus]
+    assert steps.settle() == 2          # the last two steps overshot; step 2 keeps the fewest gates under it
+    assert steps.seen[4] == 0.5
+    final, mean = steps.at(2)           # step 2's taus, and their average over steps 0..2
+    assert torch.equal(final["a"], steps.snaps[2]["a"])
+    assert torch.allclose(mean["a"], torch.tensor([1, 1, 1 / 3, -1 / 3]))
+    steps = MaskSteps(lambda snap: loss_by_open[int((snap["a"] > 0).sum())], target=0.6)
+    steps.snaps = [{"a": torch.tensor(t, dtype=torch.float)} for t in taus]
+    assert steps.settle() == 4          # the last step meets the target: kept, nothing else evaluated
+    assert list(steps.seen) == [4]
