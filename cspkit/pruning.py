@@ -5,8 +5,10 @@ and a sigmoid derivative in the backward pass; tau is clamped to [-1, 1] after e
 Masks are trained on task loss + multiplier * penalty * (kept nodes) with the model frozen (the
 penalty per node is k_coef, scaled by the model's node count: ``PruneConfig.node_penalty``; the
 multiplier starts tiny and follows the target, so the masks end near the smallest node set that
-still meets it); then the nodes are ranked by tau and a bisection over k, the number kept, finds
-the smallest circuit whose calibrated task loss on held-out pairs is at most the target.
+still meets it). Training goes on past ``steps`` while the masks are loose, and ``settle`` goes
+back to an earlier step when they overshot (docs/method.md, "Settling the masks"); then the nodes
+are ranked by tau and a bisection over k, the number kept, finds the smallest circuit whose
+calibrated task loss on held-out pairs is at most the target.
 
 The train split of a task is divided: the last ``heldout_pairs`` pairs decide the bisection,
 the rest train the masks and fit the calibration. The test split (other templates and names)
@@ -173,12 +175,11 @@ class MaskSteps:
 
     def settle(self) -> int:
         """The step whose masks to keep: the last, if its open gates alone meet the target on the
-        held-out pairs. Otherwise the multiplier overshot at the end (it
-        grows while the loss is under the target and needs steps to come back, and gates closed
-        by then reopen slowly): the step with the fewest open gates whose set meets the target,
-        found by bisection over the steps' open counts (the loss falls as gates open). The first
-        step's set, nearly every gate open, meets it when the full model does (docs/method.md,
-        "Penalty")."""
+        held-out pairs. Otherwise the multiplier overshot at the end (it grows while the loss is
+        under the target and needs steps to come back, and gates closed by then reopen slowly):
+        the step with the fewest open gates whose set meets the target, found by bisection over
+        the steps' open counts (the loss falls as gates open). The first step's set, nearly every
+        gate open, meets it when the full model does (docs/method.md, "Settling the masks")."""
         if self.loss(self.last) <= self.target:
             return self.last
         latest = {self.n_open(i): i for i in range(len(self.snaps))}   # open count -> its latest step
