@@ -373,6 +373,16 @@ def masked_pair_logits(model: GPT, pairs, gates: dict[str, torch.Tensor], ablati
     return torch.cat(out).float().cpu(), batch["label"]
 
 
+def heldout_loss(model, calib, heldout, gates, ablation: str, calib_steps: int, edges=None
+                 ) -> tuple[float, tuple[float, float]]:
+    """The calibrated held-out task loss with ``gates`` (and ``edges``: groups and 0/1 edge gates)
+    applied, the calibration fitted on the ``calib`` pairs; and that calibration."""
+    two_c, lab_c = masked_pair_logits(model, calib, gates, ablation, edges=edges)
+    cal = fit_calibration(two_c, lab_c, calib_steps)
+    two_h, lab_h = masked_pair_logits(model, heldout, gates, ablation, edges=edges)
+    return score(two_h, lab_h, cal)["loss"], cal
+
+
 def calibrated(two: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
     """The logit of candidate A against B after the scale-and-shift calibration, (N,)."""
     return scale * (two[:, 0] - two[:, 1]) + shift

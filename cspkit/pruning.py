@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import tasks as tasks_mod
 from .ablation import ablation_values, check_ablation, fingerprint, gate_hooks, keep_gates, node_widths, resample_shift
 from .checkpoint import load
-from .circuit import RANKING_KEPT, Circuit, compute_edges, fit_calibration, masked_pair_logits, score, split_pairs
+from .circuit import RANKING_KEPT, Circuit, compute_edges, heldout_loss, split_pairs
 from .config import PruneConfig, to_dict
 from .edges import EdgeGroup, edge_gates, edge_groups, keep_edges
 from .model import GPT, frozen, node_name
@@ -280,16 +280,6 @@ class RankedLoss:
             self.seen[k] = heldout_loss(self.model, self.calib, self.heldout, gates, self.ablation,
                                         self.calib_steps, edges=eg)
         return self.seen[k][0]
-
-
-def heldout_loss(model, calib, heldout, gates, ablation: str, calib_steps: int, edges=None
-                 ) -> tuple[float, tuple[float, float]]:
-    """The calibrated held-out task loss with ``gates`` (and ``edges``: groups and 0/1 edge gates)
-    applied, the calibration fitted on the ``calib`` pairs; and that calibration."""
-    two_c, lab_c = masked_pair_logits(model, calib, gates, ablation, edges=edges)
-    cal = fit_calibration(two_c, lab_c, calib_steps)
-    two_h, lab_h = masked_pair_logits(model, heldout, gates, ablation, edges=edges)
-    return score(two_h, lab_h, cal)["loss"], cal
 
 
 
