@@ -81,8 +81,8 @@ $(RESULTS)/prune_ranking.txt: | $(VENV)/.installed
 
 # Everything in results/ measured on the shipped small pair: task scores, circuits and their
 # validation, the pruning bench, the bridge and its steering, and the sparse-vs-dense sweep
-# (on 2 CPU cores each of the sweep's two penalties is 80 prunings, about 80 minutes, and the
-# controls 20; the bridge 5). Each result is a file target, so make builds only what is missing:
+# (on 2 CPU cores the sweep's 80 prunings and its controls take about 50 minutes; the bridge 5).
+# Each result is a file target, so make builds only what is missing:
 # a run stopped part-way carries on with the same command (the sweep from its
 # results file, the bridge from its checkpoint). The variables at the top measure another
 # pair into other folders, as the shipped pair was measured beside the first one before it
