@@ -75,23 +75,16 @@ def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed
     return steps.at(steps.settle())
 
 
-def train_edge_masks(model: GPT, task, nodes: dict[str, list[int]], groups: list[EdgeGroup], n_edges: int,
-                     cfg: PruneConfig, ablation: str = "mean", seed: int = 0, progress: bool = True, pairs=None,
-                     target: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train one mask parameter per edge of a node circuit (its nodes kept, every other node
-    ablated), as train_masks does per node; returns the taus and the step-averaged taus, (n_edges,)."""
-    steps = MaskSteps.edges(model, task, nodes, groups, n_edges, cfg, ablation, seed, progress, pairs, target)
-    taus, mean = steps.at(steps.settle())
-    return taus["edges"], mean["edges"]
-
-
 class MaskSteps:
     """The taus after every step of one mask training, with the held-out loss of each step's
-    open gates (memoized): what ``settle`` chooses from."""
+    open gates and its calibration (``loss_of(taus)`` gives both; memoized in ``seen``): what
+    ``settle`` chooses from. The ranking of a step's taus keeps exactly its open gates first, so a
+    search over that ranking starts from ``seen`` instead of evaluating the same set again."""
 
     def __init__(self, loss_of, target: float):
         self.snaps: list[dict[str, torch.Tensor]] = []
-        self.loss_of, self.target, self.seen = loss_of, target, {}
+        self.loss_of, self.target = loss_of, target
+        self.seen: dict[int, tuple[float, tuple[float, float]]] = {}
 
     def train(self, steps: Iterator[dict[str, torch.Tensor]], cfg: PruneConfig) -> MaskSteps:
         """Take ``cfg.steps`` steps, then up to ``cfg.extra_steps`` (None: ``cfg.steps``) more, checking every
@@ -127,7 +120,7 @@ class MaskSteps:
 
         def loss_of(snap):
             gates = {loc: (t > 0).float() for loc, t in snap.items()}
-            return heldout_loss(model, fit[:cfg.calib_pairs], heldout, gates, ablation, cfg.calib_steps)[0]
+            return heldout_loss(model, fit[:cfg.calib_pairs], heldout, gates, ablation, cfg.calib_steps)
 
         return cls(loss_of, target).train(_gate_steps(model, task, cfg, taus, run, g,
                                                       cfg.node_penalty(sum(widths.values())), progress, fit,
@@ -149,7 +142,7 @@ class MaskSteps:
 
         def loss_of(snap):
             return heldout_loss(model, fit[:cfg.calib_pairs], heldout, node_gates, ablation, cfg.calib_steps,
-                                edges=(groups, (snap["edges"] > 0).float()))[0]
+                                edges=(groups, (snap["edges"] > 0).float()))
 
         taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
         penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
@@ -164,7 +157,13 @@ class MaskSteps:
     def loss(self, i: int) -> float:
         if i not in self.seen:
             self.seen[i] = self.loss_of(self.snaps[i])
-        return self.seen[i]
+        return self.seen[i][0]
+
+    def seed(self, ev: RankedLoss, i: int) -> None:
+        """Give ``ev``, a search over step i's ranking, the loss of step i's open gates if settle
+        measured it: the ranking's first ``n_open(i)`` entries are exactly those gates."""
+        if i in self.seen:
+            ev.seen[self.n_open(i)] = self.seen[i]
 
     def n_open(self, i: int) -> int:
         return sum(int((t > 0).sum()) for t in self.snaps[i].values())
@@ -388,16 +387,19 @@ def _prune_edges(model: GPT, c: Circuit, progress: bool) -> Circuit:
     fit, heldout = split_pairs(task, cfg)
     n = len(c.edges)
     groups = edge_groups(model, c.edges, c.ablation)
-    if n:
-        taus, mean_taus = train_edge_masks(model, task, c.nodes, groups, n, cfg, c.ablation, c.seed, progress,
-                                           pairs=fit, target=c.target)
-        order = [i for _, i in ranking({"edges": taus}, {"edges": mean_taus})]
+    steps = MaskSteps.edges(model, task, c.nodes, groups, n, cfg, c.ablation, c.seed, progress, fit, c.target) \
+        if n else None
+    if steps:
+        kept = steps.settle()
+        order = [i for _, i in ranking(*steps.at(kept))]
     else:
         order = []
     ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, c.ablation, cfg.calib_steps,
                     edges=(c.nodes, groups, n))
+    if steps:
+        steps.seed(ev, kept)
     ev.seen[n] = (c.loss, c.calibration)     # every edge kept: the node circuit itself
-    k = bisect(ev, n, c.target, start=int((taus > 0).sum()) if n else None) if c.loss <= c.target else n
+    k = bisect(ev, n, c.target, start=steps.n_open(kept) if steps else None) if c.loss <= c.target else n
     loss, cal = ev.seen[k]
     return dataclasses.replace(c, edges=[c.edges[i] for i in sorted(order[:k])], loss=loss, calibration=cal,
                                edge_level=True, node_edges=n, seconds=round(c.seconds + time.time() - t0, 2),
@@ -437,6 +439,7 @@ def _prune(model: GPT, task_obj, target: float, ablation: str, seed: int, cfg: P
             order = ranking(taus, mean_taus)
             ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
             ev.seen[0], ev.seen[n_total] = full.seen[0], full.seen[n_total]
+            steps.seed(ev, i)
             k = _circuit_size(ev, n_total, target, full_loss, steps.n_open(i), task_obj.name)
             if best is None or k < best[0]:
                 best = (k, taus, mean_taus, order, ev)

@@ -168,6 +168,22 @@ def test_prune_meets_the_target_and_is_deterministic(tiny):
     assert a.evaluate("train")["loss"] == pytest.approx(a.loss, abs=1e-5)
 
 
+def test_prune_evaluates_no_node_set_twice(monkeypatch):
+    """settle measures the kept step's open gates; the bisection over that step's ranking starts
+    from the same set and must reuse the measurement, not run the held-out pairs again."""
+    import cspkit.pruning as pruning_mod
+    seen, real = [], pruning_mod.heldout_loss
+
+    def recording(model, calib, heldout, gates, *args, **kwargs):
+        seen.append(tuple(sorted((loc, tuple(g.nonzero().flatten().tolist())) for loc, g in gates.items())))
+        return real(model, calib, heldout, gates, *args, **kwargs)
+
+    monkeypatch.setattr(pruning_mod, "heldout_loss", recording)
+    c = prune(cspkit.load("small-hour"), "single_double_quote", config=PruneConfig(steps=20), progress=False)
+    assert 0 < c.mask_nodes < c.n_nodes_total and dict(c.trace)[c.mask_nodes] == c.mask_loss
+    assert len(seen) == len(set(seen)), "a node set was evaluated twice"
+
+
 def test_prune_resample_and_zero_run(tiny):
     for kind in ("zero", "resample"):
         c = prune(tiny, _task(), target=10.0, ablation=kind, config=FAST, progress=False)
@@ -310,14 +326,18 @@ def test_settle_keeps_the_last_step_or_the_fewest_gates_that_meet_the_target():
     from cspkit.pruning import MaskSteps
     loss_by_open = {4: 0.05, 3: 0.10, 2: 0.14, 1: 0.50}
     taus = [[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [1, -1, -1, -1], [1, -1, -1, -1]]
-    steps = MaskSteps(lambda snap: loss_by_open[int((snap["a"] > 0).sum())], target=0.15)
+    def loss_of(snap):       # (held-out loss, calibration), as the real one returns
+        return loss_by_open[int((snap["a"] > 0).sum())], (1.0, 0.0)
+
+
+    steps = MaskSteps(loss_of, target=0.15)
     steps.snaps = [{"a": torch.tensor(t, dtype=torch.float)} for t in taus]
     assert steps.settle() == 2          # the last two steps overshot; step 2 keeps the fewest gates under it
-    assert steps.seen[4] == 0.5
+    assert steps.loss(4) == 0.5 and steps.seen[2] == (0.14, (1.0, 0.0))
     final, mean = steps.at(2)           # step 2's taus, and their average over steps 0..2
     assert torch.equal(final["a"], steps.snaps[2]["a"])
     assert torch.allclose(mean["a"], torch.tensor([1, 1, 1 / 3, -1 / 3]))
-    steps = MaskSteps(lambda snap: loss_by_open[int((snap["a"] > 0).sum())], target=0.6)
+    steps = MaskSteps(loss_of, target=0.6)
     steps.snaps = [{"a": torch.tensor(t, dtype=torch.float)} for t in taus]
     assert steps.settle() == 4          # the last step meets the target: kept, nothing else evaluated
     assert list(steps.seen) == [4]
