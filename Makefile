@@ -69,11 +69,15 @@ frontier: $(VENV)/.installed paper-models $(RESULTS)/sparse_vs_dense.json
 		--out $(RESULTS)/frontier.json --plot $(RESULTS)/frontier.png
 
 # The small pair's sweep with the default PruneConfig alone (no per-task search), with the
-# controls of two tasks' circuits; and the hour model's
-$(RESULTS)/sparse_vs_dense.json: | $(VENV)/.installed
+# controls of two tasks' circuits; and the hour model's. A sweep writes its file after every run
+# and resumes from it, so a stopped sweep leaves a file that is there but not complete: these
+# targets always run the sweep, which does nothing (and leaves the file as it is) once complete.
+FORCE:
+.PHONY: FORCE
+$(RESULTS)/sparse_vs_dense.json: FORCE | $(VENV)/.installed
 	$(CS) sweep --models $(SMALL) $(DENSE) --tasks all --seeds 0 1 --jobs $(JOBS) \
 		--out $(RESULTS)/sparse_vs_dense.json --controls single_double_quote
-$(RESULTS)/sweep_small_hour.json: | $(VENV)/.installed
+$(RESULTS)/sweep_small_hour.json: FORCE | $(VENV)/.installed
 	$(CS) sweep --models data/models/small-hour --tasks all --seeds 0 1 --jobs $(JOBS) --out $@
 # the masks against the circuits, and the loss along the ranking (docs/method.md, "Penalty")
 $(RESULTS)/prune_ranking.txt: | $(VENV)/.installed
