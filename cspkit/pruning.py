@@ -76,15 +76,17 @@ def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed
 
 
 class MaskSteps:
-    """The taus after every step of one mask training, with the held-out loss of each step's
-    open gates and its calibration (``loss_of(taus)`` gives both; memoized in ``seen``): what
-    ``settle`` chooses from. The ranking of a step's taus keeps exactly its open gates first, so a
-    search over that ranking starts from ``seen`` instead of evaluating the same set again."""
+    """The taus after every step of one mask training, with the held-out loss and calibration of
+    each step's open gates (``loss_of(taus)`` gives both): what ``settle`` chooses from. Measured
+    losses are kept by the set of open gates (``measured``), not by step: steps often share a set,
+    and a search over a step's ranking (RankedLoss, given the same ``measured``) visits its open
+    set too, since the ranking puts exactly those gates first."""
 
     def __init__(self, loss_of, target: float):
         self.snaps: list[dict[str, torch.Tensor]] = []
         self.loss_of, self.target = loss_of, target
-        self.seen: dict[int, tuple[float, tuple[float, float]]] = {}
+        self.seen: dict[int, tuple[float, tuple[float, float]]] = {}    # step -> (loss, calibration)
+        self.measured: dict[frozenset, tuple[float, tuple[float, float]]] = {}
 
     def train(self, steps: Iterator[dict[str, torch.Tensor]], cfg: PruneConfig) -> MaskSteps:
         """Take ``cfg.steps`` steps, then up to ``cfg.extra_steps`` (None: ``cfg.steps``) more, checking every
@@ -156,14 +158,11 @@ class MaskSteps:
 
     def loss(self, i: int) -> float:
         if i not in self.seen:
-            self.seen[i] = self.loss_of(self.snaps[i])
+            key = open_set(self.snaps[i])
+            if key not in self.measured:
+                self.measured[key] = self.loss_of(self.snaps[i])
+            self.seen[i] = self.measured[key]
         return self.seen[i][0]
-
-    def seed(self, ev: RankedLoss, i: int) -> None:
-        """Give ``ev``, a search over step i's ranking, the loss of step i's open gates if settle
-        measured it: the ranking's first ``n_open(i)`` entries are exactly those gates."""
-        if i in self.seen:
-            ev.seen[self.n_open(i)] = self.seen[i]
 
     def n_open(self, i: int) -> int:
         return sum(int((t > 0).sum()) for t in self.snaps[i].values())
@@ -191,6 +190,11 @@ class MaskSteps:
             else:
                 lo = mid
         return steps[hi]
+
+
+def open_set(taus: dict[str, torch.Tensor]) -> frozenset:
+    """The open gates of ``taus``, as RankedLoss names its sets: (location, index) pairs."""
+    return frozenset((loc, i) for loc, t in taus.items() for i in (t > 0).nonzero().flatten().tolist())
 
 
 def calibrated_pair(two: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
@@ -260,26 +264,33 @@ class RankedLoss:
     """``RankedLoss(...)(k)``: the calibrated held-out task loss with only the first k nodes of
     ``order`` kept (the rest ablated), memoized over k; what bisection and the sweeps evaluate.
     With ``edges`` (a node set and the groups of its n edges), ``order`` ranks edge positions
-    instead: the nodes stay kept and only the first k edges carry their sources' values."""
+    instead: the nodes stay kept and only the first k edges carry their sources' values.
+    ``measured`` (MaskSteps.measured) holds losses already measured, by set."""
 
     def __init__(self, model, order, calib, heldout, ablation, calib_steps,
-                 edges: tuple[dict[str, list[int]], list[EdgeGroup], int] | None = None):
+                 edges: tuple[dict[str, list[int]], list[EdgeGroup], int] | None = None,
+                 measured: dict[frozenset, tuple[float, tuple[float, float]]] | None = None):
         self.model, self.order, self.calib, self.heldout = model, order, calib, heldout
         self.ablation, self.calib_steps, self.edges = ablation, calib_steps, edges
         self.seen: dict[int, tuple[float, tuple[float, float]]] = {}
+        self.measured = {} if measured is None else measured
 
     def __call__(self, k: int) -> float:
         if k not in self.seen:
-            if self.edges is None:
-                gates, eg = keep_gates(self.model.config, top_nodes(self.order, k), self.model.device), None
-            else:
-                nodes, groups, n_edges = self.edges
-                gates = keep_gates(self.model.config, nodes, self.model.device)
-                eg = (groups, keep_edges(n_edges, self.order[:k], self.model.device))
-            self.seen[k] = heldout_loss(self.model, self.calib, self.heldout, gates, self.ablation,
-                                        self.calib_steps, edges=eg)
+            key = frozenset(self.order[:k]) if self.edges is None else frozenset(("edges", i) for i in self.order[:k])
+            if key not in self.measured:
+                self.measured[key] = self._measure(k)
+            self.seen[k] = self.measured[key]
         return self.seen[k][0]
 
+    def _measure(self, k: int) -> tuple[float, tuple[float, float]]:
+        if self.edges is None:
+            gates, eg = keep_gates(self.model.config, top_nodes(self.order, k), self.model.device), None
+        else:
+            nodes, groups, n_edges = self.edges
+            gates = keep_gates(self.model.config, nodes, self.model.device)
+            eg = (groups, keep_edges(n_edges, self.order[:k], self.model.device))
+        return heldout_loss(self.model, self.calib, self.heldout, gates, self.ablation, self.calib_steps, edges=eg)
 
 
 def bisect(evaluate, n_total: int, target: float, start: int | None = None) -> int:
@@ -395,9 +406,7 @@ def _prune_edges(model: GPT, c: Circuit, progress: bool) -> Circuit:
     else:
         order = []
     ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, c.ablation, cfg.calib_steps,
-                    edges=(c.nodes, groups, n))
-    if steps:
-        steps.seed(ev, kept)
+                    edges=(c.nodes, groups, n), measured=steps.measured if steps else None)
     ev.seen[n] = (c.loss, c.calibration)     # every edge kept: the node circuit itself
     k = bisect(ev, n, c.target, start=steps.n_open(kept) if steps else None) if c.loss <= c.target else n
     loss, cal = ev.seen[k]
@@ -437,9 +446,9 @@ def _prune(model: GPT, task_obj, target: float, ablation: str, seed: int, cfg: P
         for i in dict.fromkeys([kept, steps.last] if full_loss <= target else [kept]):
             taus, mean_taus = steps.at(i)
             order = ranking(taus, mean_taus)
-            ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
+            ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps,
+                            measured=steps.measured)
             ev.seen[0], ev.seen[n_total] = full.seen[0], full.seen[n_total]
-            steps.seed(ev, i)
             k = _circuit_size(ev, n_total, target, full_loss, steps.n_open(i), task_obj.name)
             if best is None or k < best[0]:
                 best = (k, taus, mean_taus, order, ev)

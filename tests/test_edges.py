@@ -63,8 +63,36 @@ def test_edge_ablation_refuses_what_it_cannot_do(sparse_model):
 
 
 @pytest.fixture(scope="module")
-def quote_edges():
-    return prune(cspkit.load("small-sparse"), "single_double_quote", edges=True, progress=False)
+def quote_run():
+    """The quote task's edge circuit, and every (node set, edge set) pruning measured on the
+    held-out pairs on the way, in order."""
+    import cspkit.pruning as pruning_mod
+    seen, real = [], pruning_mod.heldout_loss
+
+    def on(g):
+        return tuple(g.nonzero().flatten().tolist())
+
+    def recording(model, calib, heldout, gates, *args, edges=None, **kwargs):
+        seen.append((tuple(sorted((loc, on(g)) for loc, g in gates.items())), edges and on(edges[1])))
+        return real(model, calib, heldout, gates, *args, edges=edges, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pruning_mod, "heldout_loss", recording)
+        return prune(cspkit.load("small-sparse"), "single_double_quote", edges=True, progress=False), seen
+
+
+@pytest.fixture(scope="module")
+def quote_edges(quote_run):
+    return quote_run[0]
+
+
+def test_pruning_measures_no_node_or_edge_set_twice(quote_run):
+    """settle measures the kept step's open gates; the search over that step's ranking starts from
+    the same set and reuses the measurement, for nodes and then for edges."""
+    c, seen = quote_run
+    assert any(e is None for _, e in seen) and any(e is not None for _, e in seen)
+    assert len(seen) == len(set(seen)), "a node or edge set was measured twice"
+    assert dict(c.trace)[c.mask_nodes] == c.mask_loss
 
 
 def test_edge_circuit_meets_the_target_with_fewer_edges(quote_edges, tmp_path):

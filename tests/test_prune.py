@@ -168,22 +168,6 @@ def test_prune_meets_the_target_and_is_deterministic(tiny):
     assert a.evaluate("train")["loss"] == pytest.approx(a.loss, abs=1e-5)
 
 
-def test_prune_evaluates_no_node_set_twice(monkeypatch):
-    """settle measures the kept step's open gates; the bisection over that step's ranking starts
-    from the same set and must reuse the measurement, not run the held-out pairs again."""
-    import cspkit.pruning as pruning_mod
-    seen, real = [], pruning_mod.heldout_loss
-
-    def recording(model, calib, heldout, gates, *args, **kwargs):
-        seen.append(tuple(sorted((loc, tuple(g.nonzero().flatten().tolist())) for loc, g in gates.items())))
-        return real(model, calib, heldout, gates, *args, **kwargs)
-
-    monkeypatch.setattr(pruning_mod, "heldout_loss", recording)
-    c = prune(cspkit.load("small-hour"), "single_double_quote", config=PruneConfig(steps=20), progress=False)
-    assert 0 < c.mask_nodes < c.n_nodes_total and dict(c.trace)[c.mask_nodes] == c.mask_loss
-    assert len(seen) == len(set(seen)), "a node set was evaluated twice"
-
-
 def test_prune_resample_and_zero_run(tiny):
     for kind in ("zero", "resample"):
         c = prune(tiny, _task(), target=10.0, ablation=kind, config=FAST, progress=False)
