@@ -101,7 +101,7 @@ small-model-results: $(RESULTS)/task_scores.txt $(RESULTS)/task_scores.json \
 	$(VALID)_single_double_quote.txt $(VALID)_bracket_counting.txt $(VALID)_indent_for.txt \
 	$(RESULTS)/prune_speed.txt $(RESULTS)/prune_ranking.txt $(RESULTS)/sparse_vs_dense.json \
 	$(RESULTS)/sweep_small_hour.json $(EDGES)/single_double_quote.json $(EDGES)/bracket_counting.json \
-	$(VALID_EDGES)_single_double_quote.txt $(VALID_EDGES)_bracket_counting.txt \
+	$(VALID_EDGES)_single_double_quote.txt $(VALID_EDGES)_bracket_counting.txt $(RESULTS)/edge_elimination.txt \
 	$(DENSE_CIRCUITS)/single_double_quote.json
 small-bridge-results: $(RESULTS)/bridge_quality.txt $(RESULTS)/intervene_quote.txt $(RESULTS)/intervene_quote_site.txt
 
@@ -122,6 +122,9 @@ $(DENSE_CIRCUITS)/%.json: | $(VENV)/.installed
 .PRECIOUS: $(EDGES)/%.json
 $(EDGES)/%.json: | $(VENV)/.installed
 	$(CS) prune --model $(SMALL) --task $* --edges --out $@
+# how far measured greedy removal gets the edge circuits, against the masks (docs/results.md, "Edge circuits")
+$(RESULTS)/edge_elimination.txt: $(EDGES)/single_double_quote.json $(EDGES)/bracket_counting.json
+	$(PY) bench/edge_elimination.py $^ $(call save,$@)
 $(VALID_EDGES)_%.txt: $(EDGES)/%.json
 	@mkdir -p $(@D)
 	$(CS) validate --circuit $< --no-prune-controls --out $(@:.txt=.json) $(call save,$@)
