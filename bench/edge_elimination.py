@@ -18,23 +18,23 @@ import time
 
 import torch
 
-from cspkit.ablation import keep_gates
-from cspkit.circuit import Circuit, compute_edges, heldout_loss, split_pairs
-from cspkit.edges import edge_groups, keep_edges
+from cspkit.circuit import Circuit, compute_edges, split_pairs
+from cspkit.edges import edge_groups
+from cspkit.pruning import edge_set_loss
 
 
 def eliminate(c: Circuit) -> list[str]:
     model, cfg = c.require_model("measuring its edges"), c.prune_config()
     fit, heldout = split_pairs(c.get_task(), cfg)
     edges = compute_edges(model, c.nodes)
-    groups, gates = edge_groups(model, edges, c.ablation), keep_gates(model.config, c.nodes, model.device)
+    groups = edge_groups(model, edges, c.ablation)
     n_eval, t0 = 0, time.time()
 
     def loss(keep: list[int]) -> float:
         nonlocal n_eval
         n_eval += 1
-        return heldout_loss(model, fit[:cfg.calib_pairs], heldout, gates, c.ablation, cfg.calib_steps,
-                            edges=(groups, keep_edges(len(edges), keep, model.device)))[0]
+        return edge_set_loss(model, c.nodes, groups, len(edges), keep, fit[:cfg.calib_pairs], heldout, c.ablation,
+                             cfg.calib_steps)[0]
 
     everything = list(range(len(edges)))
     alone = {e: loss([k for k in everything if k != e]) for e in everything}

@@ -143,13 +143,14 @@ class MaskSteps:
                                             last_block_at_last=True)
 
         def loss_of(snap):
-            return heldout_loss(model, fit[:cfg.calib_pairs], heldout, node_gates, ablation, cfg.calib_steps,
-                                edges=(groups, (snap["edges"] > 0).float()))
+            return edge_set_loss(model, nodes, groups, n_edges, (snap["edges"] > 0).nonzero().flatten().tolist(),
+                                 fit[:cfg.calib_pairs], heldout, ablation, cfg.calib_steps)
 
         taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
         penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
+        start = min(cfg.edge_penalty_start, cfg.penalty_max)     # the ceiling holds for edge masks too
         return cls(loss_of, target).train(_gate_steps(model, task, dataclasses.replace(
-            cfg, penalty_start=cfg.edge_penalty_start), taus, run, g, penalty, progress, fit, target,
+            cfg, penalty_start=start), taus, run, g, penalty, progress, fit, target,
             f"edges {task.name}"), cfg)
 
     @property
@@ -234,7 +235,8 @@ def _gate_steps(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], ru
             (task_loss + penalty * mult * kept).backward()
             opt.step()
             recent = task_loss.item() if recent is None else 0.7 * recent + 0.3 * task_loss.item()
-            mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (target - recent) / target)), 1e-6), 1e6)
+            mult = min(max(mult * math.exp(cfg.penalty_rate * max(-3.0, (target - recent) / target)), 1e-6),
+                       cfg.penalty_max)
             with torch.no_grad():
                 for t in taus.values():
                     t.clamp_(-1, 1)
@@ -284,13 +286,20 @@ class RankedLoss:
         return self.seen[k][0]
 
     def _measure(self, k: int) -> tuple[float, tuple[float, float]]:
-        if self.edges is None:
-            gates, eg = keep_gates(self.model.config, top_nodes(self.order, k), self.model.device), None
-        else:
-            nodes, groups, n_edges = self.edges
-            gates = keep_gates(self.model.config, nodes, self.model.device)
-            eg = (groups, keep_edges(n_edges, self.order[:k], self.model.device))
-        return heldout_loss(self.model, self.calib, self.heldout, gates, self.ablation, self.calib_steps, edges=eg)
+        if self.edges is not None:
+            return edge_set_loss(self.model, *self.edges, self.order[:k], self.calib, self.heldout, self.ablation,
+                                 self.calib_steps)
+        gates = keep_gates(self.model.config, top_nodes(self.order, k), self.model.device)
+        return heldout_loss(self.model, self.calib, self.heldout, gates, self.ablation, self.calib_steps)
+
+
+def edge_set_loss(model: GPT, nodes: dict[str, list[int]], groups: list[EdgeGroup], n_edges: int, keep: list[int],
+                  calib, heldout, ablation: str, calib_steps: int) -> tuple[float, tuple[float, float]]:
+    """The calibrated held-out task loss, and its calibration, with ``nodes`` kept and of their
+    ``n_edges`` edges (indexed by ``groups``) only those at the positions in ``keep``."""
+    gates = keep_gates(model.config, nodes, model.device)
+    return heldout_loss(model, calib, heldout, gates, ablation, calib_steps,
+                        edges=(groups, keep_edges(n_edges, keep, model.device)))
 
 
 def bisect(evaluate, n_total: int, target: float, start: int | None = None) -> int:
@@ -398,17 +407,16 @@ def _prune_edges(model: GPT, c: Circuit, progress: bool) -> Circuit:
     fit, heldout = split_pairs(task, cfg)
     n = len(c.edges)
     groups = edge_groups(model, c.edges, c.ablation)
-    steps = MaskSteps.edges(model, task, c.nodes, groups, n, cfg, c.ablation, c.seed, progress, fit, c.target) \
-        if n else None
-    if steps:
-        kept = steps.settle()
-        order = [i for _, i in ranking(*steps.at(kept))]
-    else:
-        order = []
+    if not n:       # no edge to prune: the node circuit is its own edge circuit
+        return dataclasses.replace(c, edge_level=True, node_edges=0, edge_trace=[(0, c.loss)],
+                                   seconds=round(c.seconds + time.time() - t0, 2))
+    steps = MaskSteps.edges(model, task, c.nodes, groups, n, cfg, c.ablation, c.seed, progress, fit, c.target)
+    kept = steps.settle()
+    order = [i for _, i in ranking(*steps.at(kept))]
     ev = RankedLoss(model, order, fit[:cfg.calib_pairs], heldout, c.ablation, cfg.calib_steps,
-                    edges=(c.nodes, groups, n), measured=steps.measured if steps else None)
+                    edges=(c.nodes, groups, n), measured=steps.measured)
     ev.seen[n] = (c.loss, c.calibration)     # every edge kept: the node circuit itself
-    k = bisect(ev, n, c.target, start=steps.n_open(kept) if steps else None) if c.loss <= c.target else n
+    k = bisect(ev, n, c.target, start=steps.n_open(kept)) if c.loss <= c.target else n
     loss, cal = ev.seen[k]
     return dataclasses.replace(c, edges=[c.edges[i] for i in sorted(order[:k])], loss=loss, calibration=cal,
                                edge_level=True, node_edges=n, seconds=round(c.seconds + time.time() - t0, 2),
