@@ -191,6 +191,9 @@ class PruneConfig:
     k_ref_nodes: int | None = 11264
     penalty_start: float = 1e-2
     penalty_rate: float = 0.2
+    # the multiplier's ceiling: penalty_max=1 stops it at the fixed penalty's strength (docs/method.md,
+    # "Penalty": where a fast rise overshoots)
+    penalty_max: float = 1e6
     # the masks train on the calibrated task loss, its scale and shift learned alongside them
     # (False: on the raw loss, as before the multiplier)
     calibrate_masks: bool = True
@@ -211,9 +214,10 @@ class PruneConfig:
     def __post_init__(self):
         if self.k_ref_nodes is not None and self.k_ref_nodes < 1:
             raise ValueError(f"k_ref_nodes={self.k_ref_nodes} must be a positive node count, or None for no scaling")
-        if not (self.penalty_start > 0 and self.edge_penalty_start > 0) or self.penalty_rate < 0:
+        if not (0 < self.penalty_start <= self.penalty_max and self.edge_penalty_start > 0) or self.penalty_rate < 0:
             raise ValueError(f"penalty_start={self.penalty_start} and edge_penalty_start={self.edge_penalty_start} "
-                             f"must be positive and penalty_rate={self.penalty_rate} at least 0 "
+                             f"must be positive, penalty_start at most penalty_max={self.penalty_max}, "
+                             f"and penalty_rate={self.penalty_rate} at least 0 "
                              "(penalty_start=1, penalty_rate=0: a fixed penalty)")
 
     @classmethod

@@ -228,6 +228,8 @@ def test_node_penalty_scales_with_the_node_count():
         PruneConfig(k_ref_nodes=0)
     with pytest.raises(ValueError, match="penalty_start=0"):
         PruneConfig(penalty_start=0)
+    with pytest.raises(ValueError, match="penalty_start at most penalty_max=0.001"):
+        PruneConfig(penalty_max=0.001)
     # a circuit or sweep file from before the multiplier recorded no penalty_start: its penalty was fixed
     old = PruneConfig.from_dict({"steps": 100, "k_coef": 0.003})
     assert (old.penalty_start, old.penalty_rate, old.calibrate_masks, old.steps) == (1.0, 0.0, False, 100)
@@ -251,6 +253,17 @@ def test_the_default_penalty_does_not_collapse_where_a_fixed_one_does():
     c = prune(model, "with_as", progress=False)
     assert not c.collapsed and c.mask_loss <= c.target + 0.05
     assert c.mask_nodes / 2 <= c.n_nodes <= 2 * c.mask_nodes
+
+
+def test_the_multiplier_stops_at_its_ceiling(tiny):
+    """Under a target no mask misses, the multiplier only grows: capped at its start, the masks are
+    those of a fixed penalty of that strength; uncapped, they differ."""
+    from cspkit.pruning import train_masks
+    small = dict(steps=6, batch_pairs=4, heldout_pairs=16, calib_pairs=8, penalty_start=0.5, k_coef=0.05)
+    runs = [train_masks(tiny, _task(), PruneConfig(**small, **extra), progress=False, target=50.0)[0]
+            for extra in ({"penalty_max": 0.5}, {"penalty_rate": 0.0}, {})]
+    assert all(torch.equal(runs[0][loc], runs[1][loc]) for loc in runs[0])
+    assert not all(torch.equal(runs[0][loc], runs[2][loc]) for loc in runs[0])
 
 
 def test_scaled_penalty_trains_the_same_masks_as_the_equal_unscaled_one(tiny):
