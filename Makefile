@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # JupyterLab refuses to run as root unless told; containers often run as root
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test test-gpu student bench frontier paper-models small-results small-model-results small-bridge-results \
+.PHONY: lab test test-gpu student bench frontier lambda-penalties paper-models small-results small-model-results small-bridge-results \
 	bridged-results
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) notebooks/
@@ -82,6 +82,27 @@ $(RESULTS)/sweep_small_hour.json: FORCE | $(VENV)/.installed
 $(RESULTS)/sweep_paper.json: FORCE paper-models | $(VENV)/.installed
 	$(CS) sweep --models data/models/paper-e1-sparse data/models/paper-e1-dense --tasks all --seeds 0 1 \
 		--jobs $(JOBS) --device $(DEVICE) --out $@
+# paper-e1-sparse's lambda_func, whose circuits under the default are several times the fixed
+# penalty's: the task under other penalty schedules, and the default's and the fixed penalty's
+# masks step by step (docs/results.md, "Sparse against dense")
+LAMBDA := $(RESULTS)/lambda_func_penalties
+FIXED := --set penalty_start=1 --set penalty_rate=0 --set steps=100 --set extra_steps=0
+lambda_sets_fixed := $(FIXED) --set calibrate_masks=false
+lambda_sets_fixed_calibrated := $(FIXED)
+lambda_sets_raw := --set calibrate_masks=false
+lambda_sets_ceiling1 := --set penalty_max=1
+lambda_sets_steps140 := --set steps=140 --set extra_steps=0
+LAMBDA_RUNS := fixed fixed_calibrated raw ceiling1 steps140
+lambda-penalties: $(LAMBDA_RUNS:%=$(LAMBDA)/%.json) $(LAMBDA)/masks.txt
+$(LAMBDA)/%.json: FORCE paper-models | $(VENV)/.installed
+	@mkdir -p $(LAMBDA)
+	$(CS) sweep --models data/models/paper-e1-sparse --tasks lambda_func --seeds 0 1 --jobs $(JOBS) \
+		--device $(DEVICE) $(lambda_sets_$*) --out $@
+$(LAMBDA)/masks.txt: paper-models | $(VENV)/.installed
+	@mkdir -p $(LAMBDA)
+	( $(PY) bench/mask_diagnosis.py --model data/models/paper-e1-sparse --task lambda_func --every 5 && \
+	  $(PY) bench/mask_diagnosis.py --model data/models/paper-e1-sparse --task lambda_func --every 10 \
+		$(lambda_sets_fixed) ) $(call save,$@)
 # the masks against the circuits, and the loss along the ranking (docs/method.md, "Penalty")
 $(RESULTS)/prune_ranking.txt: | $(VENV)/.installed
 	$(PY) bench/prune_ranking.py --models $(SMALL) $(DENSE) --seeds 0 $(call save,$@)

@@ -1,10 +1,12 @@
 """What mask training leaves behind, per seed: how many nodes it keeps (tau > 0), how many the
 clamp pinned at +1 and -1, and the calibrated held-out task loss of the top-k nodes of the
 ranking at k = kept x 1, 2, 4 and at a few fixed sizes. A loss that does not fall as k grows is
-why a bisection over k can end far from the masks' own circuit.
+why a bisection over k can end far from the masks' own circuit. With ``--every N``, also the
+open-node count and held-out loss of the masks every N steps of their training, and the step
+``settle`` keeps: how the penalty's multiplier moved them (docs/method.md, "Penalty").
 
 Usage: python bench/mask_diagnosis.py [--model data/models/paper-e1-sparse] [--task single_double_quote]
-       [--seeds 0 1] [--set k_ref_nodes=null] [--out results/mask_diagnosis_paper-e1-sparse.txt]
+       [--seeds 0 1] [--set k_ref_nodes=null] [--every 5] [--out results/mask_diagnosis_paper-e1-sparse.txt]
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from cspkit.ablation import node_widths
 from cspkit.circuit import split_pairs
 from cspkit.config import PruneConfig, override_configs
 from cspkit.files import atomic_write
-from cspkit.pruning import RankedLoss, ranking, train_masks
+from cspkit.model import frozen
+from cspkit.pruning import MaskSteps, RankedLoss, ranking
+from cspkit.sparsity import sparse_matmuls
 
 
 def main() -> None:
@@ -30,6 +34,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
     ap.add_argument("--set", action="append", default=[], metavar="key=value",
                     help="a PruneConfig value other than the default, e.g. k_ref_nodes=null (unscaled penalty)")
+    ap.add_argument("--every", type=int, default=0, help="also the masks' own loss every this many steps")
+    ap.add_argument("--target", type=float, default=0.15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write the lines to this file")
     args = ap.parse_args()
@@ -44,18 +50,30 @@ def main() -> None:
              f"{args.threads} threads"]
     for seed in args.seeds:
         t0 = time.time()
-        taus, mean_taus = train_masks(model, task, cfg, "mean", seed, progress=False, pairs=fit)
-        flat = torch.cat([t.flatten() for t in taus.values()])
-        ev = RankedLoss(model, ranking(taus, mean_taus), fit[:cfg.calib_pairs], heldout, "mean", cfg.calib_steps)
-        kept = int((flat > 0).sum())
-        ks = [k for k in (kept, 2 * kept, 4 * kept, *args.sizes) if 0 < k <= flat.numel()]
-        lines.append(f"seed {seed}: {flat.numel()} nodes, kept (tau > 0) {kept}, "
-                     f"pinned at +1 {int((flat >= 1).sum())}, "
-                     f"at -1 {int((flat <= -1).sum())}; held-out loss " + ", ".join(f"k={k}: {ev(k):.3f}" for k in ks)
-                     + f" ({time.time() - t0:.0f} s)")
-        print(lines[-1], flush=True)
+        with frozen(model), sparse_matmuls(model):
+            lines += diagnose(model, task, cfg, seed, fit, heldout, args)
+        lines[-1] += f" ({time.time() - t0:.0f} s)"
+        print("\n".join(lines[-1 - bool(args.every):]), flush=True)
     if args.out:
         atomic_write(args.out, "\n".join(lines) + "\n")
+
+
+def diagnose(model, task, cfg: PruneConfig, seed: int, fit, heldout, args) -> list[str]:
+    steps = MaskSteps.nodes(model, task, cfg, "mean", seed, False, fit, args.target)
+    kept_step = steps.settle()
+    taus, mean_taus = steps.at(kept_step)
+    lines = []
+    if args.every:
+        visited = sorted(set(range(0, steps.last, args.every)) | {kept_step, steps.last})
+        lines.append(f"seed {seed}: step (open nodes, held-out loss) " + ", ".join(
+            f"{i} ({steps.n_open(i)}, {steps.loss(i):.3f})" for i in visited) + f"; settle keeps step {kept_step}")
+    flat = torch.cat([t.flatten() for t in taus.values()])
+    ev = RankedLoss(model, ranking(taus, mean_taus), fit[:cfg.calib_pairs], heldout, "mean", cfg.calib_steps)
+    kept = int((flat > 0).sum())
+    ks = [k for k in (kept, 2 * kept, 4 * kept, *args.sizes) if 0 < k <= flat.numel()]
+    lines.append(f"seed {seed}: {flat.numel()} nodes, kept (tau > 0) {kept}, pinned at +1 {int((flat >= 1).sum())}, "
+                 f"at -1 {int((flat <= -1).sum())}; held-out loss " + ", ".join(f"k={k}: {ev(k):.3f}" for k in ks))
+    return lines
 
 
 if __name__ == "__main__":
