@@ -192,7 +192,7 @@ class PruneConfig:
     penalty_start: float = 1e-2
     penalty_rate: float = 0.2
     # the multiplier's ceiling: penalty_max=1 stops it at the fixed penalty's strength (docs/method.md,
-    # "Penalty": where a fast rise overshoots)
+    # "Penalty")
     penalty_max: float = 1e6
     # the masks train on the calibrated task loss, its scale and shift learned alongside them
     # (False: on the raw loss, as before the multiplier)
