@@ -47,7 +47,8 @@ def main() -> None:
     n_nodes = sum(node_widths(model.config).values())
     lines = [f"{args.model}, task {args.task}, PruneConfig steps {cfg.steps}, k_coef {cfg.k_coef}, k_ref_nodes "
              f"{cfg.k_ref_nodes}: penalty {cfg.node_penalty(n_nodes):g} per node of {n_nodes}, mean ablation, "
-             f"{args.threads} threads"]
+             f"{args.threads} threads" + "".join(f", --set {kv}" for kv in args.set)]
+    print(lines[0], flush=True)
     for seed in args.seeds:
         t0 = time.time()
         with frozen(model), sparse_matmuls(model):
