@@ -148,7 +148,8 @@ class MaskSteps:
 
         taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
         penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
-        start = min(cfg.edge_penalty_start, cfg.penalty_max)     # the ceiling holds for edge masks too
+        # a ceiling the user set must bound the edge masks' multiplier from its first step
+        start = min(cfg.edge_penalty_start, cfg.penalty_max)
         return cls(loss_of, target).train(_gate_steps(model, task, dataclasses.replace(
             cfg, penalty_start=start), taus, run, g, penalty, progress, fit, target,
             f"edges {task.name}"), cfg)
@@ -406,7 +407,7 @@ def _prune_edges(model: GPT, c: Circuit, progress: bool) -> Circuit:
     cfg, task = c.prune_config(), c.get_task()
     fit, heldout = split_pairs(task, cfg)
     n = len(c.edges)
-    groups = edge_groups(model, c.edges, c.ablation)
+    groups = edge_groups(model, c.edges, c.ablation)    # first: it refuses what edges cannot do, even with none
     if not n:       # no edge to prune: the node circuit is its own edge circuit
         return dataclasses.replace(c, edge_level=True, node_edges=0, edge_trace=[(0, c.loss)],
                                    seconds=round(c.seconds + time.time() - t0, 2))
