@@ -116,9 +116,10 @@ class _CSRLinear(torch.autograd.Function):
 def sparse_matmuls(model: nn.Module, max_density: float = CSR_MAX_DENSITY) -> Iterator[int]:
     """Within the block, every frozen linear layer of ``model`` whose weight has at most
     ``max_density`` nonzeros multiplies as a CSR matrix (CPU only; elsewhere nothing changes).
-    Yields how many layers it switched. The results equal the dense ones up to float rounding
-    (the sums run in another order). For mask training and circuit evaluation, where the model
-    is frozen and runs thousands of times."""
+    Yields how many layers it switched. Each product equals the dense one up to float rounding
+    (the sums run in another order), which can flip an activation AbsTopK's choice between
+    near-tied magnitudes (docs/results.md, "Speed", measures how far that moves a model). For
+    mask training and circuit evaluation, where the model is frozen and runs thousands of times."""
     switched = []
     for mod in model.modules():
         w = getattr(mod, "weight", None)
