@@ -18,10 +18,11 @@ import torch
 import cspkit
 from cspkit import tasks
 from cspkit.ablation import keep_gates, node_widths
-from cspkit.circuit import heldout_loss, masked_pair_logits, split_pairs
+from cspkit.circuit import masked_pair_logits, split_pairs
 from cspkit.config import PruneConfig
 from cspkit.model import frozen
 from cspkit.sparsity import sparse_matmuls
+from cspkit.sweeps import full_model_loss
 
 
 def main() -> None:
@@ -38,14 +39,13 @@ def main() -> None:
         model = cspkit.load(path)
         everything = keep_gates(model.config, {loc: list(range(w)) for loc, w in node_widths(model.config).items()})
         for name in args.tasks:
-            fit, heldout = split_pairs(tasks.get(name), cfg)
+            heldout = split_pairs(tasks.get(name), cfg)[1]
             with frozen(model):
                 dense = masked_pair_logits(model, heldout, everything, "mean")[0]
-                loss = heldout_loss(model, fit[:cfg.calib_pairs], heldout, everything, "mean", cfg.calib_steps)[0]
+                loss = full_model_loss(model, name, cfg, "mean")
                 with sparse_matmuls(model) as n_csr:
                     csr = masked_pair_logits(model, heldout, everything, "mean")[0]
-                    loss_csr = heldout_loss(model, fit[:cfg.calib_pairs], heldout, everything, "mean",
-                                            cfg.calib_steps)[0]
+                    loss_csr = full_model_loss(model, name, cfg, "mean")
             print(f"{path}, {name}: {n_csr} CSR layers; logits differ by at most {(dense - csr).abs().max():.2e}; "
                   f"held-out loss {loss:.4f} / {loss_csr:.4f}", flush=True)
 
