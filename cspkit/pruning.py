@@ -125,8 +125,8 @@ class MaskSteps:
             return heldout_loss(model, fit[:cfg.calib_pairs], heldout, gates, ablation, cfg.calib_steps)
 
         return cls(loss_of, target).train(_gate_steps(model, task, cfg, taus, run, g,
-                                                      cfg.node_penalty(sum(widths.values())), progress, fit,
-                                                      target, f"masks {task.name}"), cfg)
+                                                      cfg.node_penalty(sum(widths.values())), cfg.penalty_start,
+                                                      progress, fit, target, f"masks {task.name}"), cfg)
 
     @classmethod
     def edges(cls, model: GPT, task, nodes: dict[str, list[int]], groups: list[EdgeGroup], n_edges: int,
@@ -148,11 +148,8 @@ class MaskSteps:
 
         taus = {"edges": cfg.init_bias + cfg.init_noise * torch.randn(n_edges, generator=g)}
         penalty = cfg.node_penalty(sum(node_widths(model.config).values()))   # per edge, as per node
-        # a ceiling the user set must bound the edge masks' multiplier from its first step
-        start = min(cfg.edge_penalty_start, cfg.penalty_max)
-        return cls(loss_of, target).train(_gate_steps(model, task, dataclasses.replace(
-            cfg, penalty_start=start), taus, run, g, penalty, progress, fit, target,
-            f"edges {task.name}"), cfg)
+        return cls(loss_of, target).train(_gate_steps(model, task, cfg, taus, run, g, penalty, cfg.edge_penalty_start,
+                                                      progress, fit, target, f"edges {task.name}"), cfg)
 
     @property
     def last(self) -> int:
@@ -206,14 +203,17 @@ def calibrated_pair(two: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
 
 
 def _gate_steps(model, task, cfg: PruneConfig, init: dict[str, torch.Tensor], run, g: torch.Generator,
-                penalty: float, progress: bool, fit, target: float, desc: str) -> Iterator[dict[str, torch.Tensor]]:
+                penalty: float, start: float, progress: bool, fit, target: float, desc: str
+                ) -> Iterator[dict[str, torch.Tensor]]:
     """The mask training loop shared by nodes and edges: ``run(gates, tokens, last)`` gives the
     logits at the last tokens with those gates applied. Yields the taus after every step, for as
     many steps as the caller takes (MaskSteps.train)."""
     batch = tasks_mod.encode_pairs(fit, model.config.block_size, model.encoding)
     n = len(fit)
     taus = {k: t.to(model.device).requires_grad_() for k, t in init.items()}
-    mult, recent = cfg.penalty_start, None      # recent: moving average of the batch task loss
+    # the multiplier starts at ``start`` (nodes: penalty_start; edges: edge_penalty_start), never
+    # above the ceiling; recent: moving average of the batch task loss
+    mult, recent = min(start, cfg.penalty_max), None
     # the scale and shift of the candidates' logit difference, learned with the masks: the target
     # is met by the calibrated loss (docs/method.md, "Calibration"), so the masks train on it too
     cal = torch.tensor([1.0, 0.0], device=model.device, requires_grad=cfg.calibrate_masks)
