@@ -474,6 +474,12 @@ def test_explorer_k_slider_moves_over_the_ranking(model, circuit, monkeypatch, t
     assert json.loads(path.read_text())["ranking"] == c.ranking
     shown = viz.explore(model, "single_double_quote", circuits=[path], n_pairs=4, cache=False)
     assert shown.order == [("0.attn.in", i) for i in range(8)] and shown.k.max == 8
+    # an empty circuit that meets its target: no masks are trained, the slider has nothing to add
+    empty = Circuit("single_double_quote", {}, [], 0.15, 0.1, model=model, model_fingerprint=fingerprint(model))
+    trained_masks = []
+    monkeypatch.setattr(pruning, "train_masks", lambda *a, **k: trained_masks.append(a))
+    bare = viz.explore(model, "single_double_quote", circuits=[empty], n_pairs=4, cache=False)
+    assert bare.circuit is empty and bare.order == [] and bare.k.disabled and not trained_masks
 
 
 def test_explorer_switches_models_and_draws_two_side_by_side(model, circuit, tmp_path):

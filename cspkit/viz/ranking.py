@@ -13,13 +13,22 @@ from ..model import GPT, parse_node
 def circuit_ranking(model: GPT, circuit: Circuit, task, progress: bool = True) -> list[tuple[str, int]]:
     """The circuit's node ranking, best first: saved with it (``Circuit.ranking``), or from the
     masks a live pruning kept; a circuit that has neither gets its masks trained (once: they are
-    kept on the circuit)."""
+    kept on the circuit). An empty circuit that meets its target has none: the direct path alone
+    does the task, pruning trained no masks, and masks trained to a target met with every node
+    ablated would only rank nodes by their initial noise."""
     if circuit.ranking:
         return [parse_node(n) for n in circuit.ranking]
+    if needs_no_ranking(circuit):
+        return []
     if circuit.taus is None:
         circuit.taus, circuit.mean_taus = prune_mod.train_masks(model, task, PruneConfig(), circuit.ablation,
                                                                 circuit.seed, progress)
     return prune_mod.ranking(circuit.taus, circuit.mean_taus)[:max(256, 4 * circuit.n_nodes)]
+
+
+def needs_no_ranking(circuit: Circuit) -> bool:
+    """True for a circuit with no node that meets its target: nothing for a k slider to add."""
+    return circuit.n_nodes == 0 and circuit.target is not None and circuit.loss <= circuit.target
 
 
 def layer_deltas(circuit: Circuit, n_pairs: int, base_loss: float) -> dict[int, tuple[int, float | None]]:
