@@ -81,10 +81,14 @@ def ablation_effects(circuit: Circuit, n_pairs: int = 16, split: str = "test", c
 
 def _pair_logits(model, tokens, batch, gates, values, copies: int):
     """Candidate logits of the prompts repeated ``copies`` times, each copy with its own gates."""
-    if values[next(iter(values))].dim() == 3:  # resample ablation: per-prompt values, repeated like the prompts
+    resample = values[next(iter(values))].dim() == 3
+    if resample:  # per-prompt values, repeated like the prompts
         values = {k: v.repeat(copies, 1, 1) for k, v in values.items()}
-    logits = model.run_with_hooks(tokens.repeat(copies, 1), gate_hooks(gates, values))
     sel = {"last": batch["last"].repeat(copies), "cands": batch["cands"].repeat(copies, 1)}
+    # the pair loss reads only the last tokens' logits: the unembedding (and the last block, unless
+    # resample values differ per position) runs there alone, as in Circuit.evaluate
+    logits = model.run_with_hooks(tokens.repeat(copies, 1), gate_hooks(gates, values), last=sel["last"],
+                                  last_block_at_last=not resample)
     return tasks_mod.pair_logits(logits, sel).float().cpu(), batch["label"].repeat(copies)
 
 
