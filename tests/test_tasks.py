@@ -115,8 +115,9 @@ class AlwaysA(nn.Module):
     def device(self):
         return self.dummy.device
 
-    def forward(self, idx):
-        logits = torch.zeros(*idx.shape, self.vocab)
+    def forward(self, idx, last=None):
+        """As GPT.forward: (B, T) -> (B, T, vocab) logits, or (B, vocab) at the ``last`` positions."""
+        logits = torch.zeros(*(idx.shape if last is None else idx.shape[:1]), self.vocab)
         logits[..., self.token] = 5.0
         return logits
 

@@ -242,7 +242,9 @@ def _candidate_logits(model, pairs: list[Pair], batch_size: int = 64
     model.eval()
     for s in range(0, batch["tokens"].shape[0], batch_size):
         sl = slice(s, s + batch_size)
-        at_last = last_logits(model(batch["tokens"][sl].to(model.device)), batch["last"][sl]).float()
+        # only the last positions' logits, and no padding past this batch's longest prompt
+        last = batch["last"][sl]
+        at_last = model(trim(batch["tokens"][sl], last).to(model.device), last=last).float()
         two.append(at_last.gather(1, batch["cands"][sl].to(at_last.device)).cpu())
         lse.append(at_last.logsumexp(-1).cpu())
     return torch.cat(two), torch.cat(lse), batch["label"]
