@@ -37,7 +37,7 @@ from ..paths import cache_dir
 from .examples import quantile_examples
 from .graph import KIND_NAMES, PLACES, annotated_graph, circuit_graph, legend_html
 from .panes import node_pane
-from .ranking import RankSlider, circuit_ranking, layer_deltas, needs_no_ranking
+from .ranking import RankSlider, circuit_ranking, layer_deltas, trains_masks
 from .stats import corpus_stats
 from .widget import GraphWidget, graph_png
 
@@ -312,7 +312,7 @@ class Explorer:
     def _start_ranking(self, circuit: Circuit) -> None:
         """Set the k slider and the loss-against-k curve up for a newly chosen circuit."""
         task = self.tasks[circuit.task]
-        if not circuit.ranking and circuit.taus is None and not needs_no_ranking(circuit):
+        if trains_masks(circuit):
             self.status.value = f"training the masks of {html.escape(circuit.task)} for the k slider (once)…"
         with self.log:
             self.order = circuit_ranking(self.model, circuit, task)

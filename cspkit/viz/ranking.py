@@ -18,17 +18,19 @@ def circuit_ranking(model: GPT, circuit: Circuit, task, progress: bool = True) -
     ablated would only rank nodes by their initial noise."""
     if circuit.ranking:
         return [parse_node(n) for n in circuit.ranking]
-    if needs_no_ranking(circuit):
-        return []
     if circuit.taus is None:
+        if not trains_masks(circuit):
+            return []
         circuit.taus, circuit.mean_taus = prune_mod.train_masks(model, task, PruneConfig(), circuit.ablation,
                                                                 circuit.seed, progress)
     return prune_mod.ranking(circuit.taus, circuit.mean_taus)[:max(256, 4 * circuit.n_nodes)]
 
 
-def needs_no_ranking(circuit: Circuit) -> bool:
-    """True for a circuit with no node that meets its target: nothing for a k slider to add."""
-    return circuit.n_nodes == 0 and circuit.target is not None and circuit.loss <= circuit.target
+def trains_masks(circuit: Circuit) -> bool:
+    """Whether ``circuit_ranking`` trains masks for ``circuit``: it has no saved ranking and no live
+    masks, and it is not an empty circuit that meets its target (which has no ranking)."""
+    empty_and_met = circuit.n_nodes == 0 and circuit.target is not None and circuit.loss <= circuit.target
+    return not circuit.ranking and circuit.taus is None and not empty_and_met
 
 
 def layer_deltas(circuit: Circuit, n_pairs: int, base_loss: float) -> dict[int, tuple[int, float | None]]:
