@@ -194,6 +194,11 @@ class PruneConfig:
     # the multiplier's ceiling: penalty_max=1 stops it at the fixed penalty's strength (docs/method.md,
     # "Penalty")
     penalty_max: float = 1e6
+    # when the multiplier overshot at the end (settle went back to an earlier step), train the masks
+    # again from the start with a fixed penalty of this strength (penalty_start=retry_penalty,
+    # penalty_rate=0) and keep whichever run's kept masks are fewer and meet the target; None: no
+    # second run (docs/method.md, "Penalty")
+    retry_penalty: float | None = None
     # the masks train on the calibrated task loss, its scale and shift learned alongside them
     # (False: on the raw loss, as before the multiplier)
     calibrate_masks: bool = True
@@ -214,6 +219,8 @@ class PruneConfig:
     def __post_init__(self):
         if self.k_ref_nodes is not None and self.k_ref_nodes < 1:
             raise ValueError(f"k_ref_nodes={self.k_ref_nodes} must be a positive node count, or None for no scaling")
+        if self.retry_penalty is not None and self.retry_penalty <= 0:
+            raise ValueError(f"retry_penalty={self.retry_penalty} must be positive, or None for no second mask run")
         if not (0 < self.penalty_start <= self.penalty_max and self.edge_penalty_start > 0) or self.penalty_rate < 0:
             raise ValueError(f"penalty_start={self.penalty_start} and edge_penalty_start={self.edge_penalty_start} "
                              f"must be positive, penalty_start at most penalty_max={self.penalty_max}, "

@@ -338,3 +338,31 @@ def test_settle_keeps_the_last_step_or_the_fewest_gates_that_meet_the_target():
     steps.snaps = [{"a": torch.tensor(t, dtype=torch.float)} for t in taus]
     assert steps.settle() == 4          # the last step meets the target: kept, nothing else evaluated
     assert list(steps.seen) == [4]
+
+
+def test_a_retry_with_a_fixed_penalty_follows_an_overshoot_and_keeps_the_fewer_masks(monkeypatch):
+    """Four steps of a penalty far above any task gradient at lr 0.04 move every tau from 0.1 down
+    by 0.04 a step: all gates open for two steps, all shut from the third, so settle goes back.
+    Without retry_penalty that is the one mask run; with it the masks train again under that fixed
+    penalty, and the circuit keeps the run whose kept masks are fewer and meet the target."""
+    from cspkit.pruning import MaskSteps
+    model = cspkit.load("small-hour")
+    runs, real = [], MaskSteps.nodes.__func__
+
+    def spy(cls, model, task, cfg, *args):
+        steps = real(cls, model, task, cfg, *args)
+        kept = steps.settle()
+        runs.append((cfg.penalty_start, cfg.penalty_rate, kept < steps.last, steps.n_open(kept), steps.loss(kept)))
+        return steps
+
+    monkeypatch.setattr(MaskSteps, "nodes", classmethod(spy))
+    fast = dict(steps=4, extra_steps=0, batch_pairs=8, heldout_pairs=16, calib_pairs=16, k_coef=10.0, lr=0.04,
+                warmup_frac=0.0)
+    prune(model, "single_double_quote", config=PruneConfig(**fast), progress=False)
+    assert len(runs) == 1 and runs[0][2], runs          # settle went back, and no second run
+    runs.clear()
+    c = prune(model, "single_double_quote", config=PruneConfig(**fast, retry_penalty=1e-4), progress=False)
+    assert len(runs) == 2 and runs[0][2] and runs[1][:2] == (1e-4, 0.0), runs
+    first, retry = runs[0][3:], runs[1][3:]
+    chosen = retry if retry[1] <= 0.15 and retry[0] < first[0] else first
+    assert (c.mask_nodes, c.mask_loss) == chosen and c.config["retry_penalty"] == 1e-4
