@@ -93,7 +93,8 @@ lambda_sets_fixed_calibrated := $(FIXED)
 lambda_sets_raw := --set calibrate_masks=false
 lambda_sets_ceiling1 := --set penalty_max=1
 lambda_sets_steps140 := --set steps=140 --set extra_steps=0
-LAMBDA_RUNS := fixed fixed_calibrated raw ceiling1 steps140
+lambda_sets_retry := --set retry_penalty=1
+LAMBDA_RUNS := fixed fixed_calibrated raw ceiling1 steps140 retry
 lambda-penalties: $(LAMBDA_RUNS:%=$(LAMBDA)/%.json) $(LAMBDA)/masks.txt
 $(LAMBDA)/%.json: FORCE paper-models | $(VENV)/.installed
 	@mkdir -p $(LAMBDA)
