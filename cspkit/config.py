@@ -195,9 +195,9 @@ class PruneConfig:
     # "Penalty")
     penalty_max: float = 1e6
     # when the multiplier overshot at the end (settle went back to an earlier step), train the masks
-    # again from the start with a fixed penalty of this strength (penalty_start=retry_penalty,
-    # penalty_rate=0) and keep whichever run's kept masks are fewer and meet the target; None: no
-    # second run (docs/method.md, "Penalty")
+    # again from the start with a fixed penalty of this strength, at most penalty_max
+    # (penalty_start=retry_penalty, penalty_rate=0), and keep whichever run's kept masks are fewer
+    # and meet the target; None: no second run (docs/method.md, "Penalty")
     retry_penalty: float | None = None
     # the masks train on the calibrated task loss, its scale and shift learned alongside them
     # (False: on the raw loss, as before the multiplier)

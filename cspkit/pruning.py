@@ -487,8 +487,8 @@ def _node_masks(model: GPT, task_obj, cfg: PruneConfig, ablation: str, seed: int
     kept = steps.settle()
     if cfg.retry_penalty is None or kept == steps.last or full_loss > target:
         return steps, kept
-    fixed = dataclasses.replace(cfg, penalty_start=cfg.retry_penalty, penalty_rate=0.0,
-                                penalty_max=max(cfg.penalty_max, cfg.retry_penalty))
+    # the ceiling holds for the retry too, as for the edge masks' start
+    fixed = dataclasses.replace(cfg, penalty_start=min(cfg.retry_penalty, cfg.penalty_max), penalty_rate=0.0)
     again = MaskSteps.nodes(model, task_obj, fixed, ablation, seed, progress, fit, target)
     kept_again = again.settle()
     if again.loss(kept_again) <= target and again.n_open(kept_again) < steps.n_open(kept):
