@@ -87,12 +87,14 @@ $(RESULTS)/sweep_paper.json: FORCE paper-models | $(VENV)/.installed
 # masks step by step (docs/results.md, "Sparse against dense"); on the CPU, as committed: the CSR
 # products there round differently from a GPU's, and this model's AbsTopK feels it (docs/results.md, "Speed")
 LAMBDA := $(RESULTS)/lambda_func_penalties
-FIXED := --set penalty_start=1 --set penalty_rate=0 --set steps=100 --set extra_steps=0
+# every schedule but the default's (retry) is measured alone, without the retry after an overshoot
+ONE_RUN := --set retry_penalty=null
+FIXED := $(ONE_RUN) --set penalty_start=1 --set penalty_rate=0 --set steps=100 --set extra_steps=0
 lambda_sets_fixed := $(FIXED) --set calibrate_masks=false
 lambda_sets_fixed_calibrated := $(FIXED)
-lambda_sets_raw := --set calibrate_masks=false
-lambda_sets_ceiling1 := --set penalty_max=1
-lambda_sets_steps140 := --set steps=140 --set extra_steps=0
+lambda_sets_raw := $(ONE_RUN) --set calibrate_masks=false
+lambda_sets_ceiling1 := $(ONE_RUN) --set penalty_max=1
+lambda_sets_steps140 := $(ONE_RUN) --set steps=140 --set extra_steps=0
 lambda_sets_retry := --set retry_penalty=1
 LAMBDA_RUNS := fixed fixed_calibrated raw ceiling1 steps140 retry
 lambda-penalties: $(LAMBDA_RUNS:%=$(LAMBDA)/%.json) $(LAMBDA)/masks.txt

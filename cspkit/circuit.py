@@ -121,12 +121,15 @@ class Circuit:
     seconds: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
     trace: list[tuple[int, float]] = field(default_factory=list)
-    # The trained masks' own node set (every open gate): its size, its held-out loss, and whether
-    # that loss missed the target by more than cspkit.pruning.MASK_SLACK (the masks collapsed).
-    # None in files written before they were recorded, and for circuits built by hand.
+    # The trained masks' own node set (every open gate): its size, its held-out loss, whether
+    # that loss missed the target by more than cspkit.pruning.MASK_SLACK (the masks collapsed),
+    # and whether the masks came from the fixed-penalty retry after an overshoot
+    # (PruneConfig.retry_penalty). None in files written before they were recorded, and for
+    # circuits built by hand.
     mask_nodes: int | None = None
     mask_loss: float | None = None
     collapsed: bool | None = None
+    mask_retry: bool | None = None
     # Edge circuits (prune(..., edges=True)): ``edges`` holds only the kept edges, every other
     # weight between the nodes carries its source's mean (cspkit.edges); node_edges is the node
     # circuit's edge count before, edge_trace the (k edges, loss) points that bisection evaluated.

@@ -198,7 +198,7 @@ class PruneConfig:
     # again from the start with a fixed penalty of this strength, at most penalty_max
     # (penalty_start=retry_penalty, penalty_rate=0), and keep whichever run's kept masks are fewer
     # and meet the target; None: no second run (docs/method.md, "Penalty")
-    retry_penalty: float | None = None
+    retry_penalty: float | None = 1.0
     # the masks train on the calibrated task loss, its scale and shift learned alongside them
     # (False: on the raw loss, as before the multiplier)
     calibrate_masks: bool = True
@@ -232,6 +232,8 @@ class PruneConfig:
         check_keys(cls, d, "prune config")
         if "penalty_start" not in d:    # written before the multiplier: a fixed penalty on the raw loss
             d = {"penalty_start": 1.0, "penalty_rate": 0.0, "calibrate_masks": False, **d}
+        if "retry_penalty" not in d:    # written before the retry: a single mask run
+            d = {"retry_penalty": None, **d}
         return cls(**d)
 
     def node_penalty(self, n_nodes: int) -> float:

@@ -66,13 +66,15 @@ def gate(tau: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def train_masks(model: GPT, task, cfg: PruneConfig, ablation: str = "mean", seed: int = 0,
-                progress: bool = True, pairs=None, target: float = 0.15
+                progress: bool = True, pairs=None, target: float = 0.15, full_loss: float | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Train one mask parameter per node, the penalty's multiplier following ``target`` (see
-    PruneConfig); returns {location: tau} and {location: tau averaged over the steps}, which
-    ranks nodes that the clamp left tied at -1 or 1, both of the step ``settle`` keeps."""
-    steps = MaskSteps.nodes(model, task, cfg, ablation, seed, progress, pairs, target)
-    return steps.at(steps.settle())
+    PruneConfig), with ``prune``'s retry after an overshoot unless ``full_loss`` (the full model's
+    held-out loss, when known) is above the target; returns {location: tau} and {location: tau
+    averaged over the steps}, which ranks nodes that the clamp left tied at -1 or 1, both of the
+    step ``settle`` keeps."""
+    steps, kept, _ = _node_masks(model, task, cfg, ablation, seed, progress, pairs, target, full_loss)
+    return steps.at(kept)
 
 
 class MaskSteps:
@@ -443,9 +445,9 @@ def _prune(model: GPT, task_obj, target: float, ablation: str, seed: int, cfg: P
     t_masks = time.time()
     if full(0) <= target:   # the direct path alone meets the target: no node, no masks to train
         taus = mean_taus = None
-        order, ev, k, k_mask, t_masks = [], full, 0, 0, 0.0
+        order, ev, k, k_mask, t_masks, retried = [], full, 0, 0, 0.0, False
     else:
-        steps, kept = _node_masks(model, task_obj, cfg, ablation, seed, progress, fit, target, full_loss)
+        steps, kept, retried = _node_masks(model, task_obj, cfg, ablation, seed, progress, fit, target, full_loss)
         t_masks = time.time() - t_masks
         k_mask = steps.n_open(kept)
         # When settle went back to an earlier step, the last step's ranking is tried too and the
@@ -472,28 +474,29 @@ def _prune(model: GPT, task_obj, target: float, ablation: str, seed: int, cfg: P
                 model_fingerprint=fingerprint(model), full_loss=full_loss, n_nodes_total=n_total, seed=seed,
                 seconds=round(time.time() - t0, 2), config=to_dict(cfg),
                 trace=sorted((kk, v[0]) for kk, v in ev.seen.items()), model=model, task_obj=task_obj,
-                mask_nodes=k_mask, mask_loss=mask_loss, collapsed=mask_loss > target + MASK_SLACK,
+                mask_nodes=k_mask, mask_loss=mask_loss, collapsed=mask_loss > target + MASK_SLACK, mask_retry=retried,
                 taus=taus, mean_taus=mean_taus, mask_seconds=t_masks,
                 ranking=[node_name(loc, i) for loc, i in order[:max(RANKING_KEPT, 4 * k)]])
 
 
 def _node_masks(model: GPT, task_obj, cfg: PruneConfig, ablation: str, seed: int, progress: bool, fit, target: float,
-                full_loss: float) -> tuple[MaskSteps, int]:
-    """The node masks' training and the step ``settle`` keeps. When settle went back (the multiplier
-    overshot at the end) and ``cfg.retry_penalty`` is set, the masks are trained again with that
-    fixed penalty, and the run whose kept masks are fewer and meet the target is returned
+                full_loss: float | None) -> tuple[MaskSteps, int, bool]:
+    """The node masks' training, the step ``settle`` keeps, and whether they came from the retry.
+    When settle went back (the multiplier overshot at the end), ``cfg.retry_penalty`` is set and
+    the full model meets the target (or its loss is not known), the masks are trained again with
+    that fixed penalty, and the run whose kept masks are fewer and meet the target is returned
     (docs/method.md, "Penalty")."""
     steps = MaskSteps.nodes(model, task_obj, cfg, ablation, seed, progress, fit, target)
     kept = steps.settle()
-    if cfg.retry_penalty is None or kept == steps.last or full_loss > target:
-        return steps, kept
+    if cfg.retry_penalty is None or kept == steps.last or (full_loss is not None and full_loss > target):
+        return steps, kept, False
     # the ceiling holds for the retry too, as for the edge masks' start
     fixed = dataclasses.replace(cfg, penalty_start=min(cfg.retry_penalty, cfg.penalty_max), penalty_rate=0.0)
     again = MaskSteps.nodes(model, task_obj, fixed, ablation, seed, progress, fit, target)
     kept_again = again.settle()
     if again.loss(kept_again) <= target and again.n_open(kept_again) < steps.n_open(kept):
-        return again, kept_again
-    return steps, kept
+        return again, kept_again, True
+    return steps, kept, False
 
 
 def loss_curve(circuit: Circuit, ks: list[int]) -> list[tuple[int, float]]:

@@ -145,7 +145,7 @@ def _read(path: str | os.PathLike, fix: str) -> dict[str, Any]:
     res = json.loads(Path(path).read_text())
     if res.get("format") != FORMAT:
         raise ValueError(f"{path} is not a cspkit sweep results file (format {res.get('format')!r}); {fix}")
-    # a file written before a PruneConfig field existed was made with that field's default
+    # a file written before a PruneConfig field existed reads as it was made (PruneConfig.from_dict)
     res["prune_config"] = to_dict(PruneConfig.from_dict(res["prune_config"]))
     return res
 

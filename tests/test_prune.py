@@ -233,7 +233,12 @@ def test_node_penalty_scales_with_the_node_count():
     # a circuit or sweep file from before the multiplier recorded no penalty_start: its penalty was fixed
     old = PruneConfig.from_dict({"steps": 100, "k_coef": 0.003})
     assert (old.penalty_start, old.penalty_rate, old.calibrate_masks, old.steps) == (1.0, 0.0, False, 100)
-    assert PruneConfig.from_dict({}) == PruneConfig(penalty_start=1.0, penalty_rate=0.0, calibrate_masks=False)
+    assert old.retry_penalty is None
+    assert PruneConfig.from_dict({}) == PruneConfig(penalty_start=1.0, penalty_rate=0.0, calibrate_masks=False,
+                                                    retry_penalty=None)
+    # and one from before the retry recorded no retry_penalty: one mask run
+    no_retry = {k: v for k, v in to_dict(PruneConfig()).items() if k != "retry_penalty"}
+    assert PruneConfig.from_dict(no_retry) == PruneConfig(retry_penalty=None)
     assert PruneConfig.from_dict(to_dict(PruneConfig())) == PruneConfig()
 
 
@@ -344,7 +349,8 @@ def test_a_retry_with_a_fixed_penalty_follows_an_overshoot_and_keeps_the_fewer_m
     """Four steps of a penalty far above any task gradient at lr 0.04 move every tau from 0.1 down
     by 0.04 a step: all gates open for two steps, all shut from the third, so settle goes back.
     Without retry_penalty that is the one mask run; with it the masks train again under that fixed
-    penalty, and the circuit keeps the run whose kept masks are fewer and meet the target."""
+    penalty, and the circuit keeps the run whose kept masks are fewer and meet the target, and
+    records which."""
     from cspkit.pruning import MaskSteps
     model = cspkit.load("small-hour")
     runs, real = [], MaskSteps.nodes.__func__
@@ -358,11 +364,12 @@ def test_a_retry_with_a_fixed_penalty_follows_an_overshoot_and_keeps_the_fewer_m
     monkeypatch.setattr(MaskSteps, "nodes", classmethod(spy))
     fast = dict(steps=4, extra_steps=0, batch_pairs=8, heldout_pairs=16, calib_pairs=16, k_coef=10.0, lr=0.04,
                 warmup_frac=0.0)
-    prune(model, "single_double_quote", config=PruneConfig(**fast), progress=False)
-    assert len(runs) == 1 and runs[0][2], runs          # settle went back, and no second run
+    c = prune(model, "single_double_quote", config=PruneConfig(**fast, retry_penalty=None), progress=False)
+    assert len(runs) == 1 and runs[0][2] and c.mask_retry is False, runs   # settle went back, no second run
     runs.clear()
     c = prune(model, "single_double_quote", config=PruneConfig(**fast, retry_penalty=1e-4), progress=False)
     assert len(runs) == 2 and runs[0][2] and runs[1][:2] == (1e-4, 0.0), runs
     first, retry = runs[0][3:], runs[1][3:]
     chosen = retry if retry[1] <= 0.15 and retry[0] < first[0] else first
     assert (c.mask_nodes, c.mask_loss) == chosen and c.config["retry_penalty"] == 1e-4
+    assert c.mask_retry == (chosen is retry)
