@@ -21,8 +21,10 @@ def circuit_ranking(model: GPT, circuit: Circuit, task, progress: bool = True) -
     if circuit.taus is None:
         if not trains_masks(circuit):
             return []
+        target = 0.15 if circuit.target is None else circuit.target
         circuit.taus, circuit.mean_taus = prune_mod.train_masks(model, task, PruneConfig(), circuit.ablation,
-                                                                circuit.seed, progress)
+                                                                circuit.seed, progress, target=target,
+                                                                full_loss=circuit.full_loss)
     return prune_mod.ranking(circuit.taus, circuit.mean_taus)[:max(256, 4 * circuit.n_nodes)]
 
 
