@@ -418,6 +418,15 @@ def find_run(res: dict[str, Any], model: str | os.PathLike, task: str, seed: int
     raise KeyError(f"no run of {model} on {task} with seed {seed} at target {target} in these results")
 
 
+def edges_gmean(res: dict[str, Any], model: str | os.PathLike, task_names: list[str],
+                target: float | None = None) -> dict[str, Any]:
+    """The geometric mean of ``model``'s circuit edges over ``task_names`` at ``target`` (default:
+    the first), per seed and over the seeds [min, max]: what the summary gives for the tasks every
+    model can do, for any list of tasks (an empty circuit counts as 1 edge)."""
+    return _spread({str(s): geometric_mean([find_run(res, model, t, s, target)["edges"] for t in task_names])
+                    for s in res["grid"]["seeds"]})
+
+
 def find_ratio(res: dict[str, Any], dense: str | os.PathLike, sparse: str | os.PathLike,
                target: float | None = None) -> dict[str, Any]:
     """The summary's dense / sparse ratio of that pair at ``target`` (default: the first)."""

@@ -100,6 +100,19 @@ def test_a_pairs_ratio_is_over_its_own_tasks_whatever_else_is_in_the_file():
     assert ratios["W"]["tasks"] == ["t1"] and ratios["W"]["gmean"] == pytest.approx(5.0)
 
 
+def test_edges_gmean_gives_the_summarys_means_for_any_task_list():
+    from conftest import REPO
+    res = json.loads((REPO / "results" / "sparse_vs_dense.json").read_text())
+    summ = sweep_mod.summarize(res)["targets"]["0.15"]
+    for model, per in summ["models"].items():
+        mine = sweep_mod.edges_gmean(res, model, summ["tasks_all_can_do"])
+        assert mine["gmean"] == pytest.approx(per["gm_edges_common"]["gmean"])
+        assert mine["per_seed"] == pytest.approx(per["gm_edges_common"]["per_seed"])
+    two = sweep_mod.edges_gmean(res, "data/models/small-sparse", ["single_double_quote", "indent_for"])
+    quote = [sweep_mod.find_run(res, "data/models/small-sparse", "single_double_quote", s)["edges"] for s in (0, 1)]
+    assert two["per_seed"] == pytest.approx({str(s): math.sqrt(e) for s, e in enumerate(quote)})  # empty counts as 1
+
+
 def test_a_finished_sweep_recomputes_nothing_and_a_killed_one_only_the_rest(swept, pair, capsys, monkeypatch):
     calls = []
     real = sweep_mod.prune
